@@ -1,0 +1,3 @@
+"""moegen: offline MoE inference by module-based batching."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Random-weight checkpoints in the exact on-disk format of each family."""

@@ -1,0 +1,170 @@
+"""`moegen make-model`: a random-weight checkpoint in the exact on-disk format of a real family.
+
+The tensors are walked with the loader's own table (so every name and shape the loader expects
+is written, and nothing else), drawn at unit scale, rounded to bfloat16 as real checkpoints are
+stored, and the routers are balanced on a 100-token calibration prompt so that every expert of
+every layer gets tokens (DeepSeek-V3: through its score-correction bias, as its training does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from moegen.checkpoints.balance import balance_routers
+from moegen.checkpoints.specs import CHAT_TEMPLATES, FAMILY_TEMPLATE, TOKENIZER_KIND, config_json
+from moegen.checkpoints.tokenizer import write_tokenizer
+from moegen.config import ModelConfig, load_model_config
+from moegen.models.families import LAYER
+from moegen.models.loader import INDEX_FILE, SINGLE_FILE, layer_weights, model_weights
+from moegen.models.reference import ReferenceModel
+
+DEFAULT_SHARD_BYTES = 100 * 2**20  # small/bench checkpoints come sharded, as real ones do
+
+
+@dataclass(slots=True)
+class MadeModel:
+    path: Path
+    parameters: int  # tensors' elements, all layers (multi-token-prediction ones included)
+    bytes_on_disk: int  # safetensors files
+    files: list[Path]
+    min_expert_load: int  # fewest calibration tokens any expert of any layer received
+
+
+class _RandomTensors:
+    """Stands in for the loader's reader: draws each requested tensor instead of reading it."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tensors: dict[str, Tensor] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        t = _init(name, shape, self.gen)
+        if not name.endswith("e_score_correction_bias"):  # real V3 keeps this one in float32
+            t = t.to(torch.bfloat16).float()
+        self.tensors[name] = t
+        return t
+
+
+def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    normal = torch.randn(shape, generator=gen)
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * normal  # not all ones, so a swapped norm can't hide
+    if name.endswith("e_score_correction_bias"):
+        return torch.zeros(shape)  # set by balancing
+    if name.endswith(".bias"):
+        return 0.1 * normal
+    if name.endswith("embed_tokens.weight"):
+        return normal
+    return normal / math.sqrt(shape[-1])  # unit-scale outputs: fan-in is the last dim, 2-D and fused 3-D alike
+
+
+def make_model(
+    out: Path,
+    family: str,
+    size: str = "tiny",
+    seed: int = 0,
+    expert_layout: Literal["per-expert", "fused"] = "per-expert",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overrides: dict | None = None,
+    overwrite: bool = False,
+) -> MadeModel:
+    """Write config.json, generation_config.json, tokenizer files and safetensors weights into `out`."""
+    out = Path(out)
+    if (out / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a checkpoint; choose another directory or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("*.safetensors")) + [out / INDEX_FILE]:
+        old.unlink(missing_ok=True)
+    tok = write_tokenizer(out, TOKENIZER_KIND[size], CHAT_TEMPLATES[FAMILY_TEMPLATE[family]])
+    raw = config_json(family, size, tok.vocab_size, tok.bos_token_id, tok.eos_token_id) | (overrides or {})
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    generation = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    cfg = load_model_config(out)
+    tensors, weights = _random_weights(cfg, seed, expert_layout == "fused")
+    min_load = balance_routers(ReferenceModel(cfg, weights), _calibration_prompt(out))
+    for name, t in tensors.items():  # balancing moved the routers off the bfloat16 grid
+        if not name.endswith("e_score_correction_bias"):
+            t.copy_(t.to(torch.bfloat16))
+    files = _save(out, tensors, max_shard_bytes)
+    return MadeModel(
+        path=out,
+        parameters=sum(t.numel() for t in tensors.values()),
+        bytes_on_disk=sum(f.stat().st_size for f in files),
+        files=files,
+        min_expert_load=min_load,
+    )
+
+
+def _random_weights(cfg: ModelConfig, seed: int, fused: bool):
+    draw = _RandomTensors(seed)
+    weights = model_weights(draw, cfg, fused)
+    for extra in range(cfg.extra_layers):  # DeepSeek-V3 multi-token-prediction layers, as the real checkpoint has
+        index = cfg.num_layers + extra
+        widened = dataclasses.replace(cfg, num_layers=index + 1, moe_layers=cfg.moe_layers + (True,) * (extra + 1),
+                                      sliding_windows=cfg.sliding_windows + (None,) * (extra + 1))
+        layer_weights(draw, widened, index, fused)
+        H, prefix = cfg.hidden_size, LAYER.format(l=index)
+        for name, shape in (("enorm.weight", (H,)), ("hnorm.weight", (H,)), ("eh_proj.weight", (H, 2 * H)),
+                            ("shared_head.norm.weight", (H,))):
+            draw.take(prefix + name, shape)
+    return draw.tensors, weights
+
+
+CALIBRATION_TEXT = (
+    "Mixture-of-experts models route every token to a few experts out of many. The router of each layer scores "
+    "the experts, keeps the best ones, and mixes their outputs with the router's weights. On one graphics card "
+    "whose memory is much smaller than the model, the weights live in host memory and travel over the PCIe link; "
+    "batching many tokens per expert hides that transfer behind the computation. Offline jobs, such as scoring a "
+    "dataset, summarising documents or generating synthetic data, care about throughput rather than latency, so "
+    "they can accumulate very large batches. 12 apples, 3.5 litres, and 1,024 tokens: numbers matter too!"
+)
+
+
+def _calibration_prompt(out: Path, length: int = 100) -> list[int]:
+    """The first `length` ids of CALIBRATION_TEXT (BOS included), read with the `tokenizers` library."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(CALIBRATION_TEXT).ids
+    if len(ids) < length:
+        ids = (ids * (length // len(ids) + 1))[:length]
+    return ids[:length]
+
+
+def _save(out: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> list[Path]:
+    stored = {n: (t if n.endswith("e_score_correction_bias") else t.to(torch.bfloat16)).contiguous()
+              for n, t in tensors.items()}
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in stored.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SINGLE_FILE), metadata={"format": "pt"})
+        return [out / SINGLE_FILE]
+    files = [out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for path, shard in zip(files, shards):
+        save_file(shard, str(path), metadata={"format": "pt"})
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in stored.values())},
+        "weight_map": {name: path.name for path, shard in zip(files, shards) for name in shard},
+    }
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return files

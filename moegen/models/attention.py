@@ -1,0 +1,55 @@
+"""Grouped-query attention over a batch of sequences with a KV cache (Mixtral, Qwen2/3-MoE, OLMoE).
+
+Letters: T new tokens, B sequences, Qm most new tokens of one sequence, S key positions,
+H hidden, N heads, G kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moegen.config import GQAConfig
+from moegen.models.batch import AttnBatch
+from moegen.models.kv_cache import GQALayerKV
+from moegen.models.rope import Rope, rms_norm
+from moegen.models.weights import GQAWeights
+
+
+def gqa_attention(
+    w: GQAWeights, cfg: GQAConfig, rope: Rope, x: Tensor, batch: AttnBatch, kv: GQALayerKV, window: int | None
+) -> Tensor:
+    """x [T, H] -> [T, H]. Appends the new tokens' k/v to `kv` at their positions, then attends."""
+    q, k, v = _project_qkv(w, cfg, x)  # [T, N, D], [T, G, D], [T, G, D]
+    cos, sin = rope.cos_sin(batch.positions)
+    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+
+    rows = batch.slots[batch.token_seq]  # [T] KV row of each token
+    kv.k[rows, batch.positions] = k.to(kv.k.dtype)
+    kv.v[rows, batch.positions] = v.to(kv.v.dtype)
+
+    keys = kv.k[batch.slots, : batch.max_kv].to(q.dtype).transpose(1, 2)  # [B, G, S, D]
+    values = kv.v[batch.slots, : batch.max_kv].to(q.dtype).transpose(1, 2)  # [B, G, S, D]
+    queries = batch.pad(q).transpose(1, 2)  # [B, N, Qm, D]
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale, enable_gqa=cfg.num_heads != cfg.num_kv_heads
+    )  # [B, N, Qm, D]
+    out = batch.unpad(out.transpose(1, 2)).flatten(1)  # [T, N*D]
+    return F.linear(out, w.o_proj, w.o_bias)
+
+
+def _project_qkv(w: GQAWeights, cfg: GQAConfig, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    q = F.linear(x, w.q_proj, w.q_bias)  # [T, N*D]
+    k = F.linear(x, w.k_proj, w.k_bias)  # [T, G*D]
+    v = F.linear(x, w.v_proj, w.v_bias)  # [T, G*D]
+    if cfg.qk_norm == "full":  # OLMoE: over the whole projection, before clipping
+        q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+    if cfg.clip_qkv is not None:
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q = q.view(x.shape[0], cfg.num_heads, cfg.head_dim)  # [T, N, D]
+    k = k.view(x.shape[0], cfg.num_kv_heads, cfg.head_dim)  # [T, G, D]
+    v = v.view(x.shape[0], cfg.num_kv_heads, cfg.head_dim)  # [T, G, D]
+    if cfg.qk_norm == "head":  # Qwen3: per head
+        q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+    return q, k, v

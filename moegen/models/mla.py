@@ -1,0 +1,89 @@
+"""DeepSeek multi-head latent attention over a batch of sequences with a compressed KV cache.
+
+The cache holds, per token, the normalised latent c [C] and one rotated key head k_rope [R].
+Two exact forms of the same attention:
+- expanded (prefill): up-project every cached latent to per-head keys and values;
+- absorbed (decode): fold kv_b_proj's key half into the query and its value half into the
+  output, and attend over the latents directly — no per-head keys are ever built.
+
+Letters: T new tokens, B sequences, Qm most new tokens of one sequence, S key positions,
+H hidden, N heads, P qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moegen.config import MLA_LATENT_NORM_EPS, MLAConfig
+from moegen.models.batch import AttnBatch
+from moegen.models.kv_cache import MLALayerKV
+from moegen.models.rope import Rope, rms_norm
+from moegen.models.weights import MLAWeights
+
+
+def mla_attention(
+    w: MLAWeights, cfg: MLAConfig, rope: Rope, x: Tensor, batch: AttnBatch, kv: MLALayerKV, absorbed: bool | None = None
+) -> Tensor:
+    """x [T, H] -> [T, H]. Appends the new tokens' latents to `kv`, then attends.
+
+    `absorbed` picks the form; by default decode batches (one new token per sequence) use the
+    absorbed form and everything else the expanded one.
+    """
+    q_nope, q_rope = _queries(w, cfg, x)  # [T, N, P], [T, N, R]
+    ckv = F.linear(x, w.kv_a_proj_with_mqa)  # [T, C+R]
+    latent = rms_norm(ckv[:, : cfg.kv_lora_rank], w.kv_a_layernorm, MLA_LATENT_NORM_EPS)  # [T, C]
+    k_rope = ckv[:, None, cfg.kv_lora_rank :]  # [T, 1, R]
+    cos, sin = rope.cos_sin(batch.positions)
+    q_rope, k_rope = rope.apply(q_rope, cos, sin), rope.apply(k_rope, cos, sin)
+
+    rows = batch.slots[batch.token_seq]  # [T]
+    kv.latent[rows, batch.positions] = latent.to(kv.latent.dtype)
+    kv.k_rope[rows, batch.positions] = k_rope[:, 0].to(kv.k_rope.dtype)
+
+    cached_latent = kv.latent[batch.slots, : batch.max_kv].to(x.dtype)  # [B, S, C]
+    cached_rope = kv.k_rope[batch.slots, : batch.max_kv].to(x.dtype)  # [B, S, R]
+    use_absorbed = batch.is_decode if absorbed is None else absorbed
+    attend = _attend_absorbed if use_absorbed else _attend_expanded
+    out = attend(w, cfg, batch, batch.pad(q_nope), batch.pad(q_rope), cached_latent, cached_rope)  # [B, Qm, N, V]
+    out = batch.unpad(out).flatten(1)  # [T, N*V]
+    return F.linear(out, w.o_proj, w.o_bias)
+
+
+def _queries(w: MLAWeights, cfg: MLAConfig, x: Tensor) -> tuple[Tensor, Tensor]:
+    if w.q_proj is not None:
+        q = F.linear(x, w.q_proj)
+    else:
+        q = F.linear(rms_norm(F.linear(x, w.q_a_proj), w.q_a_layernorm, MLA_LATENT_NORM_EPS), w.q_b_proj)
+    q = q.view(x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)  # [T, N, P+R]
+    return q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
+
+
+def _kv_b(w: MLAWeights, cfg: MLAConfig) -> tuple[Tensor, Tensor]:
+    """kv_b_proj split per head into its key half [N, P, C] and value half [N, V, C]."""
+    kv_b = w.kv_b_proj.view(cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+    return kv_b[:, : cfg.qk_nope_head_dim], kv_b[:, cfg.qk_nope_head_dim :]
+
+
+def _attend_expanded(w, cfg: MLAConfig, batch: AttnBatch, q_nope, q_rope, latent, k_rope) -> Tensor:
+    w_k, w_v = _kv_b(w, cfg)
+    k_nope = torch.einsum("bsc,npc->bnsp", latent, w_k)  # [B, N, S, P]
+    values = torch.einsum("bsc,nvc->bnsv", latent, w_v)  # [B, N, S, V]
+    k_rot = k_rope[:, None].expand(-1, cfg.num_heads, -1, -1)  # [B, N, S, R]
+    keys = torch.cat((k_nope, k_rot), dim=-1)  # [B, N, S, P+R]
+    queries = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [B, N, Qm, P+R]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask(None), scale=cfg.scale)
+    return out.transpose(1, 2)  # [B, Qm, N, V]
+
+
+def _attend_absorbed(w, cfg: MLAConfig, batch: AttnBatch, q_nope, q_rope, latent, k_rope) -> Tensor:
+    w_k, w_v = _kv_b(w, cfg)
+    q_latent = torch.einsum("bqnp,npc->bnqc", q_nope, w_k)  # [B, N, Qm, C]
+    scores = torch.einsum("bnqc,bsc->bnqs", q_latent, latent)  # [B, N, Qm, S]
+    scores = scores + torch.einsum("bqnr,bsr->bnqs", q_rope, k_rope)
+    scores = scores.float() * cfg.scale
+    scores = scores.masked_fill(~batch.mask(None), float("-inf"))
+    probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, N, Qm, S]
+    out_latent = torch.einsum("bnqs,bsc->bqnc", probs, latent)  # [B, Qm, N, C]
+    return torch.einsum("bqnc,nvc->bqnv", out_latent, w_v)  # [B, Qm, N, V]
