@@ -145,6 +145,19 @@ def read_config_json(model_dir: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def generation_eos_ids(model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
+    """EOS ids generation stops on: generation_config.json's, else config.json's (as transformers does)."""
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        if eos is not None:
+            return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return cfg.eos_token_ids
+
+
 def load_model_config(model_dir: Path) -> ModelConfig:
     """Read `model_dir/config.json` through transformers and normalise it."""
     raw = read_config_json(model_dir)

@@ -100,6 +100,8 @@ def make_model(
         if not name.endswith("e_score_correction_bias"):
             t.copy_(t.to(torch.bfloat16))
     files = _save(out, tensors, max_shard_bytes)
+    for path in out.iterdir():  # readable like any downloaded checkpoint (safetensors writes 0600)
+        path.chmod(0o644)
     return MadeModel(
         path=out,
         parameters=sum(t.numel() for t in tensors.values()),
