@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from moegen.checkpoints.balance import balance_routers
-from moegen.checkpoints.specs import CHAT_TEMPLATES, FAMILY_TEMPLATE, TOKENIZER_KIND, config_json
+from moegen.checkpoints.balance import balance_routers, calibration_ids
+from moegen.checkpoints.specs import CHAT_TEMPLATES, FAMILY_TEMPLATE, TOKENIZER_KIND, TOKENIZER_VOCAB, config_json
 from moegen.checkpoints.tokenizer import write_tokenizer
 from moegen.config import ModelConfig, load_model_config
 from moegen.models.families import LAYER
@@ -59,6 +59,8 @@ class _RandomTensors:
 
 def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
     normal = torch.randn(shape, generator=gen)
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return math.sqrt(3.0) * (1.0 + 0.1 * normal)  # sharp attention where q/k are normalised (see _QUERY_KEY)
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * normal  # not all ones, so a swapped norm can't hide
     if name.endswith("e_score_correction_bias"):
@@ -67,7 +69,16 @@ def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
         return 0.1 * normal
     if name.endswith("embed_tokens.weight"):
         return normal
-    return normal / math.sqrt(shape[-1])  # unit-scale outputs: fan-in is the last dim, 2-D and fused 3-D alike
+    scale = 1.0 / math.sqrt(shape[-1])  # unit-scale outputs: fan-in is the last dim, 2-D and fused 3-D alike
+    if name.endswith(_QUERY_KEY):
+        scale *= 3.0  # sharp attention: completions then depend on the context, not only the last token
+    return normal * scale
+
+
+_QUERY_KEY = ("q_proj.weight", "k_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight")
+# A random lm_head would end completions at random; shrinking EOS's row lets them run to their length
+# (greedy EOS still happens, just rarely), as a real model's mostly do on long answers.
+EOS_LOGIT_SCALE = 0.25
 
 
 def make_model(
@@ -94,8 +105,9 @@ def make_model(
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     cfg = load_model_config(out)
-    tensors, weights = _random_weights(cfg, seed, expert_layout == "fused")
-    min_load = balance_routers(ReferenceModel(cfg, weights), _calibration_prompt(out))
+    tensors, weights = _random_weights(cfg, _RandomTensors(seed), expert_layout == "fused")
+    weights.lm_head[list(cfg.eos_token_ids)] *= EOS_LOGIT_SCALE
+    min_load = balance_routers(ReferenceModel(cfg, weights), calibration_ids(out / "tokenizer.json"))
     for name, t in tensors.items():  # balancing moved the routers off the bfloat16 grid
         if not name.endswith("e_score_correction_bias"):
             t.copy_(t.to(torch.bfloat16))
@@ -111,8 +123,29 @@ def make_model(
     )
 
 
-def _random_weights(cfg: ModelConfig, seed: int, fused: bool):
-    draw = _RandomTensors(seed)
+class _ShapesOnly(_RandomTensors):
+    """Walks the same tensors as _RandomTensors without allocating them (for counting)."""
+
+    def take(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        self.tensors[name] = torch.empty(shape, device="meta")
+        return self.tensors[name]
+
+
+def count_parameters(family: str, size: str, expert_layout: str = "per-expert") -> int:
+    """Parameters make_model would write for `family` at `size`, without making anything."""
+    from transformers import AutoConfig
+
+    from moegen.config import from_hf_config
+    from moegen.models.families import FAMILIES
+
+    vocab = TOKENIZER_VOCAB[TOKENIZER_KIND[size]]
+    raw = config_json(family, size, vocab, bos=1, eos=2)
+    cfg = from_hf_config(AutoConfig.for_model(raw.pop("model_type"), **raw), FAMILIES[family])
+    tensors, _ = _random_weights(cfg, _ShapesOnly(0), expert_layout == "fused")
+    return sum(t.numel() for t in tensors.values())
+
+
+def _random_weights(cfg: ModelConfig, draw: _RandomTensors, fused: bool):
     weights = model_weights(draw, cfg, fused)
     for extra in range(cfg.extra_layers):  # DeepSeek-V3 multi-token-prediction layers, as the real checkpoint has
         index = cfg.num_layers + extra
@@ -124,26 +157,6 @@ def _random_weights(cfg: ModelConfig, seed: int, fused: bool):
                             ("shared_head.norm.weight", (H,))):
             draw.take(prefix + name, shape)
     return draw.tensors, weights
-
-
-CALIBRATION_TEXT = (
-    "Mixture-of-experts models route every token to a few experts out of many. The router of each layer scores "
-    "the experts, keeps the best ones, and mixes their outputs with the router's weights. On one graphics card "
-    "whose memory is much smaller than the model, the weights live in host memory and travel over the PCIe link; "
-    "batching many tokens per expert hides that transfer behind the computation. Offline jobs, such as scoring a "
-    "dataset, summarising documents or generating synthetic data, care about throughput rather than latency, so "
-    "they can accumulate very large batches. 12 apples, 3.5 litres, and 1,024 tokens: numbers matter too!"
-)
-
-
-def _calibration_prompt(out: Path, length: int = 100) -> list[int]:
-    """The first `length` ids of CALIBRATION_TEXT (BOS included), read with the `tokenizers` library."""
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(CALIBRATION_TEXT).ids
-    if len(ids) < length:
-        ids = (ids * (length // len(ids) + 1))[:length]
-    return ids[:length]
 
 
 def _save(out: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> list[Path]:

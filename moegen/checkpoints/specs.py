@@ -14,6 +14,7 @@ from typing import Any
 SIZES = ("tiny", "small", "bench")
 FAMILY_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 TOKENIZER_KIND = {"tiny": "bpe", "small": "mixtral", "bench": "mixtral"}
+TOKENIZER_VOCAB = {"bpe": 512, "mixtral": 32000}
 PARAM_RANGE = {"tiny": (0, 2_000_000), "small": (10_000_000, 40_000_000), "bench": (150_000_000, 300_000_000)}
 
 # The real models these imitate: Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B, OLMoE-1B-7B,

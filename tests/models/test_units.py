@@ -1,0 +1,169 @@
+"""The model units one by one, each against transformers' own module or a hand-computed value."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from moegen.checkpoints.balance import HEAD_TOKENS, calibration_ids
+from moegen.checkpoints.make import count_parameters
+from moegen.checkpoints.specs import FAMILY_NAMES, PARAM_RANGE, SIZES
+from moegen.config import RopeConfig, load_model_config
+from moegen.models.batch import AttnBatch
+from moegen.models.kv_cache import allocate_kv
+from moegen.models.loader import load_checkpoint
+from moegen.models.mla import mla_attention
+from moegen.models.moe import route
+from moegen.models.reference import ReferenceModel
+from moegen.models.rope import Rope, inv_freq
+from moegen.models.weights import RouterWeights
+
+ROUTERS = {
+    "mixtral": "MixtralTopKRouter",
+    "qwen2_moe": "Qwen2MoeTopKRouter",
+    "qwen3_moe": "Qwen3MoeTopKRouter",
+    "olmoe": "OlmoeTopKRouter",
+    "deepseek_v2": "DeepseekV2TopkRouter",
+    "deepseek_v3": "DeepseekV3TopkRouter",
+}
+
+
+def hf_class(family: str, name: str):
+    return getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_yarn_frequencies_match_transformers(family, tiny_checkpoint):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    path = tiny_checkpoint(family)
+    hf = AutoConfig.from_pretrained(path)
+    want_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    rope = load_model_config(path).attention.rope
+    assert rope.kind == "yarn"
+    torch.testing.assert_close(inv_freq(rope), want_freq, rtol=1e-6, atol=0)
+    assert rope.attention_factor == pytest.approx(want_factor)
+
+
+def test_default_rope_by_hand():
+    cfg = RopeConfig(dim=4, theta=100.0, kind="default", interleaved=False)
+    torch.testing.assert_close(inv_freq(cfg), torch.tensor([1.0, 0.1]))
+    rope = Rope(cfg)
+    cos, sin = rope.cos_sin(torch.tensor([1]))
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])  # [T=1, N=1, R=4]: pairs (1,3) and (2,4) rotate
+    c0, c1, s0, s1 = cos[0, 0], cos[0, 1], sin[0, 0], sin[0, 1]
+    want = torch.tensor([[[1 * c0 - 3 * s0, 2 * c1 - 4 * s1, 3 * c0 + 1 * s0, 4 * c1 + 2 * s1]]])
+    torch.testing.assert_close(rope.apply(x, cos, sin), want)
+
+
+def test_interleaved_rope_matches_deepseek_v3():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+
+    cfg = RopeConfig(dim=8, theta=10000.0, kind="default", interleaved=True)
+    rope = Rope(cfg)
+    positions = torch.arange(5)
+    q, k = torch.randn(5, 3, 8), torch.randn(5, 1, 8)  # [T, N, R]
+    cos, sin = rope.cos_sin(positions)
+    full_cos, full_sin = torch.cat((cos, cos), -1)[None], torch.cat((sin, sin), -1)[None]  # [1, T, R]
+    want_q, want_k = apply_rotary_pos_emb_interleave(q.transpose(0, 1)[None], k.transpose(0, 1)[None], full_cos, full_sin)
+    torch.testing.assert_close(rope.apply(q, cos, sin), want_q[0].transpose(0, 1))
+    torch.testing.assert_close(rope.apply(k, cos, sin), want_k[0].transpose(0, 1))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_router_matches_transformers(family, tiny_checkpoint):
+    overrides = {"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3} if family == "deepseek_v2" else {}
+    path = tiny_checkpoint(family, **overrides)
+    cfg, weights, _ = load_checkpoint(path)
+    layer = next(lw for lw in weights.layers if lw.moe is not None)
+    hf_router = hf_class(family, ROUTERS[family])(AutoConfig.from_pretrained(path))
+    hf_router.weight.data.copy_(layer.moe.router.gate)
+    if layer.moe.router.e_score_correction_bias is not None:
+        hf_router.e_score_correction_bias.copy_(layer.moe.router.e_score_correction_bias)
+    x = torch.randn(200, cfg.hidden_size)
+    _, want_weights, want_experts = hf_router(x)
+    got = route(layer.moe.router, cfg.moe.router, x)
+    order_got, order_want = got.experts.argsort(-1), want_experts.argsort(-1)
+    assert torch.equal(got.experts.gather(1, order_got), want_experts.gather(1, order_want))
+    torch.testing.assert_close(got.weights.gather(1, order_got), want_weights.float().gather(1, order_want))
+
+
+def test_group_limited_routing_by_hand():
+    # 4 experts in 2 groups, pick 2 experts from the best 1 group. Softmax scores of logits [3,0,2.9,2.8]:
+    # group 0 = {0,1} best 3.0, group 1 = {2,3} best 2.9 -> only experts 0 and 1 are eligible.
+    from moegen.config import RouterConfig
+
+    cfg = RouterConfig(num_experts=4, top_k=2, scoring="softmax", topk_method="group_limited_greedy",
+                       norm_topk_prob=False, routed_scaling_factor=1.0, n_group=2, topk_group=1,
+                       correction_bias=False)
+    logits = torch.tensor([[3.0, 0.0, 2.9, 2.8]])
+    r = route(RouterWeights(gate=torch.eye(4)), cfg, logits)
+    probs = logits.softmax(-1)[0]
+    assert r.experts[0].tolist() == [0, 1]
+    torch.testing.assert_close(r.weights[0], torch.stack([probs[0], probs[1]]))
+
+
+def test_mla_absorbed_equals_expanded(tiny_checkpoint):
+    cfg, weights, _ = load_checkpoint(tiny_checkpoint("deepseek_v3"))
+    lw, rope = weights.layers[0], Rope(cfg.attention.rope)
+    batch = AttnBatch.build(slots=[1, 0], past_lens=[3, 0], q_lens=[2, 5])
+    x = torch.randn(7, cfg.hidden_size)
+    outs = []
+    for absorbed in (False, True):
+        kv = allocate_kv(cfg, 2, 8, torch.float32)[0]
+        torch.manual_seed(0)
+        kv.latent.normal_(), kv.k_rope.normal_()  # a cached past for sequence 1
+        outs.append(mla_attention(lw.attn, cfg.attention, rope, x, batch, kv, absorbed=absorbed))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_mask_by_hand():
+    batch = AttnBatch.build(slots=[0, 1], past_lens=[2, 0], q_lens=[1, 3])
+    assert batch.positions.tolist() == [2, 0, 1, 2]
+    T, F = True, False
+    want = [
+        [[T, T, T], [T, F, F], [T, F, F]],  # sequence 0: one new token at position 2; rows 1-2 are padding
+        [[T, F, F], [T, T, F], [T, T, T]],  # sequence 1: three new tokens at 0, 1, 2
+    ]
+    assert batch.mask(None)[:, 0].tolist() == want
+    windowed = [[[F, T, T], [T, F, F], [T, F, F]], [[T, F, F], [T, T, F], [F, T, T]]]
+    assert batch.mask(2)[:, 0].tolist() == windowed
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_expert_gets_tokens_on_a_100_token_prompt(family, tiny_checkpoint):
+    """Counted by transformers' own routers on the first 100 calibration tokens."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint(family)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    idle = {}
+    for index, layer in enumerate(hf.model.layers):
+        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "top_k"):
+            layer.mlp.gate.register_forward_hook(
+                lambda m, a, out, index=index: idle.__setitem__(
+                    index, (torch.bincount(out[2].flatten(), minlength=m.num_experts) == 0).nonzero().flatten().tolist()))
+    ids = calibration_ids(path / "tokenizer.json")[:HEAD_TOKENS]
+    with torch.no_grad():
+        hf(torch.tensor([ids]))
+    assert idle and all(not v for v in idle.values()), idle
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_sizes_keep_their_parameter_budget(family, size):
+    low, high = PARAM_RANGE[size]
+    assert low <= count_parameters(family, size) < high
+
+
+def test_prompts_run_together_match_prompts_run_alone(tiny_checkpoint):
+    """Batching invariance of the reference model (the runtime's oracle must not depend on its batch)."""
+    cfg, weights, _ = load_checkpoint(tiny_checkpoint("deepseek_v2"))
+    model = ReferenceModel(cfg, weights)
+    prompts = [[1, 5, 9, 12], [1, 300, 301, 302, 303, 304, 305, 306, 307], [1, 42]]
+    together = model.generate(prompts, 12, eos_ids=())
+    for prompt, gen in zip(prompts, together):
+        assert model.generate([prompt], 12, eos_ids=())[0].token_ids == gen.token_ids

@@ -1,0 +1,215 @@
+"""Tests for the `moegen` command line (moegen.cli.main), with transformers as the generation oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything must load from the written directory alone
+
+from click.testing import CliRunner  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from moegen.checkpoints.make import make_model  # noqa: E402
+from moegen.cli import main  # noqa: E402
+
+PROMPTS = ["The mixture of experts routes each token", "Hi"]
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models are op-overhead bound: one intra-op thread makes make_model several times faster
+    than two on 2 cores (and orders of magnitude faster when another process competes for them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def disk_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def eos_ids(model_dir: Path) -> set[int]:
+    """The EOS ids of generation_config.json, re-read from disk (an int or a list there)."""
+    eos = json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"]
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def hf_greedy(model, tokenizer, text: str, max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation of `text` alone (float32): the generated ids only."""
+    ids = tokenizer(text)["input_ids"]
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def olmoe_dir(tmp_path_factory):
+    """A tiny OLMoE-like checkpoint whose generation_config.json adds, as a second EOS, the third token
+    transformers generates for PROMPTS[0]: so that prompt finishes with "stop" and the other with "length"."""
+    out = tmp_path_factory.mktemp("cli") / "olmoe"
+    make_model(out, "olmoe", "tiny", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    first = hf_greedy(model, tokenizer, PROMPTS[0], MAX_NEW)
+    gen_path = out / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    eos = gen["eos_token_id"]
+    gen["eos_token_id"] = [eos, first[2]] if isinstance(eos, int) else [*eos, first[2]]
+    gen_path.write_text(json.dumps(gen, indent=2))
+    return out
+
+
+def test_help_in_a_real_subprocess():
+    exe = Path(sys.executable).parent / "moegen"
+    cmd = [str(exe)] if exe.is_file() else [shutil.which("moegen")]
+    assert cmd[0], "the moegen console script is not installed (pip install -e .)"
+    proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "make-model" in proc.stdout and "generate" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_make_model_then_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "olmoe-tiny"
+    result = invoke("make-model", out, "--family", "olmoe", "--size", "tiny")
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["model_type"] == "olmoe"
+    weights = sorted(out.glob("*.safetensors"))
+    assert weights and disk_shapes(out)
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in disk_shapes(out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    again = invoke("make-model", out, "--family", "olmoe", "--size", "tiny")
+    assert again.exit_code != 0
+    assert isinstance(again.exception, SystemExit)  # a clean error, not a crash
+    assert "--overwrite" in again.stderr and str(out) in again.stderr
+    assert "Traceback" not in again.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+
+    forced = invoke("make-model", out, "--family", "olmoe", "--size", "tiny", "--overwrite", "--seed", "1")
+    assert forced.exit_code == 0, forced.output
+
+
+def test_generate_json_matches_transformers(olmoe_dir):
+    args = ["generate", olmoe_dir]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    result = invoke(*args, "--max-new-tokens", MAX_NEW, "--json")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    records = [json.loads(line) for line in lines]
+
+    model = AutoModelForCausalLM.from_pretrained(str(olmoe_dir), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(olmoe_dir))
+    eos = eos_ids(olmoe_dir)
+    assert len(eos) == 2
+    for i, (prompt, rec) in enumerate(zip(PROMPTS, records)):
+        assert set(rec) == {"index", "prompt", "text", "token_ids", "finish_reason"}
+        assert rec["index"] == i and rec["prompt"] == prompt
+        assert 1 <= len(rec["token_ids"]) <= MAX_NEW
+        assert rec["finish_reason"] in {"stop", "length"}
+        expected = hf_greedy(model, tokenizer, prompt, MAX_NEW)
+        assert rec["token_ids"] == expected, (prompt, rec["token_ids"], expected)
+        stopped = expected[-1] in eos
+        assert rec["finish_reason"] == ("stop" if stopped else "length")
+        if not stopped:
+            assert len(expected) == MAX_NEW
+        assert rec["text"] == tokenizer.decode(rec["token_ids"], skip_special_tokens=True)
+    # The fixture made PROMPTS[0] stop on its third token; PROMPTS[1] runs to the limit unless it hits an EOS.
+    assert records[0]["finish_reason"] == "stop" and len(records[0]["token_ids"]) <= 3
+
+
+def test_generate_missing_directory_is_a_one_line_error():
+    missing = "/does/not/exist"
+    assert not Path(missing).exists()
+    result = invoke("generate", missing, "--prompt", "x")
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and missing in err[0], result.stderr
+
+
+def test_generate_rejects_zero_new_tokens(olmoe_dir):
+    result = invoke("generate", olmoe_dir, "--prompt", "x", "--max-new-tokens", "0")
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert "max_new_tokens" in result.stderr and "at least 1" in result.stderr and "got 0" in result.stderr
+
+
+def test_make_model_set_overrides_config(tmp_path):
+    out = tmp_path / "v2-qlora"
+    result = invoke("make-model", out, "--family", "deepseek_v2", "--set", "q_lora_rank=8")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["q_lora_rank"] == 8 and isinstance(cfg["q_lora_rank"], int)
+    shapes = disk_shapes(out)
+    H, N = cfg["hidden_size"], cfg["num_attention_heads"]
+    qk = N * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"])
+    for layer in range(cfg["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.self_attn."
+        assert shapes[prefix + "q_a_proj.weight"] == (8, H)
+        assert shapes[prefix + "q_a_layernorm.weight"] == (8,)
+        assert shapes[prefix + "q_b_proj.weight"] == (qk, 8)
+        assert prefix + "q_proj.weight" not in shapes
+    # transformers reads the same checkpoint without missing or unexpected tensors.
+    _, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_generate_without_model_dir_makes_the_demo(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOEGEN_CACHE", str(cache))
+    start = time.perf_counter()
+    result = invoke("generate", "--prompt", "hi", "--max-new-tokens", "2")
+    first_s = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    demos = [p for p in cache.iterdir()]
+    assert len(demos) == 1 and demos[0].name.startswith("demo-")  # no scratch directory left behind
+    demo = demos[0]
+    assert (demo / "config.json").is_file() and (demo / "tokenizer_config.json").is_file()
+    params = sum(int(torch.Size(s).numel()) for s in disk_shapes(demo).values())
+    assert 10_000_000 <= params <= 40_000_000  # the 'small' size
+    print(f"demo checkpoint made and used in {first_s:.1f}s")
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in demo.iterdir()}
+    again = invoke("generate", "--prompt", "hi", "--max-new-tokens", "2", "--json")
+    assert again.exit_code == 0, again.output
+    assert {p.name: p.stat().st_mtime_ns for p in demo.iterdir()} == stamps  # reused, not remade
+    assert "making the demo checkpoint" in result.stderr and "making the demo checkpoint" not in again.stderr
+    (record,) = [json.loads(line) for line in again.stdout.splitlines()]
+
+    model = AutoModelForCausalLM.from_pretrained(str(demo), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(demo))
+    expected = hf_greedy(model, tokenizer, "hi", 2)
+    assert record["token_ids"] == expected
+    reason = "length" if len(expected) == 2 and expected[-1] not in eos_ids(demo) else "stop"
+    text = tokenizer.decode(expected, skip_special_tokens=True)
+    assert result.stdout == f"[0] 'hi' -> {text!r} ({len(expected)} tokens, {reason})\n"
