@@ -61,14 +61,14 @@ def make_model_cmd(out, family, size, seed, expert_layout, max_shard_size, overr
     low, high = PARAM_RANGE[size]
     click.echo(f"wrote {made.path}: {family} {size}, {made.parameters / 1e6:.2f}M parameters "
                f"(target {low / 1e6:g}-{high / 1e6:g}M), {format_bytes(made.bytes_on_disk)} in {len(made.files)} "
-               f"safetensors file(s), {expert_layout} experts; fewest calibration tokens on one expert: "
-               f"{made.min_expert_load}")
+               f"safetensors file(s), {expert_layout} experts; on a 100-token prompt every expert gets "
+               f">= {made.min_expert_load} token(s)")
 
 
 @main.command("generate")
 @click.argument("model_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable); all run together.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--engine", type=click.Choice(["reference"]), default="reference", show_default=True,
               help="reference: the sequential model (the runtime's oracle).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)

@@ -140,9 +140,12 @@ def read_config_json(model_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: not found; a model directory needs config.json (a Hugging Face checkpoint)")
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object of config fields, found {type(raw).__name__}")
+    return raw
 
 
 def generation_eos_ids(model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
@@ -164,7 +167,10 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     family = family_for(raw, Path(model_dir) / "config.json")
     from transformers import AutoConfig  # configs and tokenizers are all moegen takes from transformers
 
-    hf = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    try:
+        hf = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # transformers validates field types and values
+        raise ConfigError(f"{Path(model_dir) / 'config.json'}: transformers can't read it as {family.name}: {exc}") from exc
     return from_hf_config(hf, family)
 
 

@@ -39,7 +39,7 @@ def load_tokenizer(model_dir: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{model_dir}: no usable tokenizer (tokenizer.json / tokenizer_config.json): {exc}") from exc
 
 
@@ -51,8 +51,8 @@ def generate(model_dir: Path, prompts: list[str], max_new_tokens: int, engine: s
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     start = time.perf_counter()
+    cfg, weights, _ = load_checkpoint(model_dir, DTYPES[dtype])  # first: its errors say more than the tokenizer's
     tokenizer = load_tokenizer(model_dir)
-    cfg, weights, _ = load_checkpoint(model_dir, DTYPES[dtype])
     ids = [tokenizer(text)["input_ids"] for text in prompts]
     for i, (text, p) in enumerate(zip(prompts, ids)):
         if not p:

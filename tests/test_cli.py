@@ -26,16 +26,6 @@ PROMPTS = ["The mixture of experts routes each token", "Hi"]
 MAX_NEW = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models are op-overhead bound: one intra-op thread makes make_model several times faster
-    than two on 2 cores (and orders of magnitude faster when another process competes for them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def disk_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
@@ -161,7 +151,22 @@ def test_generate_rejects_zero_new_tokens(olmoe_dir):
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output and result.stdout == ""
-    assert "max_new_tokens" in result.stderr and "at least 1" in result.stderr and "got 0" in result.stderr
+    assert "--max-new-tokens" in result.stderr and "0 is not in the range x>=1" in result.stderr
+
+
+def test_make_model_never_deletes_files_it_did_not_write(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"precious")
+    result = invoke("make-model", out, "--family", "olmoe")
+    assert result.exit_code != 0 and "--overwrite" in result.stderr and "not empty" in result.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == b"precious"
+
+
+def test_zero_new_tokens_fails_before_making_the_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEGEN_CACHE", str(tmp_path / "cache"))
+    result = invoke("generate", "--prompt", "x", "--max-new-tokens", "0")
+    assert result.exit_code != 0 and not (tmp_path / "cache").exists()
 
 
 def test_make_model_set_overrides_config(tmp_path):

@@ -11,22 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import moegen
 
 PACKAGE = Path(moegen.__file__).resolve().parent
 ALLOWED = {"AutoConfig", "AutoTokenizer"}  # `from transformers import <these>` is all moegen may write
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models are op-overhead bound: one intra-op thread makes make_model several times faster
-    than two on 2 cores (and orders of magnitude faster when another process competes for them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def transformers_imports(source: str, filename: str) -> list[str]:

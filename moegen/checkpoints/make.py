@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,7 +25,7 @@ from moegen.checkpoints.balance import balance_routers, calibration_ids
 from moegen.checkpoints.specs import CHAT_TEMPLATES, FAMILY_TEMPLATE, TOKENIZER_KIND, TOKENIZER_VOCAB, config_json
 from moegen.checkpoints.tokenizer import write_tokenizer
 from moegen.config import ModelConfig, load_model_config
-from moegen.models.families import LAYER
+from moegen.models.families import FAMILIES, FUSED_NAMES, LAYER, Family
 from moegen.models.loader import INDEX_FILE, SINGLE_FILE, layer_weights, model_weights
 from moegen.models.reference import ReferenceModel
 
@@ -36,25 +38,53 @@ class MadeModel:
     parameters: int  # tensors' elements, all layers (multi-token-prediction ones included)
     bytes_on_disk: int  # safetensors files
     files: list[Path]
-    min_expert_load: int  # fewest calibration tokens any expert of any layer received
+    min_expert_load: int  # fewest tokens of a 100-token prompt that any expert of any layer receives
 
 
 class _RandomTensors:
-    """Stands in for the loader's reader: draws each requested tensor instead of reading it."""
+    """Stands in for the loader's reader: draws each requested tensor instead of reading it.
 
-    def __init__(self, seed: int):
-        self.gen = torch.Generator().manual_seed(seed)
+    Each tensor is drawn from its own generator, seeded by the seed and its per-expert-layout
+    name, and fused expert tensors are stacked from those same per-expert draws: one seed gives
+    the same model in either layout.
+    """
+
+    def __init__(self, seed: int, family: Family):
+        self.seed = seed
+        self.per_expert = family.moe_names(fused=False)
         self.tensors: dict[str, Tensor] = {}
 
     def has(self, name: str) -> bool:
         return name in self.tensors
 
     def take(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        t = _init(name, shape, self.gen)
-        if not name.endswith("e_score_correction_bias"):  # real V3 keeps this one in float32
-            t = t.to(torch.bfloat16).float()
+        t = self._fused(name, shape) if name.endswith(_FUSED_SUFFIXES) else self._draw(name, shape)
         self.tensors[name] = t
         return t
+
+    def _draw(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        layer = re.match(r"model\.layers\.\d+\.", name)
+        if layer and name[layer.end():] == FUSED_NAMES["gate"]:  # Mixtral's router moves with the layout
+            name = layer.group(0) + self.per_expert["gate"]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        t = _init(name, shape, gen)
+        if not name.endswith("e_score_correction_bias"):  # real V3 keeps this one in float32
+            t = t.to(torch.bfloat16).float()
+        return t
+
+    def _fused(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """[E, 2I, H] gate_up_proj or [E, H, I] down_proj, stacked from the per-expert draws."""
+        prefix = LAYER.format(l=re.match(r"model\.layers\.(\d+)\.", name).group(1))
+        expert_names = self.per_expert
+        if name.endswith(FUSED_NAMES["down_proj"]):
+            return torch.stack([self._draw(prefix + expert_names["down_proj"].format(e=e), shape[1:])
+                                for e in range(shape[0])])
+        half = (shape[1] // 2, shape[2])
+        return torch.stack([torch.cat([self._draw(prefix + expert_names[k].format(e=e), half)
+                                       for k in ("gate_proj", "up_proj")]) for e in range(shape[0])])
+
+
+_FUSED_SUFFIXES = (FUSED_NAMES["gate_up_proj"], FUSED_NAMES["down_proj"])
 
 
 def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
@@ -93,10 +123,12 @@ def make_model(
 ) -> MadeModel:
     """Write config.json, generation_config.json, tokenizer files and safetensors weights into `out`."""
     out = Path(out)
-    if (out / "config.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a checkpoint; choose another directory or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give a directory for the checkpoint")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; choose an empty or new directory, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("*.safetensors")) + [out / INDEX_FILE]:
+    for old in list(out.glob("*.safetensors")) + [out / INDEX_FILE]:  # --overwrite: no stale shards left behind
         old.unlink(missing_ok=True)
     tok = write_tokenizer(out, TOKENIZER_KIND[size], CHAT_TEMPLATES[FAMILY_TEMPLATE[family]])
     raw = config_json(family, size, tok.vocab_size, tok.bos_token_id, tok.eos_token_id) | (overrides or {})
@@ -105,7 +137,7 @@ def make_model(
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     cfg = load_model_config(out)
-    tensors, weights = _random_weights(cfg, _RandomTensors(seed), expert_layout == "fused")
+    tensors, weights = _random_weights(cfg, _RandomTensors(seed, cfg.family_spec), expert_layout == "fused")
     weights.lm_head[list(cfg.eos_token_ids)] *= EOS_LOGIT_SCALE
     min_load = balance_routers(ReferenceModel(cfg, weights), calibration_ids(out / "tokenizer.json"))
     for name, t in tensors.items():  # balancing moved the routers off the bfloat16 grid
@@ -136,12 +168,11 @@ def count_parameters(family: str, size: str, expert_layout: str = "per-expert") 
     from transformers import AutoConfig
 
     from moegen.config import from_hf_config
-    from moegen.models.families import FAMILIES
 
     vocab = TOKENIZER_VOCAB[TOKENIZER_KIND[size]]
     raw = config_json(family, size, vocab, bos=1, eos=2)
     cfg = from_hf_config(AutoConfig.for_model(raw.pop("model_type"), **raw), FAMILIES[family])
-    tensors, _ = _random_weights(cfg, _ShapesOnly(0), expert_layout == "fused")
+    tensors, _ = _random_weights(cfg, _ShapesOnly(0, FAMILIES[family]), expert_layout == "fused")
     return sum(t.numel() for t in tensors.values())
 
 

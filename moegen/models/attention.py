@@ -6,7 +6,6 @@ H hidden, N heads, G kv heads, D head dim.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -65,10 +65,10 @@ class TensorStore:
         index = self.model_dir / INDEX_FILE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {exc}") from exc
-            files = sorted({self.model_dir / f for f in weight_map.values()})
+                files = sorted({self.model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError covers bad JSON/UTF-8
+                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object of "
+                                      f"tensor name -> file name): {exc!r}") from exc
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index} lists shard(s) {missing} that are not in {self.model_dir}; copy the whole checkpoint")

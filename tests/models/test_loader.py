@@ -29,16 +29,6 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 ERROR_FAMILY = "olmoe"  # the checkpoint the error cases corrupt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models are op-overhead bound: one intra-op thread makes make_model several times faster
-    than two on 2 cores (and orders of magnitude faster when another process competes for them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------
 # Helpers: everything here reads the files directly, never through moegen.
 
@@ -227,6 +217,22 @@ def test_index_lists_a_missing_shard(made, tmp_path):
     assert not any(s in msg for s in shards if s != gone)  # names only the missing one
 
 
+@pytest.mark.parametrize("index_text", ["[1]", '{"weight_map": ["a"]}', '{"weight_map": {"x": 3}}', "{"])
+def test_malformed_index_is_a_checkpoint_error(made, tmp_path, index_text):
+    dst = tmp_path / "sharded"
+    shutil.copytree(made(ERROR_FAMILY, max_shard_bytes=200_000).path, dst)
+    (dst / "model.safetensors.index.json").write_text(index_text)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a safetensors index"):
+        load_checkpoint(dst)
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '"olmoe"'])
+def test_config_json_that_is_not_an_object(corrupt, text):
+    (corrupt / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        load_checkpoint(corrupt)
+
+
 def test_invalid_config_json(corrupt):
     (corrupt / "config.json").write_text('{"model_type": "olmoe", "hidden_size": 64,')  # truncated
     with pytest.raises(ConfigError) as exc:
@@ -388,3 +394,21 @@ def test_tiny_parameter_count(made, family):
     assert 0 < counted < 2_000_000
     assert m.parameters == counted
     assert m.bytes_on_disk == sum(p.stat().st_size for p in m.path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("family", sorted(PER_EXPERT_NAMES))
+def test_one_seed_gives_one_model_in_either_layout(made, family):
+    """make_model's fused checkpoint stacks exactly the per-expert tensors of the same seed (read from disk)."""
+    per_expert_dir, fused_dir = made(family).path, made(family, "fused").path
+    cfg = config_of(per_expert_dir)
+    num_experts = cfg.get("num_experts") or cfg["num_local_experts"]
+    gate_t, up_t, down_t, router_t = PER_EXPERT_NAMES[family]
+    for l in range(cfg["num_hidden_layers"]):
+        gate_up = disk_tensor(fused_dir, f"model.layers.{l}.mlp.experts.gate_up_proj")
+        down = disk_tensor(fused_dir, f"model.layers.{l}.mlp.experts.down_proj")
+        assert torch.equal(disk_tensor(fused_dir, f"model.layers.{l}.mlp.gate.weight"),
+                           disk_tensor(per_expert_dir, router_t.format(l=l)))
+        for e in range(num_experts):
+            gate, up = disk_tensor(per_expert_dir, gate_t.format(l=l, e=e)), disk_tensor(per_expert_dir, up_t.format(l=l, e=e))
+            assert torch.equal(gate_up[e], torch.cat([gate, up])), (l, e)
+            assert torch.equal(down[e], disk_tensor(per_expert_dir, down_t.format(l=l, e=e))), (l, e)
