@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from moegen.config import generation_eos_ids
+from moegen.models.hf_config import generation_eos_ids
 from moegen.models.loader import load_checkpoint
 from moegen.models.reference import ReferenceModel
 

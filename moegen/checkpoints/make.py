@@ -24,7 +24,8 @@ from torch import Tensor
 from moegen.checkpoints.balance import balance_routers, calibration_ids
 from moegen.checkpoints.specs import CHAT_TEMPLATES, FAMILY_TEMPLATE, TOKENIZER_KIND, TOKENIZER_VOCAB, config_json
 from moegen.checkpoints.tokenizer import write_tokenizer
-from moegen.config import ModelConfig, load_model_config
+from moegen.config import ModelConfig
+from moegen.models.hf_config import load_model_config
 from moegen.models.families import FAMILIES, FUSED_NAMES, LAYER, Family
 from moegen.models.loader import INDEX_FILE, SINGLE_FILE, layer_weights, model_weights
 from moegen.models.reference import ReferenceModel
@@ -167,7 +168,7 @@ def count_parameters(family: str, size: str, expert_layout: str = "per-expert") 
     """Parameters make_model would write for `family` at `size`, without making anything."""
     from transformers import AutoConfig
 
-    from moegen.config import from_hf_config
+    from moegen.models.hf_config import from_hf_config
 
     vocab = TOKENIZER_VOCAB[TOKENIZER_KIND[size]]
     raw = config_json(family, size, vocab, bos=1, eos=2)

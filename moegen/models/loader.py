@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from moegen.config import GQAConfig, MLAConfig, ModelConfig, load_model_config
+from moegen.config import GQAConfig, MLAConfig, ModelConfig
+from moegen.models.hf_config import load_model_config
 from moegen.models.families import DENSE_NAMES, GLOBAL_NAMES, GQA_NAMES, LAYER, MLA_NAMES, NORM_NAMES, Family
 from moegen.models.weights import GQAWeights, LayerWeights, MLAWeights, MLPWeights, ModelWeights, MoEWeights, RouterWeights
 

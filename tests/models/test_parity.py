@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moegen.config import generation_eos_ids
+from moegen.models.hf_config import generation_eos_ids
 from moegen.models.loader import load_checkpoint
 from moegen.models.reference import ReferenceModel
 from moegen.parity import compare_greedy

@@ -11,7 +11,8 @@ from transformers import AutoConfig
 from moegen.checkpoints.balance import HEAD_TOKENS, calibration_ids
 from moegen.checkpoints.make import count_parameters
 from moegen.checkpoints.specs import FAMILY_NAMES, PARAM_RANGE, SIZES
-from moegen.config import RopeConfig, load_model_config
+from moegen.config import RopeConfig
+from moegen.models.hf_config import load_model_config
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import allocate_kv
 from moegen.models.loader import load_checkpoint
