@@ -1,0 +1,115 @@
+"""The one small interface the runtime sees of a device: streams, events, device buffers, copies.
+
+A stream runs submitted work in order; an event marks a point in a stream. Other streams wait on
+events (the device orders the work: the host never blocks on a copy); the host awaits an event
+only for data it must read (router counts, sampled ids). Device buffers are allocated through
+the backend, which holds them to the `--gpu-memory` budget and records the high-water mark.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class DeviceBudgetError(RuntimeError):
+    """The device budget can't hold what the run needs; says which knob to change."""
+
+
+@dataclass(slots=True)
+class Counters:
+    """What crossed the link and what the device held; read by tests, traces and stats."""
+
+    h2d_bytes: int = 0  # host -> device
+    d2h_bytes: int = 0  # device -> host
+    h2d_copies: int = 0
+    device_bytes: int = 0  # allocated now
+    device_high_water: int = 0  # most ever allocated at once
+    launches: int = 0  # compute work items
+    busy_s: dict[str, float] = field(default_factory=dict)  # per stream: seconds spent running work
+
+
+class Event(ABC):
+    """A point in a stream's work. `done()` never blocks."""
+
+    @abstractmethod
+    def done(self) -> bool: ...
+
+
+class Stream(ABC):
+    """Runs submitted work in submission order."""
+
+    name: str
+
+    @abstractmethod
+    def submit(self, fn: Callable[[], object]) -> Event:
+        """Queue `fn` (a whole module launch or copy, never a single op); the event marks its end."""
+
+    @abstractmethod
+    def wait_event(self, event: Event) -> None:
+        """Work submitted after this starts only once `event` has completed (device-side wait)."""
+
+
+class Backend(ABC):
+    """A device: a compute stream, a weights copy stream, a KV copy stream, a device-to-host stream."""
+
+    name: str
+    device: torch.device  # where device buffers live
+    counters: Counters
+    budget: int | None  # device bytes allowed, None = unlimited
+
+    compute: Stream
+    h2d_weights: Stream
+    h2d_kv: Stream
+    d2h: Stream
+
+    @abstractmethod
+    async def wait(self, event: Event) -> None:
+        """Resolve when `event` completes, without blocking the event loop; re-raises its error."""
+
+    @abstractmethod
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """Host memory the device copies from (pinned on cuda)."""
+
+    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> Tensor:
+        """A device buffer, counted against the budget; `what` names it in the error."""
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        self.reserve(nbytes, what)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        c = self.counters
+        if self.budget is not None and c.device_bytes + nbytes > self.budget:
+            raise DeviceBudgetError(
+                f"device memory budget {self.budget / 2**20:.1f} MiB (--gpu-memory) can't hold {what} "
+                f"({nbytes / 2**20:.1f} MiB more on top of {c.device_bytes / 2**20:.1f} MiB already placed); "
+                "raise --gpu-memory or lower --batch-size / --attn-micro-batch / --expert-slots"
+            )
+        c.device_bytes += nbytes
+        c.device_high_water = max(c.device_high_water, c.device_bytes)
+
+    def release(self, nbytes: int) -> None:
+        self.counters.device_bytes -= nbytes
+
+    def copy(self, stream: Stream, dst: Tensor, src: Tensor) -> Event:
+        """dst.copy_(src) on `stream` (non_blocking), counted by direction."""
+        return self.submit_copy(stream, lambda: dst.copy_(src, non_blocking=True), src.numel() * src.element_size())
+
+    @abstractmethod
+    def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int) -> Event:
+        """Run copy work `fn` moving `nbytes` on `stream`; counted, and paced by a simulated link if any."""
+
+    def _count_copy(self, stream: Stream, nbytes: int) -> None:
+        if stream is self.d2h:
+            self.counters.d2h_bytes += nbytes
+        else:
+            self.counters.h2d_bytes += nbytes
+            self.counters.h2d_copies += 1
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the backend's threads; pending work is dropped."""

@@ -1,0 +1,58 @@
+"""The runtime's knobs. Each field is one CLI flag of the same name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Backend: `cuda` (torch streams and events) or `cpu` (worker threads; can simulate a device)."""
+    dtype: str = "float32"
+    """Compute and weight dtype on the device: float32, bfloat16 or float16."""
+    batch_size: int = 64
+    """B: sequences in flight. Finished ones are replaced by waiting prompts at once."""
+    attn_micro_batch: int = 16
+    """Sequences per attention launch (bounds the device's KV staging buffers)."""
+    expert_micro_batch: int | None = None
+    """Most tokens in one expert launch; None = all of an expert's tokens in one launch."""
+    expert_slots: int | None = None
+    """Experts whose weights may be on the device at once (≥ 1; ≥ 2 overlaps copy and compute); None = what fits."""
+    gpu_memory: int | None = None
+    """Device memory budget in bytes; None = unlimited (cpu) or the device's free memory (cuda)."""
+    host_kv_memory: int | None = None
+    """Host bytes for the KV cache of all sequences in flight; None = what B and max_seq_len need."""
+    max_seq_len: int = 2048
+    """Longest prompt + completion a sequence may reach (sizes each KV row)."""
+    batching: Literal["module", "model"] = "module"
+    """module: attention in micro-batches, each expert once per layer over the whole batch.
+    model: one batch walks the whole model (the published baselines' policy)."""
+    sim_link_gbps: float | None = None
+    """cpu backend: pace host->device copies to this bandwidth (GB/s) to simulate a PCIe link."""
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch_size", "attn_micro_batch", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("expert_micro_batch", "expert_slots", "gpu_memory", "host_kv_memory"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.batching not in ("module", "model"):
+            raise ValueError(f"--batching must be module or model, got {self.batching!r}")
+        if self.sim_link_gbps is not None and (self.device != "cpu" or self.sim_link_gbps <= 0):
+            raise ValueError("--sim-link-gbps is a positive bandwidth and only applies to --device cpu")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

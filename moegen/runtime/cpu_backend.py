@@ -1,0 +1,145 @@
+"""The cpu backend: each stream is a worker thread running submitted work in order; events are
+thread-safe flags that also resolve asyncio futures.
+
+torch releases the GIL inside ops, so the copy thread and the compute thread really overlap.
+The "device" is a separate, budgeted set of buffers in host memory: a module that isn't
+resident is copied into a slot by the copy worker (a real memcpy, throttled to the simulated
+link bandwidth when one is set), so offload and overlap are real code paths without a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from moegen.runtime.backend import Backend, Counters, Event, Stream
+
+
+class CpuEvent(Event):
+    """Set by a worker thread when the work before it is done (or failed)."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._flag.is_set()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.error = error
+            self._flag.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_resolve, fut, error)
+
+    def block(self) -> None:
+        """Wait on a worker thread (a stream-side wait); re-raises the work's error."""
+        self._flag.wait()
+        if self.error is not None:
+            raise self.error
+
+    def future(self) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            if not self._flag.is_set():
+                self._waiters.append((loop, fut))
+                return fut
+        _resolve(fut, self.error)
+        return fut
+
+
+def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+class CpuStream(Stream):
+    """A worker thread; work items run in submission order."""
+
+    def __init__(self, name: str, counters: Counters):
+        self.name = name
+        self._counters = counters
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"moegen-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], object]) -> CpuEvent:
+        event = CpuEvent()
+        self._queue.put((fn, event))
+        return event
+
+    def wait_event(self, event: Event) -> None:
+        self.submit(event.block)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        busy, error = 0.0, None
+        while (item := self._queue.get()) is not None:
+            fn, event = item
+            if error is not None:  # sticky, as on a GPU: after a failure every later event reports it
+                event.finish(error)
+                continue
+            start = time.perf_counter()
+            try:
+                fn()
+            except BaseException as exc:  # the error travels with the event to whoever waits on it
+                error = exc
+                event.finish(exc)
+            else:
+                event.finish()
+            busy += time.perf_counter() - start
+            self._counters.busy_s[self.name] = busy
+
+
+class CpuBackend(Backend):
+    """Streams on threads; device buffers in host memory under a byte budget; an optional simulated link."""
+
+    def __init__(self, budget: int | None = None, link_gbps: float | None = None):
+        self.name = "cpu"
+        self.device = torch.device("cpu")
+        self.counters = Counters()
+        self.budget = budget
+        self.link_gbps = link_gbps  # simulated host<->device bandwidth, GB/s (1e9 bytes); None = memcpy speed
+        self.compute = CpuStream("compute", self.counters)
+        self.h2d_weights = CpuStream("copy H2D weights", self.counters)
+        self.h2d_kv = CpuStream("copy H2D KV", self.counters)
+        self.d2h = CpuStream("copy D2H", self.counters)
+
+    async def wait(self, event: Event) -> None:
+        await event.future()
+
+    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+    def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int) -> CpuEvent:
+        self._count_copy(stream, nbytes)
+        return stream.submit(lambda: self._throttled(fn, nbytes))
+
+    def _throttled(self, fn: Callable[[], object], nbytes: int) -> None:
+        """Run a copy, then sleep out the rest of the time the simulated link would have taken."""
+        start = time.perf_counter()
+        fn()
+        if self.link_gbps:
+            left = nbytes / (self.link_gbps * 1e9) - (time.perf_counter() - start)
+            if left > 0:
+                time.sleep(left)
+
+    def close(self) -> None:
+        for stream in (self.compute, self.h2d_weights, self.h2d_kv, self.d2h):
+            stream.close()

@@ -1,0 +1,218 @@
+"""The engine: a model on a backend, its module tasks on a uvloop event loop, and the step loop.
+
+    engine = Engine.from_model_dir(path, RuntimeConfig(batch_size=64))
+    for result in engine.generate([Request(prompt_ids=ids, max_new_tokens=64), ...]):
+        print(result.id, result.token_ids, result.finish_reason)
+
+`generate` yields each result as soon as its sequence finishes. The loop runs on a thread of its
+own; an exception in any module task cancels the run and is re-raised to the caller as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moegen.config import ModelConfig
+from moegen.models.hf_config import generation_eos_ids
+from moegen.models.kv_cache import LayerKV, allocate_kv, kv_bytes_per_token, layer_kv
+from moegen.models.loader import load_checkpoint
+from moegen.models.rope import Rope
+from moegen.models.weights import ModelWeights
+from moegen.runtime.backend import Backend, Event
+from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.cpu_backend import CpuBackend
+from moegen.runtime.placement import Placement
+from moegen.runtime.requests import Request, Result
+from moegen.runtime.sampling import SamplingParams
+from moegen.runtime.scheduler import Scheduler, StepPlan
+from moegen.runtime.step import Routing, Step, micro_batches
+from moegen.runtime.tasks import STOP, all_queues, all_tasks
+
+QUEUE_DEPTH = 4096  # bounded; far above what one step puts in flight per queue
+
+
+@dataclass(slots=True)
+class Queues:
+    embed: asyncio.Queue
+    head: asyncio.Queue
+    prefetch: asyncio.Queue
+    attn: list[asyncio.Queue]
+    router: list[asyncio.Queue]
+    combine: list[asyncio.Queue]
+    mlp: list[asyncio.Queue | None]
+    expert: list[list[asyncio.Queue]]
+
+
+class Runtime:
+    """Everything the module tasks share for one run: model, backend, placement, KV, queues."""
+
+    def __init__(self, cfg: ModelConfig, rcfg: RuntimeConfig, backend: Backend, weights: ModelWeights):
+        self.cfg, self.rcfg, self.backend = cfg, rcfg, backend
+        dtype = rcfg.torch_dtype
+        B, S, H = rcfg.batch_size, rcfg.max_seq_len, cfg.hidden_size
+        self._check_host_kv(dtype)
+        self.staging_rows = staging_rows = min(rcfg.attn_micro_batch, B)  # sequences per attention launch
+        self.max_tokens = B * S  # a step never holds more than every row's whole context
+        self.max_step_tokens = min(self.max_tokens, B - 1 + S)  # B-1 decode tokens + one longest prompt
+        staging_bytes = 2 * staging_rows * S * kv_bytes_per_token(cfg, dtype) // cfg.num_layers
+        activation_bytes = 3 * self.max_step_tokens * H * torch.empty((), dtype=dtype).element_size()
+        self.placement = Placement(backend, weights, dtype, staging_bytes + activation_bytes, rcfg.expert_slots)
+        self.core = self.placement.core
+        self.rope = Rope(cfg.attention.rope, device=backend.device)
+        self.kv: list[LayerKV] = allocate_kv(cfg, B, S, dtype, "cpu")  # host: every sequence in flight
+        # Two staging buffers, so one micro-batch's KV comes in while the previous one computes.
+        self.staging_kv = [layer_kv(cfg.attention, staging_rows, S, dtype, backend.device) for _ in range(2)]
+        self.last_writeback: list[Event | None] = [None] * cfg.num_layers
+        self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
+                                    for _ in range(3))
+        self.ids_buffer = torch.empty(self.max_step_tokens, dtype=torch.int64, device=backend.device)
+
+    def _check_host_kv(self, dtype: torch.dtype) -> None:
+        need = kv_bytes_per_token(self.cfg, dtype) * self.rcfg.batch_size * self.rcfg.max_seq_len
+        if self.rcfg.host_kv_memory is not None and need > self.rcfg.host_kv_memory:
+            raise ValueError(
+                f"the KV cache for --batch-size {self.rcfg.batch_size} sequences of up to {self.rcfg.max_seq_len} "
+                f"tokens needs {need / 2**30:.2f} GiB, over --host-kv-memory {self.rcfg.host_kv_memory / 2**30:.2f} "
+                "GiB; lower --batch-size or --max-seq-len, or raise --host-kv-memory")
+
+    def new_queues(self) -> Queues:
+        L, E = self.cfg.num_layers, self.cfg.moe.router.num_experts
+
+        def q() -> asyncio.Queue:
+            return asyncio.Queue(QUEUE_DEPTH)
+
+        return Queues(
+            embed=q(), head=q(), prefetch=q(),
+            attn=[q() for _ in range(L)], router=[q() for _ in range(L)], combine=[q() for _ in range(L)],
+            mlp=[q() for _ in range(L)],
+            expert=[[q() for _ in range(E)] if self.core.routers[layer] is not None else [] for layer in range(L)],
+        )
+
+    async def read(self, after: Event, get: Callable[[], Tensor]) -> Tensor:
+        """A device tensor produced by the work ending at `after`, on the host (a named sync point)."""
+        await self.backend.wait(after)
+        return get().to("cpu")
+
+    def new_step(self, plan: StepPlan) -> Step:
+        T, device = plan.num_tokens, self.backend.device
+        if T > self.max_step_tokens:
+            raise ValueError(f"a step of {T} tokens exceeds the {self.max_step_tokens} planned for")
+        seqs = plan.seqs
+        last = torch.tensor(plan.q_lens).cumsum(0) - 1
+        sampling = SamplingParams(
+            temperature=torch.tensor([s.request.temperature for s in seqs], dtype=torch.float32, device=device),
+            top_k=torch.tensor([s.request.top_k for s in seqs], dtype=torch.int64, device=device),
+            top_p=torch.tensor([s.request.top_p for s in seqs], dtype=torch.float32, device=device),
+            seeds=torch.tensor([s.request.seed for s in seqs], dtype=torch.int64),
+            counters=torch.tensor([len(s.result.token_ids) for s in seqs], dtype=torch.int64),
+            greedy_only=all(s.request.temperature == 0 for s in seqs),
+        )
+        loop = asyncio.get_running_loop()
+        return Step(
+            plan=plan,
+            micro=micro_batches(plan, self.staging_rows, device),
+            h=self.h[:T], x=self.x, out=self.out,
+            last_token=last.to(device),
+            sampling=sampling,
+            routing=[Routing() for _ in range(self.cfg.num_layers)],
+            counts=[loop.create_future() for _ in range(self.cfg.num_layers)],
+        )
+
+
+
+class Engine:
+    """A model directory on a backend. `generate(requests)` yields each result as it finishes."""
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, eos_ids: tuple[int, ...]):
+        if rcfg.batching != "module":
+            raise NotImplementedError("--batching model is not built yet; use --batching module")
+        self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
+        self.backend = make_backend(rcfg)
+        self.runtime = Runtime(cfg, rcfg, self.backend, weights)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, rcfg: RuntimeConfig) -> Engine:
+        cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
+        return cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Run every request; yield each result when its sequence finishes."""
+        requests = list(requests)
+        for i, r in enumerate(requests):
+            if len(r.prompt_ids) + r.max_new_tokens > self.rcfg.max_seq_len:
+                raise ValueError(f"request {r.id if r.id is not None else i}: {len(r.prompt_ids)} prompt tokens + "
+                                 f"{r.max_new_tokens} new ones exceed --max-seq-len {self.rcfg.max_seq_len}")
+        results: queue.Queue = queue.Queue()
+        done = object()
+
+        def run() -> None:
+            import uvloop
+
+            try:
+                uvloop.run(self._run(requests, results.put))
+            except BaseException as exc:  # handed to the caller's thread, traceback intact
+                results.put(exc)
+            results.put(done)
+
+        thread = threading.Thread(target=run, name="moegen-loop", daemon=True)
+        thread.start()
+        while (item := results.get()) is not done:
+            if isinstance(item, BaseException):
+                thread.join()
+                raise item
+            yield item
+        thread.join()
+
+    async def _run(self, requests: list[Request], emit: Callable[[Result], None]) -> None:
+        rt = self.runtime
+        rt.queues = rt.new_queues()
+        rt.staging = asyncio.Queue()  # free staging buffers, with the write-back each must wait for
+        for slot in range(len(rt.staging_kv)):
+            rt.staging.put_nowait((slot, None))
+        scheduler = Scheduler(requests, self.rcfg.batch_size, self.eos_ids)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for coro in all_tasks(rt):
+                    group.create_task(coro)
+                group.create_task(self._step_loop(scheduler, emit))
+        except BaseExceptionGroup as group_error:
+            raise _first_cause(group_error) from None
+
+    async def _step_loop(self, scheduler: Scheduler, emit: Callable[[Result], None]) -> None:
+        """The engine step: plan -> feed the pipeline -> wait for the sampled ids -> finish sequences."""
+        rt = self.runtime
+        while (plan := scheduler.next_step()) is not None:
+            step = rt.new_step(plan)
+            await rt.queues.prefetch.put(step)
+            await rt.queues.embed.put(step)
+            for result in scheduler.finish_step(plan, await step.sampled):
+                emit(result)
+        for q in all_queues(rt.queues):
+            q.put_nowait(STOP)
+
+
+def make_backend(rcfg: RuntimeConfig) -> Backend:
+    if rcfg.device == "cuda":
+        raise NotImplementedError("the cuda backend is not built yet; use --device cpu")
+    return CpuBackend(budget=rcfg.gpu_memory, link_gbps=rcfg.sim_link_gbps)
+
+
+def _first_cause(group: BaseExceptionGroup) -> BaseException:
+    """The exception that started the cancellation (not a CancelledError)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_cause(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]

@@ -1,0 +1,248 @@
+"""Where each module's weights live: host blocks, the device-resident set, and per-type slot pools.
+
+Every streamable module (attention[l], mlp[l] — dense MLP or shared expert —, expert[l][e]) is
+one contiguous host block, so its copy is one large transfer. At start-up the placement puts
+the core (embedding, norms, routers, lm_head) and whatever else fits on the device, and sizes a
+slot pool per module type for the rest. A non-resident module is used through a *ticket*: the
+prefetcher fills a free slot on the weights copy stream and records a ready event; the consumer's
+compute waits on it; the consumer returns the slot with its compute's event, which the next copy
+into that slot waits on. The device orders the work; the host never blocks on a copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from moegen.runtime.backend import Backend, Event
+from moegen.models.weights import ModelWeights, RouterWeights
+
+Kind = Literal["attn", "mlp", "expert"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleId:
+    kind: Kind
+    layer: int
+    expert: int = -1  # experts only
+
+    def __str__(self) -> str:
+        return f"{self.kind}[{self.layer}]" + (f"[{self.expert}]" if self.kind == "expert" else "")
+
+
+@dataclass(slots=True)
+class CoreWeights:
+    """What is always on the device."""
+
+    embed_tokens: Tensor  # [V, H]
+    lm_head: Tensor  # [V, H]
+    norm: Tensor  # [H]
+    input_layernorm: list[Tensor]  # [H] per layer
+    post_attention_layernorm: list[Tensor]  # [H] per layer
+    routers: list[RouterWeights | None]  # per layer; None for dense layers
+
+
+@dataclass(slots=True)
+class HostBlock:
+    """One module's tensors packed into one flat host tensor; `layout` rebuilds them as views."""
+
+    flat: Tensor  # [n] elements, host (pinned on cuda)
+    layout: tuple[tuple[str, int, tuple[int, ...]], ...]  # (field, offset, shape) of each tensor
+    cls: type  # the weights dataclass of the unit (GQAWeights, MLAWeights, MLPWeights)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+    def views(self, flat: Tensor):
+        """The unit's weights dataclass over `flat` (this block, or a device slot holding its copy)."""
+        parts = {name: flat[off: off + torch.Size(shape).numel()].view(shape) for name, off, shape in self.layout}
+        own = {f.name for f in fields(self.cls)}
+        weights = self.cls(**{k: v for k, v in parts.items() if k in own})
+        return weights, parts.get("shared_expert_gate")
+
+
+def pack(backend: Backend, unit, dtype: torch.dtype, extra: dict[str, Tensor | None] | None = None) -> HostBlock:
+    tensors = {f.name: getattr(unit, f.name) for f in fields(unit)} | (extra or {})
+    tensors = {k: v for k, v in tensors.items() if isinstance(v, Tensor)}
+    total = sum(t.numel() for t in tensors.values())
+    flat = backend.host_empty((total,), dtype)
+    layout, off = [], 0
+    for name, t in tensors.items():
+        flat[off: off + t.numel()].copy_(t.reshape(-1))
+        layout.append((name, off, tuple(t.shape)))
+        off += t.numel()
+    return HostBlock(flat=flat, layout=tuple(layout), cls=type(unit))
+
+
+@dataclass(slots=True)
+class Ticket:
+    """The right to use a module's weights on the device for one step."""
+
+    weights: object  # the unit's weights dataclass, on the device
+    gate: Tensor | None  # Qwen2-MoE shared_expert_gate, when the module is a gated shared expert
+    ready: Event | None  # the copy that filled the slot (None: resident)
+    slot: int = -1  # index in its pool (-1: resident)
+
+
+class SlotPool:
+    """`count` device buffers big enough for the largest module of one kind."""
+
+    def __init__(self, backend: Backend, kind: Kind, count: int, numel: int, dtype: torch.dtype):
+        self.kind, self.count = kind, count
+        self.buffers = [backend.alloc((numel,), dtype, f"{count} {kind} slot(s)") for _ in range(count)]
+        self._free: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+        for i in range(count):
+            self._free.put_nowait((i, None))
+
+    async def take(self) -> tuple[int, Event | None]:
+        """A free slot and the event its last user's compute recorded (copies into it must wait on it)."""
+        return await self._free.get()
+
+    def give(self, slot: int, last_use: Event | None) -> None:
+        self._free.put_nowait((slot, last_use))
+
+
+class Placement:
+    """Decides residency at start-up; hands out tickets; fills slots for the prefetcher."""
+
+    def __init__(self, backend: Backend, weights: ModelWeights, dtype: torch.dtype, kv_and_activation_bytes: int,
+                 expert_slots: int | None):
+        self.backend, self.dtype = backend, dtype
+        self.blocks: dict[ModuleId, HostBlock] = _host_blocks(backend, weights, dtype)
+        self.core = self._place_core(weights)
+        backend.reserve(kv_and_activation_bytes, "KV staging and activations")
+        self.resident: dict[ModuleId, Ticket] = {}
+        self.pools: dict[Kind, SlotPool] = {}
+        self._plan_residency(expert_slots)
+        self._tickets: dict[tuple[int, ModuleId], asyncio.Future[Ticket | None]] = {}
+
+    def _place_core(self, weights: ModelWeights) -> CoreWeights:
+        """Embedding, norms, routers and lm_head always live on the device."""
+        def put(t: Tensor | None, what: str, keep_dtype: bool = False) -> Tensor | None:
+            if t is None:
+                return None
+            dev = self.backend.alloc(tuple(t.shape), t.dtype if keep_dtype else self.dtype, what)
+            dev.copy_(t)
+            return dev
+
+        embed = put(weights.embed_tokens, "the embedding")
+        routers = [None if lw.moe is None else RouterWeights(
+            gate=put(lw.moe.router.gate, "a router"),
+            e_score_correction_bias=put(lw.moe.router.e_score_correction_bias, "a router bias", keep_dtype=True))
+            for lw in weights.layers]
+        return CoreWeights(
+            embed_tokens=embed,
+            lm_head=embed if weights.lm_head is weights.embed_tokens else put(weights.lm_head, "lm_head"),
+            norm=put(weights.norm, "norms"),
+            input_layernorm=[put(lw.input_layernorm, "norms") for lw in weights.layers],
+            post_attention_layernorm=[put(lw.post_attention_layernorm, "norms") for lw in weights.layers],
+            routers=routers,
+        )
+
+    def _plan_residency(self, expert_slots: int | None) -> None:
+        """Pools at their minimum first, then residents (attention, MLPs, experts) while they fit,
+        then the rest of the budget to more expert slots. --expert-slots streams experts always."""
+        by_kind: dict[Kind, list[ModuleId]] = {"attn": [], "mlp": [], "expert": []}
+        for module in self.blocks:
+            by_kind[module.kind].append(module)
+        budget = self.backend.budget
+        if budget is None and expert_slots is None:
+            for module in self.blocks:
+                self._make_resident(module)
+            return
+        pools = {kind: min(2, len(mods)) for kind, mods in by_kind.items() if mods}
+        if expert_slots is not None and by_kind["expert"]:
+            pools["expert"] = min(expert_slots, len(by_kind["expert"]))
+        for kind, count in pools.items():
+            self.pools[kind] = self._pool(kind, count, by_kind[kind])
+        free = (budget - self.backend.counters.device_bytes) if budget is not None else None
+        for kind in ("attn", "mlp") + (() if expert_slots is not None else ("expert",)):
+            for module in by_kind[kind]:
+                nbytes = self.blocks[module].nbytes
+                if free is None or nbytes <= free:
+                    self._make_resident(module)
+                    free = None if free is None else free - nbytes
+            if kind in self.pools and all(m in self.resident for m in by_kind[kind]):
+                self._drop_pool(kind)
+        if expert_slots is None and "expert" in self.pools and free is not None:
+            streamed = sum(m not in self.resident for m in by_kind["expert"])
+            slot_bytes = self.pools["expert"].buffers[0].numel() * self.pools["expert"].buffers[0].element_size()
+            count = self.pools["expert"].count + min(streamed - self.pools["expert"].count, free // slot_bytes)
+            if count > self.pools["expert"].count:
+                self._drop_pool("expert")
+                self.pools["expert"] = self._pool("expert", int(count), by_kind["expert"])
+
+    def _pool(self, kind: Kind, count: int, modules: list[ModuleId]) -> SlotPool:
+        return SlotPool(self.backend, kind, count, max(self.blocks[m].flat.numel() for m in modules), self.dtype)
+
+    def _drop_pool(self, kind: Kind) -> None:
+        pool = self.pools.pop(kind)
+        self.backend.release(sum(b.numel() * b.element_size() for b in pool.buffers))
+
+    def _make_resident(self, module: ModuleId) -> None:
+        block = self.blocks[module]
+        dev = self.backend.alloc(tuple(block.flat.shape), self.dtype, f"resident {module}")
+        dev.copy_(block.flat)
+        weights, gate = block.views(dev)
+        self.resident[module] = Ticket(weights=weights, gate=gate, ready=None)
+
+    # -- per step -------------------------------------------------------------------------------
+
+    def streamed(self, module: ModuleId) -> bool:
+        return module not in self.resident
+
+    def _future(self, step: int, module: ModuleId) -> asyncio.Future:
+        key = (step, module)
+        if key not in self._tickets:
+            self._tickets[key] = asyncio.get_running_loop().create_future()
+        return self._tickets[key]
+
+    async def acquire(self, step: int, module: ModuleId) -> Ticket | None:
+        """The module's weights for `step`; None if the prefetcher skipped it (it had no tokens)."""
+        if module in self.resident:
+            return self.resident[module]
+        ticket = await self._future(step, module)
+        del self._tickets[(step, module)]
+        return ticket
+
+    def release(self, ticket: Ticket | None, module: ModuleId, last_use: Event | None) -> None:
+        """Return a streamed module's slot; copies into it wait for `last_use` (its compute's event)."""
+        if ticket is not None and ticket.slot >= 0:
+            self.pools[module.kind].give(ticket.slot, last_use)
+
+    async def fill(self, step: int, module: ModuleId) -> None:
+        """Prefetcher: copy `module` into a free slot on the weights copy stream (waits for a slot only)."""
+        pool = self.pools[module.kind]
+        slot, last_use = await pool.take()
+        stream = self.backend.h2d_weights
+        if last_use is not None:
+            stream.wait_event(last_use)  # the device waits for the slot's last compute, not the host
+        block = self.blocks[module]
+        dst = pool.buffers[slot][: block.flat.numel()]
+        ready = self.backend.copy(stream, dst, block.flat)
+        weights, gate = block.views(dst)
+        self._future(step, module).set_result(Ticket(weights=weights, gate=gate, ready=ready, slot=slot))
+
+    def skip(self, step: int, module: ModuleId) -> None:
+        """Prefetcher: routing gave `module` no tokens this step, so it is never copied."""
+        self._future(step, module).set_result(None)
+
+
+def _host_blocks(backend: Backend, weights: ModelWeights, dtype: torch.dtype) -> dict[ModuleId, HostBlock]:
+    blocks: dict[ModuleId, HostBlock] = {}
+    for layer, lw in enumerate(weights.layers):
+        blocks[ModuleId("attn", layer)] = pack(backend, lw.attn, dtype)
+        if lw.mlp is not None:
+            blocks[ModuleId("mlp", layer)] = pack(backend, lw.mlp, dtype)
+        elif lw.moe.shared is not None:
+            blocks[ModuleId("mlp", layer)] = pack(backend, lw.moe.shared, dtype,
+                                                  {"shared_expert_gate": lw.moe.shared_expert_gate})
+        if lw.moe is not None:
+            for e, expert in enumerate(lw.moe.experts):
+                blocks[ModuleId("expert", layer, e)] = pack(backend, expert, dtype)
+    return blocks

@@ -1,0 +1,77 @@
+"""Sampling the next token of every sequence in a step, each with its own parameters.
+
+Randomness is counter-based: the uniform number a sequence draws for its n-th token is a hash
+of (its seed, n), so its tokens don't depend on B, on its row in the batch, or on what else is
+running. Greedy rows (temperature 0) take the argmax.
+
+Letters: B sequences, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    """A 64-bit constant as torch's int64."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: Tensor) -> Tensor:
+    z = x + _GOLDEN  # int64 arithmetic wraps
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def uniform(seeds: Tensor, counters: Tensor) -> Tensor:
+    """[B] int64 seeds and draw counters -> [B] float64 uniforms in [0, 1)."""
+    z = _splitmix64(_splitmix64(seeds) + counters)
+    return _shr(z, 11).double() / float(1 << 53)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-sequence rows of one step."""
+
+    temperature: Tensor  # [B] float32, 0 = greedy
+    top_k: Tensor  # [B] int64, 0 = off
+    top_p: Tensor  # [B] float32, 1 = off
+    seeds: Tensor  # [B] int64
+    counters: Tensor  # [B] int64: index of the token being drawn
+    greedy_only: bool  # known on the host: no row samples, so skip the sampling work
+
+
+def sample(logits: Tensor, p: SamplingParams) -> Tensor:
+    """logits [B, V] float32 -> next ids [B] int64."""
+    greedy_ids = logits.argmax(dim=-1)
+    if p.greedy_only:
+        return greedy_ids
+    V = logits.shape[-1]
+    scaled = logits / p.temperature.clamp_min(1e-6)[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
+    ranks = torch.arange(V, device=logits.device)[None, :]
+    keep = ranks < torch.where(p.top_k > 0, p.top_k, V)[:, None]
+    probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above each token
+    keep &= (before < p.top_p[:, None]) | (ranks == 0)  # top-p: smallest prefix reaching p
+    probs = probs.masked_fill(~keep, 0.0)
+    cdf = probs.double().cumsum(-1)  # [B, V]
+    u = uniform(p.seeds, p.counters).to(logits.device) * cdf[:, -1]
+    pick = torch.searchsorted(cdf, u[:, None]).clamp_max(V - 1)  # [B, 1]
+    sampled = order.gather(1, pick)[:, 0]
+    return torch.where(p.temperature > 0, sampled, greedy_ids)

@@ -1,0 +1,271 @@
+"""The module tasks: each consumes its queue, launches whole-module work on the compute stream,
+and passes the step downstream. Launch order on the one compute stream is the data order, so a
+task may launch as soon as its inputs' producers have been *launched*; the host waits only for
+the router's expert counts and the sampled ids.
+
+Queues: embed -> attention[0] (per micro-batch) -> router[0] (gathers the step) -> expert[0][e]
+and mlp[0] -> combine[0] -> attention[1] ... -> head. Letters: T tokens, H hidden, K top-k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from moegen.config import MLAConfig
+from moegen.models.attention import gqa_attention
+from moegen.models.mla import mla_attention
+from moegen.models.moe import mlp, route
+from moegen.models.reference import embed, lm_head
+from moegen.models.rope import rms_norm
+from moegen.runtime.placement import ModuleId
+from moegen.runtime.sampling import sample
+from moegen.runtime.step import MicroBatch, Step
+
+if TYPE_CHECKING:
+    from moegen.runtime.engine import Runtime
+
+STOP = object()  # put in every queue when the run ends
+
+
+async def embed_task(rt: Runtime) -> None:
+    while (step := await rt.queues.embed.get()) is not STOP:
+        ids = torch.tensor(step.plan.token_ids, dtype=torch.int64)
+        ids_dev = rt.ids_buffer[: len(ids)]
+        copied = rt.backend.copy(rt.backend.h2d_kv, ids_dev, ids)
+        rt.backend.compute.wait_event(copied)
+        rt.backend.compute.submit(lambda s=step, i=ids_dev: s.h.copy_(embed(rt.core, i)))
+        for mb in step.micro:
+            await rt.queues.attn[0].put((step, mb))
+
+
+async def attention_task(rt: Runtime, layer: int) -> None:
+    """attention[layer]: one launch per micro-batch, its KV staged in from the host and the new
+    entries written back; the weights ticket is held from the step's first micro-batch to its last."""
+    module, ticket = ModuleId("attn", layer), None
+    b = rt.backend
+    while (msg := await rt.queues.attn[layer].get()) is not STOP:
+        step, mb = msg
+        if mb.index == 0:
+            ticket = await rt.placement.acquire(step.index, module)
+        slot, last_use = await rt.staging.get()
+        staged = rt.staging_kv[slot]
+        if last_use is not None:
+            b.h2d_kv.wait_event(last_use)
+        if rt.last_writeback[layer] is not None:  # the previous step's new KV of this layer is home
+            b.h2d_kv.wait_event(rt.last_writeback[layer])
+        ready = b.submit_copy(b.h2d_kv, lambda h=rt.kv[layer], s=staged, m=mb: _stage(h, s, m),
+                              _kv_bytes(staged, mb.attn.max_kv * len(mb.rows)))
+        b.compute.wait_event(ready)
+        if ticket.ready is not None:
+            b.compute.wait_event(ticket.ready)
+        done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights, kv=staged: _attend(rt, layer, s, m, w, kv))
+        b.d2h.wait_event(done)
+        home = b.submit_copy(b.d2h, lambda h=rt.kv[layer], s=staged, m=mb: _write_back(h, s, m),
+                             _kv_bytes(staged, len(mb.new_token_rows)))
+        rt.last_writeback[layer] = home
+        rt.staging.put_nowait((slot, home))
+        if mb.index == len(step.micro) - 1:
+            rt.placement.release(ticket, module, done)
+        await rt.queues.router[layer].put((step, mb))
+
+
+def _stage(host, staged, mb: MicroBatch) -> None:
+    """Rows of the micro-batch's sequences, up to their longest context, into the staging buffer."""
+    n, S = len(mb.rows), mb.attn.max_kv
+    for f in fields(host):
+        getattr(staged, f.name)[:n, :S].copy_(getattr(host, f.name)[mb.rows, :S])
+
+
+def _write_back(host, staged, mb: MicroBatch) -> None:
+    """The new tokens' KV, from the staging buffer back to their host rows."""
+    positions, local = mb.attn.positions.cpu(), mb.attn.token_seq.cpu()
+    for f in fields(host):
+        getattr(host, f.name)[mb.new_token_rows, positions] = getattr(staged, f.name)[local, positions].to("cpu")
+
+
+def _kv_bytes(kv, positions: int) -> int:
+    return sum(getattr(kv, f.name)[0, 0].numel() * getattr(kv, f.name).element_size() for f in fields(kv)) * positions
+
+
+def _attend(rt: Runtime, layer: int, step: Step, mb: MicroBatch, w, staged) -> None:
+    cfg = rt.cfg
+    h = step.h[mb.tokens]
+    x = rms_norm(h, rt.core.input_layernorm[layer], cfg.rms_norm_eps)
+    if isinstance(cfg.attention, MLAConfig):
+        h += mla_attention(w, cfg.attention, rt.rope, x, mb.attn, staged)
+    else:
+        h += gqa_attention(w, cfg.attention, rt.rope, x, mb.attn, staged, cfg.sliding_windows[layer])
+
+
+async def router_task(rt: Runtime, layer: int) -> None:
+    """router[layer]: waits for every micro-batch of the step (the accumulation), routes all its
+    tokens in one launch, reads the per-expert counts (a host sync), and hands each expert its share."""
+    arrived: dict[int, int] = {}
+    router = rt.core.routers[layer]
+    has_mlp = ModuleId("mlp", layer) in rt.placement.blocks
+    while (msg := await rt.queues.router[layer].get()) is not STOP:
+        step, _ = msg
+        arrived[step.index] = arrived.get(step.index, 0) + 1
+        if arrived[step.index] < len(step.micro):
+            continue
+        del arrived[step.index]
+        done = rt.backend.compute.submit(lambda s=step: _route(rt, layer, s))
+        if has_mlp:
+            await rt.queues.mlp[layer].put(step)
+        if router is None:
+            await rt.queues.combine[layer].put(("expect", step, 1))
+            continue
+        counts = (await rt.read(done, lambda s=step: s.routing[layer].counts)).tolist()  # sync: expert batch sizes
+        step.counts[layer].set_result(counts)
+        busy = [e for e, n in enumerate(counts) if n]
+        await rt.queues.combine[layer].put(("expect", step, len(busy) + has_mlp))
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        for e, n in enumerate(counts):
+            if n or rt.placement.streamed(ModuleId("expert", layer, e)):  # a streamed expert always hears back
+                await rt.queues.expert[layer][e].put((step, starts[e], n))
+
+
+def _route(rt: Runtime, layer: int, step: Step) -> None:
+    T = step.num_tokens
+    step.x[:T] = rms_norm(step.h[:T], rt.core.post_attention_layernorm[layer], rt.cfg.rms_norm_eps)
+    step.out[:T].zero_()
+    router = rt.core.routers[layer]
+    if router is None:
+        return
+    r = route(router, rt.cfg.moe.router, step.x[:T])
+    flat = r.experts.flatten()  # [T*K]
+    step.routing[layer].order = flat.argsort(stable=True)
+    step.routing[layer].weights = r.weights
+    step.routing[layer].counts = torch.bincount(flat, minlength=rt.cfg.moe.router.num_experts)
+
+
+async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
+    """expert[layer][expert]: once per step over all tokens routed to it (in launches of at most
+    --expert-micro-batch tokens), while the prefetcher streams the next experts in."""
+    module = ModuleId("expert", layer, expert)
+    while (msg := await rt.queues.expert[layer][expert].get()) is not STOP:
+        step, start, count = msg
+        ticket = await rt.placement.acquire(step.index, module)
+        if count == 0:  # a streamed expert with no tokens: hand back a slot it may have been given
+            rt.placement.release(ticket, module, None)
+            continue
+        if ticket.ready is not None:
+            rt.backend.compute.wait_event(ticket.ready)
+        done = rt.backend.compute.submit(lambda s=step, w=ticket.weights: _run_expert(rt, layer, s, w, start, count))
+        rt.placement.release(ticket, module, done)
+        await rt.queues.combine[layer].put(("done", step, 0))
+
+
+def _run_expert(rt: Runtime, layer: int, step: Step, w, start: int, count: int) -> None:
+    routing, k = step.routing[layer], rt.cfg.moe.router.top_k
+    cap = rt.rcfg.expert_micro_batch or count
+    for first in range(start, start + count, cap):
+        picks = routing.order[first: min(first + cap, start + count)]  # [t] token-slot picks
+        tokens = picks // k
+        y = mlp(w, step.x[tokens]) * routing.weights[tokens, picks % k, None].to(step.x.dtype)  # [t, H]
+        step.out.index_add_(0, tokens, y)
+
+
+async def mlp_task(rt: Runtime, layer: int) -> None:
+    """mlp[layer]: the dense MLP of a dense layer, or the shared expert(s) of an MoE layer."""
+    module = ModuleId("mlp", layer)
+    while (step := await rt.queues.mlp[layer].get()) is not STOP:
+        ticket = await rt.placement.acquire(step.index, module)
+        if ticket.ready is not None:
+            rt.backend.compute.wait_event(ticket.ready)
+        done = rt.backend.compute.submit(lambda s=step, t=ticket: _run_mlp(s, t.weights, t.gate))
+        rt.placement.release(ticket, module, done)
+        await rt.queues.combine[layer].put(("done", step, 0))
+
+
+def _run_mlp(step: Step, w, gate) -> None:
+    T = step.num_tokens
+    x = step.x[:T]
+    y = mlp(w, x)
+    if gate is not None:
+        y = torch.sigmoid(F.linear(x, gate)) * y
+    step.out[:T] += y
+
+
+async def combine_task(rt: Runtime, layer: int) -> None:
+    """combine[layer]: once every expert and MLP launch of the step is in, adds their sum to the
+    residual stream and releases the micro-batches to attention[layer + 1] (or the head)."""
+    expected: dict[int, int] = {}
+    arrived: dict[int, int] = {}
+    last = layer == rt.cfg.num_layers - 1
+    while (msg := await rt.queues.combine[layer].get()) is not STOP:
+        kind, step, n = msg
+        if kind == "expect":
+            expected[step.index] = n
+        else:
+            arrived[step.index] = arrived.get(step.index, 0) + 1
+        if expected.get(step.index) != arrived.get(step.index, 0):
+            continue
+        expected.pop(step.index), arrived.pop(step.index, None)
+        rt.backend.compute.submit(lambda s=step: s.h[: s.num_tokens].add_(s.out[: s.num_tokens]))
+        if last:
+            await rt.queues.head.put(step)
+        else:
+            for mb in step.micro:
+                await rt.queues.attn[layer + 1].put((step, mb))
+
+
+async def head_task(rt: Runtime) -> None:
+    """Final norm, lm_head and sampling for each sequence's last token; the host reads the ids."""
+    while (step := await rt.queues.head.get()) is not STOP:
+        holder = {}
+        done = rt.backend.compute.submit(lambda s=step, out=holder: out.setdefault(
+            "ids", sample(lm_head(rt.core, rt.cfg, s.h[s.last_token]), s.sampling)))
+        ids = await rt.read(done, lambda out=holder: out["ids"])  # sync: the host decides who stops
+        step.sampled.set_result(ids.tolist())
+
+
+async def prefetch_task(rt: Runtime) -> None:
+    """Walks each step's modules in execution order and fills device slots ahead of compute.
+    An expert whose router has already reported no tokens is skipped, never copied."""
+    placement = rt.placement
+    while (step := await rt.queues.prefetch.get()) is not STOP:
+        for layer in range(rt.cfg.num_layers):
+            for module in (ModuleId("attn", layer), ModuleId("mlp", layer)):
+                if module in placement.blocks and placement.streamed(module):
+                    await placement.fill(step.index, module)
+            if rt.core.routers[layer] is None:
+                continue
+            counts = step.counts[layer]
+            for e in range(rt.cfg.moe.router.num_experts):
+                module = ModuleId("expert", layer, e)
+                if not placement.streamed(module):
+                    continue
+                if counts.done() and counts.result()[e] == 0:
+                    placement.skip(step.index, module)
+                else:
+                    await placement.fill(step.index, module)
+
+
+def all_tasks(rt: Runtime) -> list:
+    """Coroutines of every module task, for one TaskGroup."""
+    L, E = rt.cfg.num_layers, rt.cfg.moe.router.num_experts
+    coros = [embed_task(rt), head_task(rt), prefetch_task(rt)]
+    for layer in range(L):
+        coros += [attention_task(rt, layer), router_task(rt, layer), combine_task(rt, layer)]
+        if ModuleId("mlp", layer) in rt.placement.blocks:
+            coros.append(mlp_task(rt, layer))
+        if rt.core.routers[layer] is not None:
+            coros += [expert_task(rt, layer, e) for e in range(E)]
+    return coros
+
+
+def all_queues(queues) -> list[asyncio.Queue]:
+    flat = [queues.embed, queues.head, queues.prefetch]
+    for group in (queues.attn, queues.router, queues.combine, queues.mlp):
+        flat += [q for q in group if q is not None]
+    for per_layer in queues.expert:
+        flat += per_layer
+    return flat
