@@ -12,9 +12,11 @@ import orjson
 from moegen.checkpoints.specs import FAMILY_NAMES, PARAM_RANGE, SIZES
 from moegen.config import ConfigError
 from moegen.models.loader import CheckpointError
+from moegen.runtime.backend import DeviceBudgetError
 from moegen.units import format_bytes, parse_bytes
 
-USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, DeviceBudgetError,
+               NotImplementedError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,25 +67,74 @@ def make_model_cmd(out, family, size, seed, expert_layout, max_shard_size, overr
                f">= {made.min_expert_load} token(s)")
 
 
+def runtime_options(fn):
+    """The runtime's knobs, one flag per RuntimeConfig field."""
+    options = [
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Backend. cpu runs the same runtime with worker threads as streams."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="B: sequences in flight; finished ones are refilled from the waiting prompts."),
+        click.option("--attn-micro-batch", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Sequences per attention launch."),
+        click.option("--expert-micro-batch", type=click.IntRange(min=1), default=None,
+                     help="Most tokens per expert launch [default: all of an expert's tokens]."),
+        click.option("--expert-slots", type=click.IntRange(min=1), default=None,
+                     help="Experts on the device at once; streams experts through that many slots [default: what fits]."),
+        click.option("--gpu-memory", default=None, help="Device memory budget, e.g. 512MiB, 24GiB [default: unlimited on cpu]."),
+        click.option("--host-kv-memory", default=None, help="Host memory for the KV cache, e.g. 8GiB [default: what B needs]."),
+        click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+                     help="Longest prompt + completion [default: the longest prompt + --max-new-tokens]."),
+        click.option("--batching", type=click.Choice(["module", "model"]), default="module", show_default=True),
+        click.option("--sim-link-gbps", type=float, default=None, help="cpu: simulate a host-device link of this GB/s."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def runtime_config(knobs: dict):
+    from moegen.runtime.config import RuntimeConfig
+
+    values = dict(knobs)
+    for name in ("gpu_memory", "host_kv_memory"):
+        if values[name] is not None:
+            values[name] = parse_bytes(values[name])
+    if values["max_seq_len"] is None:
+        values.pop("max_seq_len")
+    return RuntimeConfig(**values)
+
+
 @main.command("generate")
 @click.argument("model_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable); all run together.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--engine", type=click.Choice(["reference"]), default="reference", show_default=True,
-              help="reference: the sequential model (the runtime's oracle).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--engine", type=click.Choice(["runtime", "reference"]), default="runtime", show_default=True,
+              help="runtime: module-based batching; reference: the sequential model (the runtime's oracle).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Prompt i samples with seed + i.")
+@click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True, help="Also stop on this id (repeatable).")
+@click.option("--ignore-eos", is_flag=True, help="Don't stop at the model's EOS.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt per line, in prompt order.")
-def generate_cmd(model_dir, prompts, max_new_tokens, engine, dtype, as_json):
-    """Greedy completions of --prompt texts with the model in MODEL_DIR (default: the demo checkpoint)."""
+@runtime_options
+def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k, top_p, seed, stop_token_ids,
+                 ignore_eos, as_json, **knobs):
+    """Completions of --prompt texts with the model in MODEL_DIR (default: the demo checkpoint)."""
     from moegen.checkpoints.demo import demo_model_dir
-    from moegen.generate import generate
+    from moegen.generate import SamplingOptions, generate
 
     try:
+        rcfg = runtime_config(knobs)
+        options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
         if model_dir is None:
             model_dir = demo_model_dir()
         elif not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: no such model directory")
-        completions, stats = generate(model_dir, list(prompts), max_new_tokens, engine, dtype)
+        completions, stats = generate(model_dir, list(prompts), options, engine, rcfg,
+                                      fit_seq_len=knobs["max_seq_len"] is None)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     for c in completions:
@@ -96,8 +147,8 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, dtype, as_json):
     sys.stdout.flush()
     rate = stats.generated_tokens / stats.generate_s if stats.generate_s else 0.0
     click.echo(f"moegen: {len(completions)} prompts, {stats.prompt_tokens} prompt + {stats.generated_tokens} generated "
-               f"tokens in {stats.generate_s:.2f}s ({rate:.1f} generated tok/s, {engine} engine, {dtype}); "
-               f"load {stats.load_s:.2f}s", err=True)
+               f"tokens in {stats.generate_s:.2f}s ({rate:.1f} generated tok/s, {engine} engine, {rcfg.device}, "
+               f"{rcfg.dtype}); load {stats.load_s:.2f}s", err=True)
 
 
 if __name__ == "__main__":

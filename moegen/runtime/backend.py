@@ -27,9 +27,9 @@ class Counters:
     h2d_bytes: int = 0  # host -> device
     d2h_bytes: int = 0  # device -> host
     h2d_copies: int = 0
+    h2d_weight_bytes: int = 0  # the part of h2d_bytes that was module weights streamed into slots
     device_bytes: int = 0  # allocated now
     device_high_water: int = 0  # most ever allocated at once
-    launches: int = 0  # compute work items
     busy_s: dict[str, float] = field(default_factory=dict)  # per stream: seconds spent running work
 
 
@@ -109,6 +109,8 @@ class Backend(ABC):
         else:
             self.counters.h2d_bytes += nbytes
             self.counters.h2d_copies += 1
+            if stream is self.h2d_weights:
+                self.counters.h2d_weight_bytes += nbytes
 
     @abstractmethod
     def close(self) -> None:

@@ -30,6 +30,9 @@ class RuntimeConfig:
     """Host bytes for the KV cache of all sequences in flight; None = what B and max_seq_len need."""
     max_seq_len: int = 2048
     """Longest prompt + completion a sequence may reach (sizes each KV row)."""
+    max_step_tokens: int = 8192
+    """Most tokens in one step (decode tokens + admitted prompts); sizes the activation buffers.
+    Raised to batch_size - 1 + max_seq_len if lower, so any prompt can always join a step."""
     batching: Literal["module", "model"] = "module"
     """module: attention in micro-batches, each expert once per layer over the whole batch.
     model: one batch walks the whole model (the published baselines' policy)."""
@@ -41,7 +44,7 @@ class RuntimeConfig:
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("batch_size", "attn_micro_batch", "max_seq_len"):
+        for name in ("batch_size", "attn_micro_batch", "max_seq_len", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("expert_micro_batch", "expert_slots", "gpu_memory", "host_kv_memory"):

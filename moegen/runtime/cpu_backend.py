@@ -70,28 +70,31 @@ def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
 class CpuStream(Stream):
     """A worker thread; work items run in submission order."""
 
-    def __init__(self, name: str, counters: Counters):
+    def __init__(self, name: str, counters: Counters, record: bool = False):
         self.name = name
         self._counters = counters
+        self.intervals: list[tuple[float, float]] | None = [] if record else None  # (start, end) of each item
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"moegen-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], object]) -> CpuEvent:
+    def submit(self, fn: Callable[[], object], waiting: bool = False) -> CpuEvent:
         event = CpuEvent()
-        self._queue.put((fn, event))
+        self._queue.put((fn, event, waiting))
         return event
 
     def wait_event(self, event: Event) -> None:
-        self.submit(event.block)
+        self.submit(event.block, waiting=True)  # idle time, not work: kept out of busy time and intervals
 
     def close(self) -> None:
+        """Finish queued work, then end the thread (an orderly exit: no torch op cut off mid-run)."""
         self._queue.put(None)
+        self._thread.join()
 
     def _run(self) -> None:
         busy, error = 0.0, None
         while (item := self._queue.get()) is not None:
-            fn, event = item
+            fn, event, waiting = item
             if error is not None:  # sticky, as on a GPU: after a failure every later event reports it
                 event.finish(error)
                 continue
@@ -103,23 +106,27 @@ class CpuStream(Stream):
                 event.finish(exc)
             else:
                 event.finish()
-            busy += time.perf_counter() - start
+            if waiting:
+                continue
+            end = time.perf_counter()
+            busy += end - start
+            if self.intervals is not None:
+                self.intervals.append((start, end))
             self._counters.busy_s[self.name] = busy
 
 
 class CpuBackend(Backend):
     """Streams on threads; device buffers in host memory under a byte budget; an optional simulated link."""
 
-    def __init__(self, budget: int | None = None, link_gbps: float | None = None):
+    def __init__(self, budget: int | None = None, link_gbps: float | None = None, record_intervals: bool = False):
         self.name = "cpu"
         self.device = torch.device("cpu")
         self.counters = Counters()
         self.budget = budget
         self.link_gbps = link_gbps  # simulated host<->device bandwidth, GB/s (1e9 bytes); None = memcpy speed
-        self.compute = CpuStream("compute", self.counters)
-        self.h2d_weights = CpuStream("copy H2D weights", self.counters)
-        self.h2d_kv = CpuStream("copy H2D KV", self.counters)
-        self.d2h = CpuStream("copy D2H", self.counters)
+        self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
+            CpuStream(name, self.counters, record_intervals)
+            for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
 
     async def wait(self, event: Event) -> None:
         await event.future()

@@ -14,7 +14,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,15 @@ QUEUE_DEPTH = 4096  # bounded; far above what one step puts in flight per queue
 
 
 @dataclass(slots=True)
+class EngineStats:
+    """What the engine did, over its life."""
+
+    steps: int = 0
+    tokens_per_step: list[int] = field(default_factory=list)  # prompt + decode tokens of each step
+    expert_counts: list[list[int]] = field(default_factory=list)  # tokens per expert, per (step, MoE layer)
+
+
+@dataclass(slots=True)
 class Queues:
     embed: asyncio.Queue
     head: asyncio.Queue
@@ -60,8 +69,8 @@ class Runtime:
         B, S, H = rcfg.batch_size, rcfg.max_seq_len, cfg.hidden_size
         self._check_host_kv(dtype)
         self.staging_rows = staging_rows = min(rcfg.attn_micro_batch, B)  # sequences per attention launch
-        self.max_tokens = B * S  # a step never holds more than every row's whole context
-        self.max_step_tokens = min(self.max_tokens, B - 1 + S)  # B-1 decode tokens + one longest prompt
+        # B-1 decode tokens + one longest prompt must always fit; never more than every row's whole context.
+        self.max_step_tokens = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
         staging_bytes = 2 * staging_rows * S * kv_bytes_per_token(cfg, dtype) // cfg.num_layers
         activation_bytes = 3 * self.max_step_tokens * H * torch.empty((), dtype=dtype).element_size()
         self.placement = Placement(backend, weights, dtype, staging_bytes + activation_bytes, rcfg.expert_slots)
@@ -74,6 +83,7 @@ class Runtime:
         self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
                                     for _ in range(3))
         self.ids_buffer = torch.empty(self.max_step_tokens, dtype=torch.int64, device=backend.device)
+        self.stats = EngineStats()
 
     def _check_host_kv(self, dtype: torch.dtype) -> None:
         need = kv_bytes_per_token(self.cfg, dtype) * self.rcfg.batch_size * self.rcfg.max_seq_len
@@ -131,20 +141,32 @@ class Runtime:
 class Engine:
     """A model directory on a backend. `generate(requests)` yields each result as it finishes."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, eos_ids: tuple[int, ...]):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, eos_ids: tuple[int, ...],
+                 record_intervals: bool = False):
         if rcfg.batching != "module":
             raise NotImplementedError("--batching model is not built yet; use --batching module")
         self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
-        self.backend = make_backend(rcfg)
+        self.backend = make_backend(rcfg, record_intervals)
         self.runtime = Runtime(cfg, rcfg, self.backend, weights)
 
+    @property
+    def stats(self) -> EngineStats:
+        return self.runtime.stats
+
     @classmethod
-    def from_model_dir(cls, model_dir: Path, rcfg: RuntimeConfig) -> Engine:
+    def from_model_dir(cls, model_dir: Path, rcfg: RuntimeConfig, record_intervals: bool = False) -> Engine:
         cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
-        return cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg))
+        return cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), record_intervals)
 
     def close(self) -> None:
+        """Stop the backend's stream threads."""
         self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
         """Run every request; yield each result when its sequence finishes."""
@@ -180,7 +202,7 @@ class Engine:
         rt.staging = asyncio.Queue()  # free staging buffers, with the write-back each must wait for
         for slot in range(len(rt.staging_kv)):
             rt.staging.put_nowait((slot, None))
-        scheduler = Scheduler(requests, self.rcfg.batch_size, self.eos_ids)
+        scheduler = Scheduler(requests, self.rcfg.batch_size, self.eos_ids, rt.max_step_tokens)
         try:
             async with asyncio.TaskGroup() as group:
                 for coro in all_tasks(rt):
@@ -194,6 +216,8 @@ class Engine:
         rt = self.runtime
         while (plan := scheduler.next_step()) is not None:
             step = rt.new_step(plan)
+            rt.stats.steps += 1
+            rt.stats.tokens_per_step.append(plan.num_tokens)
             await rt.queues.prefetch.put(step)
             await rt.queues.embed.put(step)
             for result in scheduler.finish_step(plan, await step.sampled):
@@ -202,10 +226,10 @@ class Engine:
             q.put_nowait(STOP)
 
 
-def make_backend(rcfg: RuntimeConfig) -> Backend:
+def make_backend(rcfg: RuntimeConfig, record_intervals: bool = False) -> Backend:
     if rcfg.device == "cuda":
         raise NotImplementedError("the cuda backend is not built yet; use --device cpu")
-    return CpuBackend(budget=rcfg.gpu_memory, link_gbps=rcfg.sim_link_gbps)
+    return CpuBackend(budget=rcfg.gpu_memory, link_gbps=rcfg.sim_link_gbps, record_intervals=record_intervals)
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:

@@ -12,6 +12,7 @@ into that slot waits on. The device orders the work; the host never blocks on a 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -120,6 +121,8 @@ class Placement:
         self.pools: dict[Kind, SlotPool] = {}
         self._plan_residency(expert_slots)
         self._tickets: dict[tuple[int, ModuleId], asyncio.Future[Ticket | None]] = {}
+        self.fills: Counter[ModuleId] = Counter()  # copies into slots, per module, over the engine's life
+        self.skips: Counter[ModuleId] = Counter()  # copies avoided because routing gave the module no tokens
 
     def _place_core(self, weights: ModelWeights) -> CoreWeights:
         """Embedding, norms, routers and lm_head always live on the device."""
@@ -219,6 +222,7 @@ class Placement:
         """Prefetcher: copy `module` into a free slot on the weights copy stream (waits for a slot only)."""
         pool = self.pools[module.kind]
         slot, last_use = await pool.take()
+        self.fills[module] += 1
         stream = self.backend.h2d_weights
         if last_use is not None:
             stream.wait_event(last_use)  # the device waits for the slot's last compute, not the host
@@ -230,6 +234,7 @@ class Placement:
 
     def skip(self, step: int, module: ModuleId) -> None:
         """Prefetcher: routing gave `module` no tokens this step, so it is never copied."""
+        self.skips[module] += 1
         self._future(step, module).set_result(None)
 
 

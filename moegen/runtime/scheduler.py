@@ -38,8 +38,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, requests: list[Request], batch_size: int, eos_ids: tuple[int, ...]):
+    def __init__(self, requests: list[Request], batch_size: int, eos_ids: tuple[int, ...], max_step_tokens: int):
         self.batch_size = batch_size
+        self.max_step_tokens = max_step_tokens
         self.eos_ids = frozenset(eos_ids)
         self.waiting: deque[tuple[int, Request]] = deque(enumerate(requests))
         self.running: list[Sequence] = []
@@ -47,9 +48,12 @@ class Scheduler:
         self.steps = 0
 
     def next_step(self) -> StepPlan | None:
-        """Admit waiting prompts into free rows, then plan the step; None when all is done."""
-        while self.waiting and self.free_rows:
+        """Admit waiting prompts into free rows while the step's tokens stay within max_step_tokens,
+        then plan the step; None when all is done."""
+        tokens = sum(len(s.feed) for s in self.running)
+        while self.waiting and self.free_rows and tokens + len(self.waiting[0][1].prompt_ids) <= self.max_step_tokens:
             index, request = self.waiting.popleft()
+            tokens += len(request.prompt_ids)
             rid = index if request.id is None else request.id
             self.running.append(Sequence(request, self.free_rows.pop(), Result(rid, len(request.prompt_ids)),
                                          list(request.prompt_ids)))

@@ -122,6 +122,7 @@ async def router_task(rt: Runtime, layer: int) -> None:
             continue
         counts = (await rt.read(done, lambda s=step: s.routing[layer].counts)).tolist()  # sync: expert batch sizes
         step.counts[layer].set_result(counts)
+        rt.stats.expert_counts.append(counts)
         busy = [e for e, n in enumerate(counts) if n]
         await rt.queues.combine[layer].put(("expect", step, len(busy) + has_mlp))
         starts = [0]
