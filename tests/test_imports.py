@@ -100,8 +100,8 @@ cfg, w, _ = load_checkpoint(sys.argv[1])
 gens = ReferenceModel(cfg, w).generate([[1, 5, 9]], 3)
 assert len(gens[0].token_ids) == 3
 after_reference = snapshot()
-from moegen.generate import generate
-completions, _ = generate(sys.argv[1], ["hello"], 2)
+from moegen.generate import SamplingOptions, generate
+completions, _ = generate(sys.argv[1], ["hello"], SamplingOptions(max_new_tokens=2))
 assert completions[0].token_ids
 after_generate = snapshot()
 # Control: transformers' own model loading does pull in the modules the test forbids.

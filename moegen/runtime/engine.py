@@ -26,10 +26,10 @@ from moegen.models.kv_cache import LayerKV, allocate_kv, kv_bytes_per_token, lay
 from moegen.models.loader import load_checkpoint
 from moegen.models.rope import Rope
 from moegen.models.weights import ModelWeights
-from moegen.runtime.backend import Backend, Event
+from moegen.runtime.backend import Backend, DeviceBudgetError, Event
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.cpu_backend import CpuBackend
-from moegen.runtime.placement import Placement
+from moegen.runtime.placement import Placement, minimum_device_bytes
 from moegen.runtime.requests import Request, Result
 from moegen.runtime.sampling import SamplingParams
 from moegen.runtime.scheduler import Scheduler, StepPlan
@@ -66,19 +66,26 @@ class Runtime:
     def __init__(self, cfg: ModelConfig, rcfg: RuntimeConfig, backend: Backend, weights: ModelWeights):
         self.cfg, self.rcfg, self.backend = cfg, rcfg, backend
         dtype = rcfg.torch_dtype
-        B, S, H = rcfg.batch_size, rcfg.max_seq_len, cfg.hidden_size
+        S, H = rcfg.max_seq_len, cfg.hidden_size
+        # module: KV in host memory, staged per attention micro-batch. model: one batch walks the whole
+        # model with its KV on the device, so B is what fits there beside the weight slots.
+        self.kv_on_device = rcfg.batching == "model"
+        B = self.batch_size = model_batch_size(cfg, rcfg, weights, backend) if self.kv_on_device else rcfg.batch_size
         self._check_host_kv(dtype)
-        self.staging_rows = staging_rows = min(rcfg.attn_micro_batch, B)  # sequences per attention launch
+        self.micro_batch = B if self.kv_on_device else min(rcfg.attn_micro_batch, B)  # sequences per attention launch
         # B-1 decode tokens + one longest prompt must always fit; never more than every row's whole context.
         self.max_step_tokens = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
-        staging_bytes = 2 * staging_rows * S * kv_bytes_per_token(cfg, dtype) // cfg.num_layers
-        activation_bytes = 3 * self.max_step_tokens * H * torch.empty((), dtype=dtype).element_size()
-        self.placement = Placement(backend, weights, dtype, staging_bytes + activation_bytes, rcfg.expert_slots)
+        kv_rows = B if self.kv_on_device else 2 * self.micro_batch  # device KV: all rows, or two staging buffers
+        kv_bytes = kv_rows * S * kv_bytes_per_token(cfg, dtype)
+        self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens),
+                                   rcfg.expert_slots)
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
-        self.kv: list[LayerKV] = allocate_kv(cfg, B, S, dtype, "cpu")  # host: every sequence in flight
+        kv_device = backend.device if self.kv_on_device else "cpu"
+        self.kv: list[LayerKV] = allocate_kv(cfg, B, S, dtype, kv_device)  # every sequence in flight
         # Two staging buffers, so one micro-batch's KV comes in while the previous one computes.
-        self.staging_kv = [layer_kv(cfg.attention, staging_rows, S, dtype, backend.device) for _ in range(2)]
+        self.staging_kv = [] if self.kv_on_device else [
+            layer_kv(cfg.attention, self.micro_batch, S, dtype, backend.device) for _ in range(2)]
         self.last_writeback: list[Event | None] = [None] * cfg.num_layers
         self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
                                     for _ in range(3))
@@ -86,10 +93,10 @@ class Runtime:
         self.stats = EngineStats()
 
     def _check_host_kv(self, dtype: torch.dtype) -> None:
-        need = kv_bytes_per_token(self.cfg, dtype) * self.rcfg.batch_size * self.rcfg.max_seq_len
+        need = kv_bytes_per_token(self.cfg, dtype) * self.batch_size * self.rcfg.max_seq_len
         if self.rcfg.host_kv_memory is not None and need > self.rcfg.host_kv_memory:
             raise ValueError(
-                f"the KV cache for --batch-size {self.rcfg.batch_size} sequences of up to {self.rcfg.max_seq_len} "
+                f"the KV cache for --batch-size {self.batch_size} sequences of up to {self.rcfg.max_seq_len} "
                 f"tokens needs {need / 2**30:.2f} GiB, over --host-kv-memory {self.rcfg.host_kv_memory / 2**30:.2f} "
                 "GiB; lower --batch-size or --max-seq-len, or raise --host-kv-memory")
 
@@ -128,7 +135,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         return Step(
             plan=plan,
-            micro=micro_batches(plan, self.staging_rows, device),
+            micro=micro_batches(plan, self.micro_batch, device, staged=not self.kv_on_device),
             h=self.h[:T], x=self.x, out=self.out,
             last_token=last.to(device),
             sampling=sampling,
@@ -143,8 +150,6 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, eos_ids: tuple[int, ...],
                  record_intervals: bool = False):
-        if rcfg.batching != "module":
-            raise NotImplementedError("--batching model is not built yet; use --batching module")
         self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
         self.backend = make_backend(rcfg, record_intervals)
         self.runtime = Runtime(cfg, rcfg, self.backend, weights)
@@ -202,7 +207,7 @@ class Engine:
         rt.staging = asyncio.Queue()  # free staging buffers, with the write-back each must wait for
         for slot in range(len(rt.staging_kv)):
             rt.staging.put_nowait((slot, None))
-        scheduler = Scheduler(requests, self.rcfg.batch_size, self.eos_ids, rt.max_step_tokens)
+        scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens)
         try:
             async with asyncio.TaskGroup() as group:
                 for coro in all_tasks(rt):
@@ -224,6 +229,29 @@ class Engine:
                 emit(result)
         for q in all_queues(rt.queues):
             q.put_nowait(STOP)
+
+
+def activation_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, max_step_tokens: int) -> int:
+    """The residual stream, router input and expert-output sum of the largest step, plus its token ids."""
+    return max_step_tokens * (3 * cfg.hidden_size * torch.empty((), dtype=rcfg.torch_dtype).element_size() + 8)
+
+
+def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeights, backend: Backend) -> int:
+    """--batching model: the largest B (up to --batch-size) whose device KV and activations fit beside
+    the smallest weight placement."""
+    if backend.budget is None:
+        return rcfg.batch_size
+    free = backend.budget - backend.counters.device_bytes - minimum_device_bytes(weights, rcfg.torch_dtype,
+                                                                                 rcfg.expert_slots)
+    per_seq = rcfg.max_seq_len * kv_bytes_per_token(cfg, rcfg.torch_dtype)
+    S = rcfg.max_seq_len
+    for B in range(rcfg.batch_size, 0, -1):
+        steps = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
+        if B * per_seq + activation_bytes(cfg, rcfg, steps) <= free:
+            return B
+    raise DeviceBudgetError(
+        f"--batching model: not even one sequence's KV ({per_seq / 2**20:.1f} MiB for --max-seq-len {S}) fits "
+        f"in --gpu-memory {backend.budget / 2**20:.1f} MiB beside the weights; raise --gpu-memory or lower --max-seq-len")
 
 
 def make_backend(rcfg: RuntimeConfig, record_intervals: bool = False) -> Backend:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from moegen.runtime.backend import Backend, Event
-from moegen.models.weights import ModelWeights, RouterWeights
+from moegen.models.weights import ModelWeights, RouterWeights, tensors_of
 
 Kind = Literal["attn", "mlp", "expert"]
 
@@ -236,6 +236,35 @@ class Placement:
         """Prefetcher: routing gave `module` no tokens this step, so it is never copied."""
         self.skips[module] += 1
         self._future(step, module).set_result(None)
+
+
+def minimum_device_bytes(weights: ModelWeights, dtype: torch.dtype, expert_slots: int | None) -> int:
+    """What any placement needs on the device: the core plus each streamed kind's smallest slot pool."""
+    size = torch.empty((), dtype=dtype).element_size()
+    core = weights.embed_tokens.numel() + weights.norm.numel()
+    core += 0 if weights.lm_head is weights.embed_tokens else weights.lm_head.numel()
+    largest: dict[Kind, int] = {}
+    counts: Counter[Kind] = Counter()
+    for lw in weights.layers:
+        core += lw.input_layernorm.numel() + lw.post_attention_layernorm.numel()
+        units: list[tuple[Kind, int]] = [("attn", _numel(lw.attn))]
+        if lw.mlp is not None:
+            units.append(("mlp", _numel(lw.mlp)))
+        elif lw.moe.shared is not None:
+            gate = lw.moe.shared_expert_gate
+            units.append(("mlp", _numel(lw.moe.shared) + (0 if gate is None else gate.numel())))
+        if lw.moe is not None:
+            core += _numel(lw.moe.router)
+            units += [("expert", _numel(e)) for e in lw.moe.experts]
+        for kind, numel in units:
+            largest[kind] = max(largest.get(kind, 0), numel)
+            counts[kind] += 1
+    slots = {kind: min(expert_slots or 2, n) if kind == "expert" else min(2, n) for kind, n in counts.items()}
+    return (core + sum(slots[k] * largest[k] for k in slots)) * size
+
+
+def _numel(unit) -> int:
+    return sum(t.numel() for t in tensors_of(unit))
 
 
 def _host_blocks(backend: Backend, weights: ModelWeights, dtype: torch.dtype) -> dict[ModuleId, HostBlock]:

@@ -23,7 +23,7 @@ class MicroBatch:
     index: int
     first_seq: int  # sequences [first_seq, first_seq + b) of the plan
     tokens: slice  # their tokens in the step's flattened [T]
-    attn: AttnBatch  # staged rows 0..b-1, with the sequences' past and new lengths
+    attn: AttnBatch  # KV rows (staged 0..b-1, or the sequences' own), past and new lengths
     rows: Tensor  # [b] int64: their rows in the host KV cache
     new_token_rows: Tensor  # [t] int64: host KV row of each new token (for the write-back)
 
@@ -59,15 +59,17 @@ class Step:
         return self.plan.num_tokens
 
 
-def micro_batches(plan: StepPlan, size: int, device: torch.device) -> list[MicroBatch]:
-    """Split the step's sequences, in order, into groups of at most `size`."""
+def micro_batches(plan: StepPlan, size: int, device: torch.device, staged: bool = True) -> list[MicroBatch]:
+    """Split the step's sequences, in order, into groups of at most `size`. Staged micro-batches
+    address KV rows 0..b-1 of a staging buffer; unstaged ones the sequences' own rows."""
     out, token = [], 0
     for index, first in enumerate(range(0, len(plan.seqs), size)):
         seqs = slice(first, first + size)
         q_lens, past = plan.q_lens[seqs], plan.past_lens[seqs]
         rows = plan.rows[seqs]
         n = sum(q_lens)
-        attn = AttnBatch.build(slots=list(range(len(rows))), past_lens=past, q_lens=q_lens, device=device)
+        slots = list(range(len(rows))) if staged else rows
+        attn = AttnBatch.build(slots=slots, past_lens=past, q_lens=q_lens, device=device)
         new_rows = torch.tensor([r for r, q in zip(rows, q_lens) for _ in range(q)], dtype=torch.int64)
         out.append(MicroBatch(index, first, slice(token, token + n), attn, torch.tensor(rows), new_rows))
         token += n

@@ -22,6 +22,7 @@ from moegen.models.mla import mla_attention
 from moegen.models.moe import mlp, route
 from moegen.models.reference import embed, lm_head
 from moegen.models.rope import rms_norm
+from moegen.runtime.backend import Event
 from moegen.runtime.placement import ModuleId
 from moegen.runtime.sampling import sample
 from moegen.runtime.step import MicroBatch, Step
@@ -52,26 +53,36 @@ async def attention_task(rt: Runtime, layer: int) -> None:
         step, mb = msg
         if mb.index == 0:
             ticket = await rt.placement.acquire(step.index, module)
-        slot, last_use = await rt.staging.get()
-        staged = rt.staging_kv[slot]
-        if last_use is not None:
-            b.h2d_kv.wait_event(last_use)
-        if rt.last_writeback[layer] is not None:  # the previous step's new KV of this layer is home
-            b.h2d_kv.wait_event(rt.last_writeback[layer])
-        ready = b.submit_copy(b.h2d_kv, lambda h=rt.kv[layer], s=staged, m=mb: _stage(h, s, m),
-                              _kv_bytes(staged, mb.attn.max_kv * len(mb.rows)))
-        b.compute.wait_event(ready)
         if ticket.ready is not None:
             b.compute.wait_event(ticket.ready)
-        done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights, kv=staged: _attend(rt, layer, s, m, w, kv))
-        b.d2h.wait_event(done)
-        home = b.submit_copy(b.d2h, lambda h=rt.kv[layer], s=staged, m=mb: _write_back(h, s, m),
-                             _kv_bytes(staged, len(mb.new_token_rows)))
-        rt.last_writeback[layer] = home
-        rt.staging.put_nowait((slot, home))
+        if rt.kv_on_device:  # --batching model: the KV never leaves the device
+            done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights: _attend(rt, layer, s, m, w, rt.kv[layer]))
+        else:
+            done = await _attend_staged(rt, layer, step, mb, ticket)
         if mb.index == len(step.micro) - 1:
             rt.placement.release(ticket, module, done)
         await rt.queues.router[layer].put((step, mb))
+
+
+async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ticket) -> Event:
+    """Stage the micro-batch's KV in, attend, and write its new entries back to the host."""
+    b = rt.backend
+    slot, last_use = await rt.staging.get()
+    staged = rt.staging_kv[slot]
+    if last_use is not None:
+        b.h2d_kv.wait_event(last_use)
+    if rt.last_writeback[layer] is not None:  # the previous step's new KV of this layer is home
+        b.h2d_kv.wait_event(rt.last_writeback[layer])
+    ready = b.submit_copy(b.h2d_kv, lambda h=rt.kv[layer], s=staged, m=mb: _stage(h, s, m),
+                          _kv_bytes(staged, mb.attn.max_kv * len(mb.rows)))
+    b.compute.wait_event(ready)
+    done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights, kv=staged: _attend(rt, layer, s, m, w, kv))
+    b.d2h.wait_event(done)
+    home = b.submit_copy(b.d2h, lambda h=rt.kv[layer], s=staged, m=mb: _write_back(h, s, m),
+                         _kv_bytes(staged, len(mb.new_token_rows)))
+    rt.last_writeback[layer] = home
+    rt.staging.put_nowait((slot, home))
+    return done
 
 
 def _stage(host, staged, mb: MicroBatch) -> None:

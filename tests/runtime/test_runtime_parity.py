@@ -13,7 +13,9 @@ from moegen.models.hf_config import generation_eos_ids
 from moegen.models.loader import load_checkpoint
 from moegen.parity import compare_greedy
 from moegen.runtime.config import RuntimeConfig
-from moegen.runtime.engine import Engine
+from moegen.models.kv_cache import kv_bytes_per_token
+from moegen.runtime.engine import Engine, activation_bytes
+from moegen.runtime.placement import minimum_device_bytes
 from moegen.runtime.requests import Request
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
@@ -29,6 +31,8 @@ KNOBS = {
     "refill-mb1-slots1": dict(batch_size=3, attn_micro_batch=1, expert_micro_batch=1, expert_slots=1),
     # Odd micro-batches, two expert slots.
     "odd-slots2": dict(batch_size=5, attn_micro_batch=3, expert_micro_batch=5, expert_slots=2),
+    # The published baselines' policy: one batch walks the whole model, its KV on the device.
+    "model-batching": dict(batching="model", expert_slots=2),
 }
 
 
@@ -100,4 +104,21 @@ def test_runtime_under_a_device_budget_that_forces_offload(family, oracle):
     assert placement.pools, "the budget was meant to force slot pools"
     assert sum(placement.fills.values()) > 0 and counters.h2d_weight_bytes > 0
     assert counters.device_high_water <= budget
+    assert_parity(results, runs)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_model_batching_takes_the_batch_that_fits_the_budget(family, oracle):
+    path, runs = oracle(family)
+    cfg, weights, _ = load_checkpoint(path)
+    S, fits = 64, 3  # a budget for the smallest weight placement plus 3 sequences' KV and activations
+    rcfg = RuntimeConfig(max_seq_len=S, batching="model", batch_size=fits)
+    budget = (minimum_device_bytes(weights, torch.float32, None) + fits * S * kv_bytes_per_token(cfg, torch.float32)
+              + activation_bytes(cfg, rcfg, min(fits * S, rcfg.max_step_tokens)))
+    results, engine = run_engine(path, batching="model", gpu_memory=budget)
+    B = engine.runtime.batch_size
+    assert B == fits  # the device KV bounds the batch, so rows are refilled
+    assert engine.runtime.micro_batch == B  # the whole batch in one attention launch
+    assert engine.backend.counters.device_high_water <= budget
+    assert engine.backend.counters.d2h_bytes < 64 * len(PROMPTS)  # no KV write-back, only sampled ids/counts
     assert_parity(results, runs)
