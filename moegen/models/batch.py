@@ -50,6 +50,12 @@ class AttnBatch:
             max_kv=max(p + n for p, n in zip(past_lens, q_lens)),
         )
 
+    def to(self, device: torch.device | str) -> AttnBatch:
+        """The same batch with its tensors on `device` (host ints unchanged)."""
+        return AttnBatch(*(getattr(self, f).to(device) for f in ("slots", "past_lens", "q_lens", "positions",
+                                                                  "token_seq", "token_idx")),
+                         max_q=self.max_q, max_kv=self.max_kv)
+
     @property
     def is_decode(self) -> bool:
         return self.max_q == 1

@@ -29,19 +29,21 @@ class MLALayerKV:
 LayerKV = GQALayerKV | MLALayerKV
 
 
-def allocate_kv(cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> list[LayerKV]:
-    """Zeroed KV buffers for every layer: `slots` sequences of up to `max_len` positions."""
-    return [layer_kv(cfg.attention, slots, max_len, dtype, device) for _ in range(cfg.num_layers)]
+def allocate_kv(cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                pin: bool = False) -> list[LayerKV]:
+    """Zeroed KV buffers for every layer: `slots` sequences of up to `max_len` positions
+    (`pin`: page-locked host memory, so copies to and from a GPU are asynchronous)."""
+    return [layer_kv(cfg.attention, slots, max_len, dtype, device, pin) for _ in range(cfg.num_layers)]
 
 
-def layer_kv(cfg: GQAConfig | MLAConfig, slots: int, max_len: int, dtype: torch.dtype, device) -> LayerKV:
+def layer_kv(cfg: GQAConfig | MLAConfig, slots: int, max_len: int, dtype: torch.dtype, device, pin: bool = False) -> LayerKV:
+    def zeros(*shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+
     if isinstance(cfg, MLAConfig):
-        return MLALayerKV(
-            latent=torch.zeros(slots, max_len, cfg.kv_lora_rank, dtype=dtype, device=device),
-            k_rope=torch.zeros(slots, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device),
-        )
-    shape = (slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return GQALayerKV(k=torch.zeros(shape, dtype=dtype, device=device), v=torch.zeros(shape, dtype=dtype, device=device))
+        return MLALayerKV(latent=zeros(slots, max_len, cfg.kv_lora_rank), k_rope=zeros(slots, max_len, cfg.qk_rope_head_dim))
+    return GQALayerKV(k=zeros(slots, max_len, cfg.num_kv_heads, cfg.head_dim),
+                      v=zeros(slots, max_len, cfg.num_kv_heads, cfg.head_dim))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:

@@ -75,19 +75,19 @@ class Backend(ABC):
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """Host memory the device copies from (pinned on cuda)."""
 
-    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> Tensor:
-        """A device buffer, counted against the budget; `what` names it in the error."""
+    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype, what: str, fix: str | None = None) -> Tensor:
+        """A device buffer, counted against the budget; `what` names it in the error, `fix` says what helps."""
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        self.reserve(nbytes, what)
+        self.reserve(nbytes, what, fix)
         return torch.empty(shape, dtype=dtype, device=self.device)
 
-    def reserve(self, nbytes: int, what: str) -> None:
+    def reserve(self, nbytes: int, what: str, fix: str | None = None) -> None:
         c = self.counters
         if self.budget is not None and c.device_bytes + nbytes > self.budget:
             raise DeviceBudgetError(
                 f"device memory budget {self.budget / 2**20:.1f} MiB (--gpu-memory) can't hold {what} "
                 f"({nbytes / 2**20:.1f} MiB more on top of {c.device_bytes / 2**20:.1f} MiB already placed); "
-                "raise --gpu-memory or lower --batch-size / --attn-micro-batch / --expert-slots"
+                + (fix or "raise --gpu-memory or lower --batch-size / --attn-micro-batch / --expert-slots")
             )
         c.device_bytes += nbytes
         c.device_high_water = max(c.device_high_water, c.device_bytes)
@@ -111,6 +111,9 @@ class Backend(ABC):
             self.counters.h2d_copies += 1
             if stream is self.h2d_weights:
                 self.counters.h2d_weight_bytes += nbytes
+
+    def synchronize(self) -> None:
+        """Block until all work issued so far is done (start-up only, never on the hot path)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -82,7 +82,8 @@ class Runtime:
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
         kv_device = backend.device if self.kv_on_device else "cpu"
-        self.kv: list[LayerKV] = allocate_kv(cfg, B, S, dtype, kv_device)  # every sequence in flight
+        pin = not self.kv_on_device and backend.device.type == "cuda"
+        self.kv: list[LayerKV] = allocate_kv(cfg, B, S, dtype, kv_device, pin)  # every sequence in flight
         # Two staging buffers, so one micro-batch's KV comes in while the previous one computes.
         self.staging_kv = [] if self.kv_on_device else [
             layer_kv(cfg.attention, self.micro_batch, S, dtype, backend.device) for _ in range(2)]
@@ -91,6 +92,7 @@ class Runtime:
                                     for _ in range(3))
         self.ids_buffer = torch.empty(self.max_step_tokens, dtype=torch.int64, device=backend.device)
         self.stats = EngineStats()
+        backend.synchronize()  # start-up copies done before any stream reads them
 
     def _check_host_kv(self, dtype: torch.dtype) -> None:
         need = kv_bytes_per_token(self.cfg, dtype) * self.batch_size * self.rcfg.max_seq_len
@@ -119,15 +121,15 @@ class Runtime:
         return get().to("cpu")
 
     def new_step(self, plan: StepPlan) -> Step:
-        T, device = plan.num_tokens, self.backend.device
+        """The step's state, its small tensors on the host (the embedding launch moves them)."""
+        T = plan.num_tokens
         if T > self.max_step_tokens:
             raise ValueError(f"a step of {T} tokens exceeds the {self.max_step_tokens} planned for")
         seqs = plan.seqs
-        last = torch.tensor(plan.q_lens).cumsum(0) - 1
         sampling = SamplingParams(
-            temperature=torch.tensor([s.request.temperature for s in seqs], dtype=torch.float32, device=device),
-            top_k=torch.tensor([s.request.top_k for s in seqs], dtype=torch.int64, device=device),
-            top_p=torch.tensor([s.request.top_p for s in seqs], dtype=torch.float32, device=device),
+            temperature=torch.tensor([s.request.temperature for s in seqs], dtype=torch.float32),
+            top_k=torch.tensor([s.request.top_k for s in seqs], dtype=torch.int64),
+            top_p=torch.tensor([s.request.top_p for s in seqs], dtype=torch.float32),
             seeds=torch.tensor([s.request.seed for s in seqs], dtype=torch.int64),
             counters=torch.tensor([len(s.result.token_ids) for s in seqs], dtype=torch.int64),
             greedy_only=all(s.request.temperature == 0 for s in seqs),
@@ -135,14 +137,13 @@ class Runtime:
         loop = asyncio.get_running_loop()
         return Step(
             plan=plan,
-            micro=micro_batches(plan, self.micro_batch, device, staged=not self.kv_on_device),
+            micro=micro_batches(plan, self.micro_batch, staged=not self.kv_on_device),
             h=self.h[:T], x=self.x, out=self.out,
-            last_token=last.to(device),
+            last_token=torch.tensor(plan.q_lens).cumsum(0) - 1,  # [B] each sequence's last token
             sampling=sampling,
             routing=[Routing() for _ in range(self.cfg.num_layers)],
             counts=[loop.create_future() for _ in range(self.cfg.num_layers)],
         )
-
 
 
 class Engine:
@@ -256,7 +257,9 @@ def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeight
 
 def make_backend(rcfg: RuntimeConfig, record_intervals: bool = False) -> Backend:
     if rcfg.device == "cuda":
-        raise NotImplementedError("the cuda backend is not built yet; use --device cpu")
+        from moegen.runtime.cuda_backend import CudaBackend
+
+        return CudaBackend(budget=rcfg.gpu_memory)
     return CpuBackend(budget=rcfg.gpu_memory, link_gbps=rcfg.sim_link_gbps, record_intervals=record_intervals)
 
 

@@ -67,17 +67,19 @@ class HostBlock:
         return weights, parts.get("shared_expert_gate")
 
 
-def pack(backend: Backend, unit, dtype: torch.dtype, extra: dict[str, Tensor | None] | None = None) -> HostBlock:
+def _named_tensors(unit, extra: dict[str, Tensor | None] | None = None) -> dict[str, Tensor]:
     tensors = {f.name: getattr(unit, f.name) for f in fields(unit)} | (extra or {})
-    tensors = {k: v for k, v in tensors.items() if isinstance(v, Tensor)}
-    total = sum(t.numel() for t in tensors.values())
-    flat = backend.host_empty((total,), dtype)
+    return {k: v for k, v in tensors.items() if isinstance(v, Tensor)}
+
+
+def pack(arena: Tensor, unit, extra: dict[str, Tensor | None] | None = None) -> HostBlock:
+    """Copy one module's tensors into `arena` (a slice of the host arena of exactly its size)."""
     layout, off = [], 0
-    for name, t in tensors.items():
-        flat[off: off + t.numel()].copy_(t.reshape(-1))
+    for name, t in _named_tensors(unit, extra).items():
+        arena[off: off + t.numel()].copy_(t.reshape(-1))
         layout.append((name, off, tuple(t.shape)))
         off += t.numel()
-    return HostBlock(flat=flat, layout=tuple(layout), cls=type(unit))
+    return HostBlock(flat=arena, layout=tuple(layout), cls=type(unit))
 
 
 @dataclass(slots=True)
@@ -129,7 +131,9 @@ class Placement:
         def put(t: Tensor | None, what: str, keep_dtype: bool = False) -> Tensor | None:
             if t is None:
                 return None
-            dev = self.backend.alloc(tuple(t.shape), t.dtype if keep_dtype else self.dtype, what)
+            dev = self.backend.alloc(tuple(t.shape), t.dtype if keep_dtype else self.dtype, what,
+                                     "raise --gpu-memory: the embedding, lm_head, norms and routers always live on "
+                                     "the device")
             dev.copy_(t)
             return dev
 
@@ -268,15 +272,22 @@ def _numel(unit) -> int:
 
 
 def _host_blocks(backend: Backend, weights: ModelWeights, dtype: torch.dtype) -> dict[ModuleId, HostBlock]:
-    blocks: dict[ModuleId, HostBlock] = {}
+    """Every streamable module packed into one host arena, allocated once (pinned on cuda, where the
+    pinned allocator would round each small allocation up to a power of two)."""
+    units: dict[ModuleId, tuple[object, dict | None]] = {}
     for layer, lw in enumerate(weights.layers):
-        blocks[ModuleId("attn", layer)] = pack(backend, lw.attn, dtype)
+        units[ModuleId("attn", layer)] = (lw.attn, None)
         if lw.mlp is not None:
-            blocks[ModuleId("mlp", layer)] = pack(backend, lw.mlp, dtype)
+            units[ModuleId("mlp", layer)] = (lw.mlp, None)
         elif lw.moe.shared is not None:
-            blocks[ModuleId("mlp", layer)] = pack(backend, lw.moe.shared, dtype,
-                                                  {"shared_expert_gate": lw.moe.shared_expert_gate})
+            units[ModuleId("mlp", layer)] = (lw.moe.shared, {"shared_expert_gate": lw.moe.shared_expert_gate})
         if lw.moe is not None:
             for e, expert in enumerate(lw.moe.experts):
-                blocks[ModuleId("expert", layer, e)] = pack(backend, expert, dtype)
+                units[ModuleId("expert", layer, e)] = (expert, None)
+    sizes = {m: sum(t.numel() for t in _named_tensors(*u).values()) for m, u in units.items()}
+    arena = backend.host_empty((sum(sizes.values()),), dtype)
+    blocks, off = {}, 0
+    for module, (unit, extra) in units.items():
+        blocks[module] = pack(arena[off: off + sizes[module]], unit, extra)
+        off += sizes[module]
     return blocks

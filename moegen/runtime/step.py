@@ -24,8 +24,9 @@ class MicroBatch:
     first_seq: int  # sequences [first_seq, first_seq + b) of the plan
     tokens: slice  # their tokens in the step's flattened [T]
     attn: AttnBatch  # KV rows (staged 0..b-1, or the sequences' own), past and new lengths
-    rows: Tensor  # [b] int64: their rows in the host KV cache
-    new_token_rows: Tensor  # [t] int64: host KV row of each new token (for the write-back)
+    rows: list[int]  # their rows in the host KV cache
+    past_lens: list[int]  # cached tokens of each
+    q_lens: list[int]  # new tokens of each
 
 
 @dataclass(slots=True)
@@ -50,6 +51,17 @@ class Step:
     counts: list[asyncio.Future]  # per layer: host list of tokens per expert, once the router has synced
     sampled: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
+    def to_device(self, device: torch.device) -> None:
+        """Move the step's small per-step tensors to the device. Runs inside the first launch on the
+        compute stream, so on cuda they are allocated and copied in that stream's order."""
+        if device.type == "cpu":
+            return
+        for mb in self.micro:
+            mb.attn = mb.attn.to(device)
+        self.last_token = self.last_token.to(device)
+        p = self.sampling
+        p.temperature, p.top_k, p.top_p = p.temperature.to(device), p.top_k.to(device), p.top_p.to(device)
+
     @property
     def index(self) -> int:
         return self.plan.index
@@ -59,7 +71,7 @@ class Step:
         return self.plan.num_tokens
 
 
-def micro_batches(plan: StepPlan, size: int, device: torch.device, staged: bool = True) -> list[MicroBatch]:
+def micro_batches(plan: StepPlan, size: int, staged: bool = True) -> list[MicroBatch]:
     """Split the step's sequences, in order, into groups of at most `size`. Staged micro-batches
     address KV rows 0..b-1 of a staging buffer; unstaged ones the sequences' own rows."""
     out, token = [], 0
@@ -69,8 +81,7 @@ def micro_batches(plan: StepPlan, size: int, device: torch.device, staged: bool 
         rows = plan.rows[seqs]
         n = sum(q_lens)
         slots = list(range(len(rows))) if staged else rows
-        attn = AttnBatch.build(slots=slots, past_lens=past, q_lens=q_lens, device=device)
-        new_rows = torch.tensor([r for r, q in zip(rows, q_lens) for _ in range(q)], dtype=torch.int64)
-        out.append(MicroBatch(index, first, slice(token, token + n), attn, torch.tensor(rows), new_rows))
+        attn = AttnBatch.build(slots=slots, past_lens=past, q_lens=q_lens)  # host; Step.to_device moves it
+        out.append(MicroBatch(index, first, slice(token, token + n), attn, rows, past, q_lens))
         token += n
     return out

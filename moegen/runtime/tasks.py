@@ -39,7 +39,8 @@ async def embed_task(rt: Runtime) -> None:
         ids_dev = rt.ids_buffer[: len(ids)]
         copied = rt.backend.copy(rt.backend.h2d_kv, ids_dev, ids)
         rt.backend.compute.wait_event(copied)
-        rt.backend.compute.submit(lambda s=step, i=ids_dev: s.h.copy_(embed(rt.core, i)))
+        rt.backend.compute.submit(lambda s=step, i=ids_dev: (s.to_device(rt.backend.device),
+                                                             s.h.copy_(embed(rt.core, i))))
         for mb in step.micro:
             await rt.queues.attn[0].put((step, mb))
 
@@ -74,29 +75,32 @@ async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ti
     if rt.last_writeback[layer] is not None:  # the previous step's new KV of this layer is home
         b.h2d_kv.wait_event(rt.last_writeback[layer])
     ready = b.submit_copy(b.h2d_kv, lambda h=rt.kv[layer], s=staged, m=mb: _stage(h, s, m),
-                          _kv_bytes(staged, mb.attn.max_kv * len(mb.rows)))
+                          _kv_bytes(staged, sum(mb.past_lens)))
     b.compute.wait_event(ready)
     done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights, kv=staged: _attend(rt, layer, s, m, w, kv))
     b.d2h.wait_event(done)
     home = b.submit_copy(b.d2h, lambda h=rt.kv[layer], s=staged, m=mb: _write_back(h, s, m),
-                         _kv_bytes(staged, len(mb.new_token_rows)))
+                         _kv_bytes(staged, sum(mb.q_lens)))
     rt.last_writeback[layer] = home
     rt.staging.put_nowait((slot, home))
     return done
 
 
 def _stage(host, staged, mb: MicroBatch) -> None:
-    """Rows of the micro-batch's sequences, up to their longest context, into the staging buffer."""
-    n, S = len(mb.rows), mb.attn.max_kv
+    """Each sequence's cached rows, host -> staging row i (one contiguous copy per sequence and tensor)."""
     for f in fields(host):
-        getattr(staged, f.name)[:n, :S].copy_(getattr(host, f.name)[mb.rows, :S])
+        src, dst = getattr(host, f.name), getattr(staged, f.name)
+        for i, (row, past) in enumerate(zip(mb.rows, mb.past_lens)):
+            if past:
+                dst[i, :past].copy_(src[row, :past], non_blocking=True)
 
 
 def _write_back(host, staged, mb: MicroBatch) -> None:
-    """The new tokens' KV, from the staging buffer back to their host rows."""
-    positions, local = mb.attn.positions.cpu(), mb.attn.token_seq.cpu()
+    """Each sequence's new entries, staging row i -> its host row."""
     for f in fields(host):
-        getattr(host, f.name)[mb.new_token_rows, positions] = getattr(staged, f.name)[local, positions].to("cpu")
+        src, dst = getattr(staged, f.name), getattr(host, f.name)
+        for i, (row, past, q) in enumerate(zip(mb.rows, mb.past_lens, mb.q_lens)):
+            dst[row, past: past + q].copy_(src[i, past: past + q], non_blocking=True)
 
 
 def _kv_bytes(kv, positions: int) -> int:
