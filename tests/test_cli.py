@@ -104,11 +104,17 @@ def test_make_model_then_refuses_to_overwrite(tmp_path):
     assert forced.exit_code == 0, forced.output
 
 
-def test_generate_json_matches_transformers(olmoe_dir):
+@pytest.mark.parametrize("engine_args", [
+    ["--engine", "reference"],
+    ["--engine", "runtime"],
+    ["--batch-size", "1", "--attn-micro-batch", "1", "--expert-slots", "1", "--expert-micro-batch", "3"],
+    ["--batching", "model", "--gpu-memory", "4MiB", "--sim-link-gbps", "5"],
+])
+def test_generate_json_matches_transformers(olmoe_dir, engine_args):
     args = ["generate", olmoe_dir]
     for p in PROMPTS:
         args += ["--prompt", p]
-    result = invoke(*args, "--max-new-tokens", MAX_NEW, "--json")
+    result = invoke(*args, "--max-new-tokens", MAX_NEW, "--json", *engine_args)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 2, result.stdout
@@ -218,3 +224,20 @@ def test_generate_without_model_dir_makes_the_demo(tmp_path, monkeypatch):
     reason = "length" if len(expected) == 2 and expected[-1] not in eos_ids(demo) else "stop"
     text = tokenizer.decode(expected, skip_special_tokens=True)
     assert result.stdout == f"[0] 'hi' -> {text!r} ({len(expected)} tokens, {reason})\n"
+
+
+def test_generate_sampling_flags_are_reproducible(olmoe_dir):
+    args = ["generate", olmoe_dir, "--prompt", "One", "--prompt", "Two words", "--max-new-tokens", "8", "--json",
+            "--temperature", "1.0", "--top-p", "0.9", "--top-k", "40", "--seed", "7", "--ignore-eos"]
+    first, again = invoke(*args), invoke(*args, "--batch-size", "1")
+    assert first.exit_code == 0 and again.exit_code == 0, first.output + again.output
+    ids = [json.loads(line)["token_ids"] for line in first.stdout.splitlines()]
+    assert ids == [json.loads(line)["token_ids"] for line in again.stdout.splitlines()]
+    assert all(len(t) == 8 for t in ids)  # --ignore-eos: every completion runs to its length
+    greedy = invoke("generate", olmoe_dir, "--prompt", "One", "--max-new-tokens", "8", "--json", "--ignore-eos")
+    assert json.loads(greedy.stdout.splitlines()[0])["token_ids"] != ids[0]
+
+
+def test_generate_reports_a_budget_that_cannot_hold_the_core(olmoe_dir):
+    result = invoke("generate", olmoe_dir, "--prompt", "x", "--gpu-memory", "10KiB")
+    assert result.exit_code != 0 and "--gpu-memory" in result.stderr and "Traceback" not in result.output
