@@ -86,7 +86,11 @@ def runtime_options(fn):
         click.option("--host-kv-memory", default=None, help="Host memory for the KV cache, e.g. 8GiB [default: what B needs]."),
         click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
                      help="Longest prompt + completion [default: the longest prompt + --max-new-tokens]."),
-        click.option("--batching", type=click.Choice(["module", "model"]), default="module", show_default=True),
+        click.option("--max-step-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+                     help="Most tokens in one step (decode tokens + admitted prompts); sizes activations."),
+        click.option("--batching", type=click.Choice(["module", "model"]), default="module", show_default=True,
+                     help="module: micro-batched attention, each expert once per layer over the whole batch; "
+                          "model: one batch walks the whole model, KV on the device (the baselines' policy)."),
         click.option("--sim-link-gbps", type=float, default=None, help="cpu: simulate a host-device link of this GB/s."),
     ]
     for option in reversed(options):
