@@ -155,5 +155,87 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
                f"{rcfg.dtype}); load {stats.load_s:.2f}s", err=True)
 
 
+@main.command("serve-offline")
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dataset", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Requests: .jsonl, .json, .csv, .parquet, or the OpenAI batch format [default: examples/prompts.jsonl].")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Results, one JSON line per request, appended as each finishes.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv", "parquet", "openai"]), default=None,
+              help="Dataset format [default: from the extension].")
+@click.option("--prompt-field", default="prompt", show_default=True)
+@click.option("--messages-field", default="messages", show_default=True, help="Chat rows: a list of {role, content}.")
+@click.option("--id-field", default=None, help="Row id field [default: the 0-based row index; OpenAI: custom_id].")
+@click.option("--chat-template", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="A Jinja chat template file, instead of the tokenizer's.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Rows without their own temperature use this; 0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Row i samples with seed + i unless it has its own.")
+@click.option("--stop", "stop", multiple=True, help="Stop string (repeatable); cut from the text.")
+@click.option("--output-format", type=click.Choice(["moegen", "openai"]), default="moegen", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an output file: skip the ids already in it.")
+@click.option("--retry-errors", is_flag=True, help="With --resume: run the rows that failed before again.")
+@click.option("--overwrite", is_flag=True, help="Start the output file over.")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="skip: write an error record for a bad row and go on; fail: stop at the first.")
+@click.option("--stats-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the summary's numbers here.")
+@runtime_options
+def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_field, id_field, chat_template,
+                      max_new_tokens, temperature, top_k, top_p, seed, stop, output_format, resume, retry_errors,
+                      overwrite, on_error, stats_json, **knobs):
+    """Run every request of a dataset through MODEL_DIR (default: the demo checkpoint) into --output."""
+    from moegen.checkpoints.demo import demo_model_dir
+    from moegen.io.dataset import DatasetError, Fields
+    from moegen.io.prompts import Defaults
+    from moegen.io.results import OutputError
+    from moegen.serve import RowError, ServeOptions, serve_offline
+
+    try:
+        rcfg = runtime_config(knobs)
+        dataset = dataset or _default_dataset()
+        if not dataset.is_file():
+            raise DatasetError(f"{dataset}: no such dataset file")
+        if model_dir is None:
+            model_dir = demo_model_dir()
+        elif not model_dir.is_dir():
+            raise FileNotFoundError(f"{model_dir}: no such model directory")
+        fields = Fields(prompt=prompt_field, messages=messages_field, id=id_field)
+        opts = ServeOptions(dataset=dataset, output=output, format=fmt, fields=fields, chat_template=chat_template,
+                            defaults=Defaults(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop)),
+                            output_format=output_format, resume=resume, retry_errors=retry_errors,
+                            overwrite=overwrite, on_error=on_error, stats_json=stats_json)
+        code, summary = serve_offline(model_dir, opts, rcfg)
+    except (DatasetError, OutputError, RowError, *USER_ERRORS) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo(f"moegen: stopped; every finished result is in {output}. Continue with the same command "
+                   "plus --resume.", err=True)
+        sys.exit(130)
+    _print_summary(summary, output)
+    if code == 130:
+        click.echo("moegen: interrupted; continue with the same command plus --resume.", err=True)
+    sys.exit(code)
+
+
+def _default_dataset() -> Path:
+    here = Path("examples/prompts.jsonl")
+    return here if here.is_file() else Path(__file__).resolve().parent.parent / "examples" / "prompts.jsonl"
+
+
+def _print_summary(s, output: Path) -> None:
+    lines = [
+        f"requests: {s.ok} ok, {s.failed} failed" + (f", {s.skipped_done} already done" if s.skipped_done else "")
+        + f" (of {s.requests}) -> {output}",
+        f"tokens: {s.prompt_tokens} prompt, {s.generated_tokens} generated in {s.steps} steps",
+        f"throughput: prefill {s.prefill_tok_s:.1f} tok/s, decode {s.decode_tok_s:.1f} tok/s",
+        f"wall time {s.wall_s:.1f}s, peak host memory {s.peak_host_memory_gib:.2f} GiB",
+    ] + s.notes
+    click.echo("\n".join("moegen: " + line for line in lines), err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -154,6 +154,7 @@ class Engine:
         self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
         self.backend = make_backend(rcfg, record_intervals)
         self.runtime = Runtime(cfg, rcfg, self.backend, weights)
+        self._draining = threading.Event()
 
     @property
     def stats(self) -> EngineStats:
@@ -174,9 +175,16 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Run every request; yield each result when its sequence finishes."""
+    def drain(self) -> None:
+        """From any thread: admit no more prompts; the sequences in flight finish and are yielded."""
+        self._draining.set()
+
+    def generate(self, requests: Iterable[Request], detokenize: Callable[[list[int]], str] | None = None
+                 ) -> Iterator[Result]:
+        """Run every request; yield each result when its sequence finishes. `detokenize` (ids -> text)
+        is needed only for requests with stop strings."""
         requests = list(requests)
+        self._draining.clear()
         for i, r in enumerate(requests):
             if len(r.prompt_ids) + r.max_new_tokens > self.rcfg.max_seq_len:
                 raise ValueError(f"request {r.id if r.id is not None else i}: {len(r.prompt_ids)} prompt tokens + "
@@ -188,7 +196,7 @@ class Engine:
             import uvloop
 
             try:
-                uvloop.run(self._run(requests, results.put))
+                uvloop.run(self._run(requests, results.put, detokenize))
             except BaseException as exc:  # handed to the caller's thread, traceback intact
                 results.put(exc)
             results.put(done)
@@ -202,13 +210,15 @@ class Engine:
             yield item
         thread.join()
 
-    async def _run(self, requests: list[Request], emit: Callable[[Result], None]) -> None:
+    async def _run(self, requests: list[Request], emit: Callable[[Result], None],
+                   detokenize: Callable[[list[int]], str] | None = None) -> None:
         rt = self.runtime
         rt.queues = rt.new_queues()
         rt.staging = asyncio.Queue()  # free staging buffers, with the write-back each must wait for
         for slot in range(len(rt.staging_kv)):
             rt.staging.put_nowait((slot, None))
-        scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens)
+        scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens, detokenize,
+                              admitting=lambda: not self._draining.is_set())
         try:
             async with asyncio.TaskGroup() as group:
                 for coro in all_tasks(rt):

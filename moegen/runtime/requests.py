@@ -14,6 +14,7 @@ class Request:
     top_p: float = 1.0  # 1 = off
     seed: int = 0  # the request's own random stream: its tokens don't depend on the batch
     stop_token_ids: tuple[int, ...] = ()  # stop on these besides EOS
+    stop_strings: tuple[str, ...] = ()  # stop once the decoded completion contains one (needs a detokenizer)
     ignore_eos: bool = False  # don't stop on the model's EOS ids
     id: object = None  # returned with the result; the request's index when None
 

@@ -7,6 +7,7 @@ admitted one; experts don't care which phase a token is in. Host-side bookkeepin
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from moegen.runtime.requests import Request, Result
@@ -38,9 +39,12 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, requests: list[Request], batch_size: int, eos_ids: tuple[int, ...], max_step_tokens: int):
+    def __init__(self, requests: list[Request], batch_size: int, eos_ids: tuple[int, ...], max_step_tokens: int,
+                 detokenize: Callable[[list[int]], str] | None = None, admitting: Callable[[], bool] = lambda: True):
         self.batch_size = batch_size
         self.max_step_tokens = max_step_tokens
+        self.detokenize = detokenize  # for stop strings
+        self.admitting = admitting  # False once the job drains: no new prompts, the running ones finish
         self.eos_ids = frozenset(eos_ids)
         self.waiting: deque[tuple[int, Request]] = deque(enumerate(requests))
         self.running: list[Sequence] = []
@@ -51,6 +55,8 @@ class Scheduler:
         """Admit waiting prompts into free rows while the step's tokens stay within max_step_tokens,
         then plan the step; None when all is done."""
         tokens = sum(len(s.feed) for s in self.running)
+        if not self.admitting():
+            self.waiting.clear()
         while self.waiting and self.free_rows and tokens + len(self.waiting[0][1].prompt_ids) <= self.max_step_tokens:
             index, request = self.waiting.popleft()
             tokens += len(request.prompt_ids)
@@ -78,7 +84,8 @@ class Scheduler:
             seq.feed = [token]
             result, request = seq.result, seq.request
             result.token_ids.append(token)
-            stops = token in request.stop_token_ids or (not request.ignore_eos and token in self.eos_ids)
+            stops = (token in request.stop_token_ids or (not request.ignore_eos and token in self.eos_ids)
+                     or self._hit_stop_string(request, result.token_ids))
             if stops:
                 result.finish_reason = "stop"
             if stops or len(result.token_ids) >= request.max_new_tokens:
@@ -87,3 +94,11 @@ class Scheduler:
             self.running.remove(seq)
             self.free_rows.append(seq.row)
         return [seq.result for seq in done]
+
+    def _hit_stop_string(self, request: Request, tokens: list[int]) -> bool:
+        """Whether a stop string ends within the newest token: only the tail is decoded (a stop string
+        of n characters spans at most n tokens, plus a few for multi-token characters)."""
+        if not request.stop_strings or self.detokenize is None:
+            return False
+        tail = self.detokenize(tokens[-(max(map(len, request.stop_strings)) + 4):])
+        return any(s in tail for s in request.stop_strings)

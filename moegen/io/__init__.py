@@ -1,0 +1,1 @@
+"""Datasets in, results out: the file formats of `moegen serve-offline`."""

@@ -1,0 +1,201 @@
+"""`moegen serve-offline`: a dataset in, one result line per request out, resumable after any crash.
+
+    rows -> requests (chat template, tokenization, per-row sampling) -> engine -> results file
+
+Everything that can fail before work (dataset, model, output file) fails first. Finished results
+are appended and flushed one line at a time, so an interrupted job loses nothing and `--resume`
+writes nothing twice. The first SIGINT/SIGTERM drains (no new prompts; those in flight finish and
+are written); a second stops at once.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import orjson
+
+from moegen.io.dataset import Fields, read_rows
+from moegen.io.progress import Progress
+from moegen.io.prompts import Defaults, build_request
+from moegen.io.results import OutputError, ResultWriter, drop_error_records, id_key, scan
+from moegen.runtime.config import RuntimeConfig
+
+EXIT_OK, EXIT_FATAL, EXIT_SIGNAL = 0, 1, 130
+
+
+class RowError(ValueError):
+    """--on-error fail: the first bad row ends the job."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    dataset: Path
+    output: Path
+    format: str | None = None  # None: from the extension
+    fields: Fields = Fields()
+    chat_template: Path | None = None  # overrides the tokenizer's
+    defaults: Defaults = Defaults()
+    output_format: str = "moegen"  # or "openai"
+    resume: bool = False
+    retry_errors: bool = False
+    overwrite: bool = False
+    on_error: str = "skip"  # or "fail"
+    stats_json: Path | None = None
+
+
+@dataclass(slots=True)
+class Summary:
+    requests: int = 0  # in the dataset
+    skipped_done: int = 0  # already in the output (resume)
+    ok: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    wall_s: float = 0.0
+    prefill_tok_s: float = 0.0  # prompt tokens over the generation wall time
+    decode_tok_s: float = 0.0  # generated tokens over the generation wall time
+    peak_host_memory_gib: float = 0.0
+    interrupted: bool = False
+    steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> tuple[int, Summary]:
+    """Run the job; returns (exit code, summary)."""
+    start = time.perf_counter()
+    summary = Summary()
+    rows = read_rows(opts.dataset, opts.format, opts.fields)
+    summary.requests = len(rows)
+    existing = _prepare_output(opts)
+
+    from moegen.generate import load_tokenizer
+    from moegen.models.hf_config import load_model_config
+
+    cfg = load_model_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    template = opts.chat_template.read_text() if opts.chat_template else None
+    skip = existing.done | existing.errors  # --retry-errors already removed the error lines
+    todo = [i for i, row in enumerate(rows) if id_key(row.id) not in skip]
+    summary.skipped_done = len(rows) - len(todo)
+    if existing.dropped_bytes:
+        summary.notes.append(f"dropped a partial last line ({existing.dropped_bytes} bytes) left by an interrupted run")
+
+    writer = ResultWriter(opts.output, opts.output_format, model=Path(model_dir).name)
+    try:
+        requests = _requests(rows, todo, tokenizer, opts, cfg.max_position_embeddings, template, writer, summary)
+        if requests:
+            _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
+    finally:
+        writer.close()
+        summary.wall_s = time.perf_counter() - start
+        summary.peak_host_memory_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if opts.stats_json:
+            opts.stats_json.write_bytes(orjson.dumps(asdict(summary), option=orjson.OPT_INDENT_2))
+    return (EXIT_SIGNAL if summary.interrupted else EXIT_OK), summary
+
+
+def _prepare_output(opts: ServeOptions):
+    out = opts.output
+    if out.exists() and out.is_dir():
+        raise OutputError(f"{out} is a directory; --output needs a file path")
+    if out.exists() and out.stat().st_size > 0:
+        if opts.overwrite:
+            out.unlink()
+        elif not opts.resume:
+            raise OutputError(f"{out} already has results; pass --resume to continue it or --overwrite to start over")
+        elif opts.retry_errors:
+            drop_error_records(out, opts.output_format)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.touch()
+    return scan(out, opts.output_format)
+
+
+def _requests(rows, todo, tokenizer, opts, context, template, writer, summary):
+    """Requests for the rows still to do; bad rows become error records (or end the job)."""
+    requests = []
+    for i in todo:
+        row = rows[i]
+        built = row.error or build_request(row, i, tokenizer, opts.defaults, context, template)
+        if isinstance(built, str):
+            message = built if built.startswith(str(opts.dataset)) else f"{opts.dataset}, {built}"
+            if opts.on_error == "fail":
+                raise RowError(message)
+            writer.error(row.id, message)
+            summary.failed += 1
+        else:
+            requests.append(built)
+    return requests
+
+
+def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary) -> None:
+    from moegen.runtime.engine import Engine
+
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+    engine = Engine.from_model_dir(model_dir, _fit(rcfg, longest))
+    progress = Progress(total=len(requests))
+    signals = _Signals(engine, progress)
+    began = time.perf_counter()
+    try:
+        with engine, signals:
+            by_id = {r.id: r for r in requests}
+            decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+            for result in engine.generate(requests, detokenize=decode):
+                request = by_id[result.id]
+                text = _cut_at_stop(decode(result.token_ids), request.stop_strings)
+                writer.result(rows[result.id].id, text, result.finish_reason, result.prompt_tokens,
+                              len(result.token_ids))
+                summary.ok += 1
+                summary.prompt_tokens += result.prompt_tokens
+                summary.generated_tokens += len(result.token_ids)
+                progress.update(len(result.token_ids))
+            summary.steps = engine.stats.steps
+    finally:
+        progress.close()
+        elapsed = max(time.perf_counter() - began, 1e-9)
+        summary.prefill_tok_s = summary.prompt_tokens / elapsed
+        summary.decode_tok_s = summary.generated_tokens / elapsed
+        summary.interrupted = signals.count > 0
+
+
+def _fit(rcfg: RuntimeConfig, longest: int) -> RuntimeConfig:
+    import dataclasses
+
+    return rcfg if rcfg.max_seq_len >= longest else dataclasses.replace(rcfg, max_seq_len=longest)
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """The completion up to (not including) the first stop string it contains."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: drain. Second: stop at once (what's written stays valid)."""
+
+    def __init__(self, engine, progress: Progress):
+        self.engine, self.progress, self.count, self._old = engine, progress, 0, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.engine.drain()
+            self.progress.say(f"{signal.Signals(signum).name}: admitting no new prompts; finishing the "
+                              f"{self.engine.runtime.batch_size} or fewer in flight (signal again to stop now)")
+            return
+        self.progress.say("stopping now; every finished result is in the output file")
+        sys.stdout.flush()
+        raise KeyboardInterrupt
