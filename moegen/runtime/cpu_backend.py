@@ -39,7 +39,10 @@ class CpuEvent(Event):
             self._flag.set()
             waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
-            loop.call_soon_threadsafe(_resolve, fut, error)
+            try:
+                loop.call_soon_threadsafe(_resolve, fut, error)
+            except RuntimeError:  # a cancelled run's loop is closed: nobody awaits there any more
+                pass
 
     def block(self) -> None:
         """Wait on a worker thread (a stream-side wait); re-raises the work's error."""
@@ -86,8 +89,19 @@ class CpuStream(Stream):
     def wait_event(self, event: Event) -> None:
         self.submit(event.block, waiting=True)  # idle time, not work: kept out of busy time and intervals
 
+    def cancel_pending(self) -> None:
+        """Fail every queued item without running it, waking whatever waits on its event (a run
+        that was abandoned may have left waits on work that will never be submitted)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1].finish(RuntimeError(f"{self.name} stream closed before this work ran"))
+
     def close(self) -> None:
-        """Finish queued work, then end the thread (an orderly exit: no torch op cut off mid-run)."""
+        """End the thread after the item it is running (an orderly exit: no torch op cut off mid-run)."""
         self._queue.put(None)
         self._thread.join()
 
@@ -148,5 +162,8 @@ class CpuBackend(Backend):
                 time.sleep(left)
 
     def close(self) -> None:
-        for stream in (self.compute, self.h2d_weights, self.h2d_kv, self.d2h):
+        streams = (self.compute, self.h2d_weights, self.h2d_kv, self.d2h)
+        for stream in streams:
+            stream.cancel_pending()
+        for stream in streams:
             stream.close()

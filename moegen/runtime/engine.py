@@ -192,23 +192,33 @@ class Engine:
         results: queue.Queue = queue.Queue()
         done = object()
 
+        started: queue.Queue = queue.Queue()
+
+        async def main() -> None:
+            started.put((asyncio.get_running_loop(), asyncio.current_task()))
+            await self._run(requests, results.put, detokenize)
+
         def run() -> None:
             import uvloop
 
             try:
-                uvloop.run(self._run(requests, results.put, detokenize))
+                uvloop.run(main())
             except BaseException as exc:  # handed to the caller's thread, traceback intact
                 results.put(exc)
             results.put(done)
 
         thread = threading.Thread(target=run, name="moegen-loop", daemon=True)
         thread.start()
-        while (item := results.get()) is not done:
-            if isinstance(item, BaseException):
-                thread.join()
-                raise item
-            yield item
-        thread.join()
+        loop, task = started.get()
+        try:
+            while (item := results.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # also when the caller stops early (an exception, a second Ctrl-C): end the run
+            if thread.is_alive():
+                loop.call_soon_threadsafe(task.cancel)
+            thread.join()
 
     async def _run(self, requests: list[Request], emit: Callable[[Result], None],
                    detokenize: Callable[[list[int]], str] | None = None) -> None:
