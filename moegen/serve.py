@@ -137,7 +137,7 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
 
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
     engine = Engine.from_model_dir(model_dir, _fit(rcfg, longest))
-    progress = Progress(total=len(requests))
+    progress = Progress(total=len(requests), live_tokens=lambda: engine.stats.generated_tokens)
     signals = _Signals(engine, progress)
     began = time.perf_counter()
     try:

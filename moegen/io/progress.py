@@ -11,8 +11,9 @@ PLAIN_EVERY_S = 10.0
 class Progress:
     """Requests done / total, generated tokens/s, ETA."""
 
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=sys.stderr, live_tokens=None):
         self.total, self.stream = total, stream
+        self.live_tokens = live_tokens  # () -> tokens generated so far, finished requests or not
         self.done = self.tokens = 0
         self.start = self._last = time.perf_counter()
         self._bar = None
@@ -24,7 +25,7 @@ class Progress:
     def update(self, generated_tokens: int) -> None:
         self.done += 1
         self.tokens += generated_tokens
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        rate = self.generated() / max(time.perf_counter() - self.start, 1e-9)
         if self._bar is not None:
             self._bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
             self._bar.update(1)
@@ -32,9 +33,12 @@ class Progress:
             self._last = time.perf_counter()
             self.say(self.line())
 
+    def generated(self) -> int:
+        return self.live_tokens() if self.live_tokens is not None else self.tokens
+
     def line(self) -> str:
         elapsed = time.perf_counter() - self.start
-        rate = self.tokens / max(elapsed, 1e-9)
+        rate = self.generated() / max(elapsed, 1e-9)
         eta = (self.total - self.done) * elapsed / self.done if self.done else float("nan")
         return f"{self.done}/{self.total} requests, {rate:.1f} generated tok/s, {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
 

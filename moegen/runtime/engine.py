@@ -44,6 +44,7 @@ class EngineStats:
     """What the engine did, over its life."""
 
     steps: int = 0
+    generated_tokens: int = 0  # sampled so far (live: read by progress lines from another thread)
     tokens_per_step: list[int] = field(default_factory=list)  # prompt + decode tokens of each step
     expert_counts: list[list[int]] = field(default_factory=list)  # tokens per expert, per (step, MoE layer)
 
@@ -246,7 +247,9 @@ class Engine:
             rt.stats.tokens_per_step.append(plan.num_tokens)
             await rt.queues.prefetch.put(step)
             await rt.queues.embed.put(step)
-            for result in scheduler.finish_step(plan, await step.sampled):
+            sampled = await step.sampled
+            rt.stats.generated_tokens += len(sampled)
+            for result in scheduler.finish_step(plan, sampled):
                 emit(result)
         for q in all_queues(rt.queues):
             q.put_nowait(STOP)

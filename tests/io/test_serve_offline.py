@@ -615,10 +615,10 @@ def test_stats_json_summary_and_plain_progress(model_dir, oracle, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
     proc = subprocess.run([sys.executable, "-m", "moegen.cli", "serve-offline", str(model_dir), "--dataset",
                            str(dataset), "--output", str(out), "--max-new-tokens", str(MAX_NEW), "--stats-json",
-                           str(stats_path)], capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == ""  # results go to the file only
-    err = proc.stderr
+                           str(stats_path)], capture_output=True, timeout=180, env=env)  # bytes: text mode would turn \r into \n
+    err = proc.stderr.decode("utf-8")
+    assert proc.returncode == 0, err
+    assert proc.stdout == b""  # results go to the file only
     assert "\r" not in err and "\x1b" not in err  # no bar redraws off a terminal
     assert re.search(r"^moegen: 3/3 requests, [0-9.]+ generated tok/s", err, re.M), err
 
