@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from moegen.io.dataset import Fields, read_rows
+from moegen.io.dataset import DatasetError, Fields, read_rows
 from moegen.io.progress import Progress
 from moegen.io.prompts import Defaults, build_request
 from moegen.io.results import OutputError, ResultWriter, drop_error_records, id_key, scan
@@ -70,15 +70,16 @@ def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> t
     start = time.perf_counter()
     summary = Summary()
     rows = read_rows(opts.dataset, opts.format, opts.fields)
+    _check_unique_ids(rows, opts.dataset)
     summary.requests = len(rows)
-    existing = _prepare_output(opts)
 
     from moegen.generate import load_tokenizer
     from moegen.models.hf_config import load_model_config
 
-    cfg = load_model_config(model_dir)
+    cfg = load_model_config(model_dir)  # model errors before the output file is touched
     tokenizer = load_tokenizer(model_dir)
     template = opts.chat_template.read_text() if opts.chat_template else None
+    existing = _prepare_output(opts)
     skip = existing.done | existing.errors  # --retry-errors already removed the error lines
     todo = [i for i, row in enumerate(rows) if id_key(row.id) not in skip]
     summary.skipped_done = len(rows) - len(todo)
@@ -97,6 +98,16 @@ def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> t
         if opts.stats_json:
             opts.stats_json.write_bytes(orjson.dumps(asdict(summary), option=orjson.OPT_INDENT_2))
     return (EXIT_SIGNAL if summary.interrupted else EXIT_OK), summary
+
+
+def _check_unique_ids(rows, dataset: Path) -> None:
+    first: dict[bytes, str] = {}
+    for row in rows:
+        key = id_key(row.id)
+        if key in first:
+            raise DatasetError(f"{dataset}, {row.where}: id {row.id!r} repeats the one at {first[key]}; "
+                               "ids must be unique (results and --resume are keyed by them)")
+        first[key] = row.where
 
 
 def _prepare_output(opts: ServeOptions):
