@@ -32,6 +32,7 @@ class Row:
     prompt: str | None = None
     messages: list | None = None
     params: dict = field(default_factory=dict)  # Request field -> raw value from the row
+    param_names: dict = field(default_factory=dict)  # Request field -> the row's own spelling (for errors)
     error: str | None = None  # why the row can't run
 
 
@@ -74,14 +75,14 @@ def _jsonl(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Ro
         if not raw.strip():
             continue
         where = f"line {number}"
+        index += 1  # every non-empty line is a row: fixing a bad one later renumbers nothing
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             kind = "invalid UTF-8" if _bad_utf8(raw) else "malformed JSON"
             yield Row(id=f"line:{number}", where=where, error=f"{path}, {where}: {kind} ({exc})")
             continue
-        yield (_openai_row if openai else _row)(obj, index, where, fields, path)
-        index += 1
+        yield (_openai_row if openai else _row)(obj, index - 1, where, fields, path)
 
 
 def _bad_utf8(raw: bytes) -> bool:
@@ -111,7 +112,10 @@ def _csv(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Row]
         if any(isinstance(v, str) and _has_surrogates(v) for v in obj.values()):
             yield Row(id=f"line:{reader.line_num}", where=where, error=f"{path}, {where}: invalid UTF-8")
             continue
-        yield _row({k: v for k, v in obj.items() if v != ""}, index, where, fields, path)
+        kept = {k: v for k, v in obj.items() if v != ""}  # an empty cell is an absent field...
+        if fields.prompt in obj and fields.messages not in kept:
+            kept.setdefault(fields.prompt, obj[fields.prompt])  # ...but an empty prompt is an empty prompt
+        yield _row(kept, index, where, fields, path)
 
 
 def _has_surrogates(text: str) -> bool:
@@ -140,7 +144,8 @@ def _row(obj: Any, index: int, where: str, fields: Fields, path: Path) -> Row:
         rid = obj[fields.id]
     else:
         return Row(id=f"line:{where.split()[-1]}", where=where, error=f"{path}, {where}: missing id field {fields.id!r}")
-    row = Row(id=rid, where=where, params={OVERRIDES[k]: v for k, v in obj.items() if k in OVERRIDES})
+    row = Row(id=rid, where=where, params={OVERRIDES[k]: v for k, v in obj.items() if k in OVERRIDES},
+              param_names={OVERRIDES[k]: k for k in obj if k in OVERRIDES})
     if fields.messages in obj:
         row.messages = obj[fields.messages]
         if isinstance(row.messages, str):  # CSV cells hold messages as JSON text

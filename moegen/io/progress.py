@@ -18,14 +18,14 @@ BAR_EVERY_S = 1.0  # tok/s on the bar
 class Progress:
     """Requests done / total, generated tokens/s, ETA."""
 
-    def __init__(self, total: int, stream=sys.stderr, live_tokens: Callable[[], int] | None = None):
-        self.total, self.stream = total, stream
+    def __init__(self, total: int, stream=None, live_tokens: Callable[[], int] | None = None):
+        self.total, self.stream = total, stream or sys.stderr  # looked up now: callers may redirect stderr
         self.live_tokens = live_tokens  # () -> tokens generated so far, finished requests or not
         self.done = self.tokens = 0
         self.start = time.perf_counter()
         self._lock = threading.RLock()  # re-entrant: a signal handler may print while update() holds it
         self._bar = None
-        if stream.isatty():
+        if self.stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit="req", file=stream, dynamic_ncols=True)

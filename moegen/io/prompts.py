@@ -6,6 +6,7 @@ value) yields an error message instead, naming the field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from moegen.io.dataset import Row
@@ -57,31 +58,37 @@ def _prompt_ids(row: Row, tokenizer, chat_template: str | None) -> list[int]:
 
 
 def _sampling(row: Row, index: int, d: Defaults) -> dict:
-    p = row.params
+    p, names = row.params, row.param_names
     stop = p.get("stop", d.stop)
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise ValueError(f"field 'stop' must be a string or a list of non-empty strings, got {stop!r}")
+
+    def number(name: str, default, kind, low, high, low_open: bool = False):
+        return _number(names.get(name, name), p.get(name, default), kind, low, high, low_open)
+
     return {
-        "max_new_tokens": _number(p, "max_new_tokens", d.max_new_tokens, int, 1, None),
-        "temperature": _number(p, "temperature", d.temperature, float, 0.0, None),
-        "top_p": _number(p, "top_p", d.top_p, float, 0.0, 1.0, low_open=True),
-        "top_k": _number(p, "top_k", d.top_k, int, 0, None),
-        "seed": _number(p, "seed", d.seed + index, int, None, None),
+        "max_new_tokens": number("max_new_tokens", d.max_new_tokens, int, 1, None),
+        "temperature": number("temperature", d.temperature, float, 0.0, None),
+        "top_p": number("top_p", d.top_p, float, 0.0, 1.0, low_open=True),
+        "top_k": number("top_k", d.top_k, int, 0, None),
+        "seed": number("seed", d.seed + index, int, None, None),
         "stop": tuple(stop),
     }
 
 
-def _number(params: dict, name: str, default, kind, low, high, low_open: bool = False):
-    value = params.get(name, default)
-    if isinstance(value, str):  # CSV cells
+def _number(name: str, value, kind, low, high, low_open: bool = False):
+    """A finite number of `kind` within bounds; CSV cells arrive as text."""
+    if isinstance(value, str):
         try:
-            value = kind(float(value)) if kind is int and value.strip().replace(".", "", 1).isdigit() else kind(value)
+            value = float(value)
         except ValueError:
             raise ValueError(f"field {name!r} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise ValueError(f"field {name!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"field {name!r} must be a finite number, got {value!r}")
+    if kind is int and value != int(value):
+        raise ValueError(f"field {name!r} must be an integer, got {value!r}")
     value = kind(value)
     if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
         bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")

@@ -58,8 +58,9 @@ def scan(path: Path, fmt: str) -> Existing:
 
 def drop_error_records(path: Path, fmt: str) -> None:
     """--retry-errors: rewrite the file without its error lines (atomically: a new file renamed over it)."""
+    data = path.read_bytes()
     keep = []
-    for line in path.read_bytes().splitlines(keepends=True):
+    for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):  # a partial last line is dropped too
         if line.strip() and orjson.loads(line).get("error") is None:
             keep.append(line)
     scratch = path.with_name(path.name + ".moegen-tmp")

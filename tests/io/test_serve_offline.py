@@ -455,8 +455,6 @@ def test_resume_skips_errors_and_retry_errors_reruns_them(model_dir, oracle, tmp
     assert "1 ok, 0 failed, 2 already done (of 3)" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="moegen bug: --retry-errors parses every line (results.drop_error_records) "
-                                       "before scan() cuts the partial last line a crash leaves")
 def test_retry_errors_after_a_crash(model_dir, oracle, tmp_path):
     dataset = write_jsonl(tmp_path / "data.jsonl", [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "top_p": 0}])
     out = tmp_path / "out.jsonl"
@@ -470,8 +468,6 @@ def test_retry_errors_after_a_crash(model_dir, oracle, tmp_path):
     check_result(got[1], oracle.expected(oracle.prompt_ids(PROMPTS[1]), MAX_NEW))
 
 
-@pytest.mark.xfail(strict=True, reason="moegen bug: JSONL default ids count only the lines that parse "
-                                       "(dataset._jsonl), so fixing a malformed line renumbers the rows after it")
 def test_fixing_a_malformed_line_then_retrying_runs_every_row_once(model_dir, oracle, tmp_path):
     prompts = ["Alpha", "Beta", "Gamma"]
     dataset = tmp_path / "data.jsonl"
@@ -515,7 +511,7 @@ def test_bad_rows_become_error_records(model_dir, oracle, tmp_path):
 
     problems = {  # id -> (line, words its message must hold)
         "line:2": (2, ["malformed JSON"]),
-        "line:3": (3, ["UTF-8"]),
+        "line:3": (3, ["invalid UTF-8"]),
         "no-prompt": (4, ["missing", "'prompt'"]),
         "empty": (5, ["empty prompt"]),
         "too-long": (6, [str(len(oracle.prompt_ids(long))), f"{oracle.context}-token context"]),
@@ -579,21 +575,29 @@ def test_fatal_errors_write_nothing(model_dir, tmp_path):
     assert str(tmp_path) in result.stderr and "directory" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="moegen bug: serve._prepare_output (which creates the output, or deletes it "
-                                       "under --overwrite) runs before the model directory is checked")
 def test_an_unusable_model_dir_leaves_the_output_alone(tmp_path):
-    dataset = write_jsonl(tmp_path / "data.jsonl", [{"prompt": PROMPTS[0]}])
-    empty_model = tmp_path / "model"
+    dataset = write_jsonl(tmp_path / "data.jsonl", [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "top_p": 0}])
+    empty_model = tmp_path / "model"  # a directory, but no checkpoint in it
     empty_model.mkdir()
     out = tmp_path / "out.jsonl"
-    failed(serve(empty_model, dataset, out))
-    assert not out.exists()
-    out.write_bytes(b'{"id": 0, "text": "precious"}\n')
-    failed(serve(empty_model, dataset, out, "--overwrite"))
-    assert out.read_bytes() == b'{"id": 0, "text": "precious"}\n'
+    result = failed(serve(empty_model, dataset, out))
+    assert "config.json" in result.stderr and not out.exists()
+    precious = b'{"id": 0, "text": "precious"}\n{"id": 1, "error": "bad"}\n{"id": 2, "te'
+    out.write_bytes(precious)
+    for flags in (["--overwrite"], ["--resume"], ["--resume", "--retry-errors"]):
+        failed(serve(empty_model, dataset, out, *flags))
+        assert out.read_bytes() == precious, flags  # not deleted, not trimmed, no error line dropped
 
 
-@pytest.mark.xfail(strict=True, reason="moegen bug: prompts._number accepts NaN (every comparison with it is False)")
+def test_repeated_ids_are_refused_before_anything_runs(model_dir, tmp_path):
+    dataset = write_jsonl(tmp_path / "data.jsonl", [{"key": "a", "prompt": PROMPTS[0]}, {"key": "b", "prompt": "x"},
+                                                    {"key": "a", "prompt": PROMPTS[1]}])
+    out = tmp_path / "out.jsonl"
+    result = failed(serve(model_dir, dataset, out, "--id-field", "key"))
+    assert str(dataset) in result.stderr and "line 3" in result.stderr and "line 1" in result.stderr
+    assert "'a'" in result.stderr and not out.exists()
+
+
 def test_nan_temperature_is_an_error_record(model_dir, tmp_path):
     dataset = tmp_path / "data.csv"
     dataset.write_text("prompt,temperature\nHi,nan\n")
