@@ -8,12 +8,23 @@ the backend, which holds them to the `--gpu-memory` budget and records the high-
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+def resolve_future(fut: asyncio.Future, error: BaseException | None) -> None:
+    """Complete `fut` with None or `error` (called on the loop's thread, via call_soon_threadsafe)."""
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 
 class DeviceBudgetError(RuntimeError):

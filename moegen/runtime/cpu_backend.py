@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moegen.runtime.backend import Backend, Counters, Event, Stream
+from moegen.runtime.backend import Backend, Counters, Event, Stream, resolve_future
 
 
 class CpuEvent(Event):
@@ -40,7 +40,7 @@ class CpuEvent(Event):
             waiters, self._waiters = self._waiters, []
         for loop, fut in waiters:
             try:
-                loop.call_soon_threadsafe(_resolve, fut, error)
+                loop.call_soon_threadsafe(resolve_future, fut, error)
             except RuntimeError:  # a cancelled run's loop is closed: nobody awaits there any more
                 pass
 
@@ -57,17 +57,8 @@ class CpuEvent(Event):
             if not self._flag.is_set():
                 self._waiters.append((loop, fut))
                 return fut
-        _resolve(fut, self.error)
+        resolve_future(fut, self.error)
         return fut
-
-
-def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
 
 
 class CpuStream(Stream):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moegen.runtime.backend import Backend, Counters, Event, Stream
+from moegen.runtime.backend import Backend, Counters, Event, Stream, resolve_future
 
 
 class CudaEvent(Event):
@@ -65,12 +65,15 @@ class CudaBackend(Backend):
     def _wait_loop(self) -> None:
         while (item := self._waits.get()) is not None:
             event, loop, fut = item
+            error = None
             try:
                 event.event.synchronize()
             except BaseException as exc:  # a failed kernel surfaces here, to whoever waits
-                loop.call_soon_threadsafe(_resolve, fut, exc)
-            else:
-                loop.call_soon_threadsafe(_resolve, fut, None)
+                error = exc
+            try:
+                loop.call_soon_threadsafe(resolve_future, fut, error)
+            except RuntimeError:  # a cancelled run's loop is closed: nobody awaits there any more
+                pass
 
     async def wait(self, event: Event) -> None:
         if event.done():
@@ -96,10 +99,3 @@ class CudaBackend(Backend):
         torch.cuda.synchronize(self.device)
 
 
-def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
