@@ -207,7 +207,8 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
         opts = ServeOptions(dataset=dataset, output=output, format=fmt, fields=fields, chat_template=chat_template,
                             defaults=Defaults(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop)),
                             output_format=output_format, resume=resume, retry_errors=retry_errors,
-                            overwrite=overwrite, on_error=on_error, stats_json=stats_json)
+                            overwrite=overwrite, on_error=on_error, stats_json=stats_json,
+                            fit_seq_len=knobs["max_seq_len"] is None)
         code, summary = serve_offline(model_dir, opts, rcfg)
     except (DatasetError, OutputError, RowError, *USER_ERRORS) as exc:
         raise click.ClickException(str(exc)) from exc

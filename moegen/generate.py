@@ -105,8 +105,9 @@ def _runtime(model_dir, ids, options: SamplingOptions, rcfg: RuntimeConfig | Non
         rcfg = dataclasses.replace(rcfg, max_seq_len=max(map(len, ids)) + options.max_new_tokens)
     engine = Engine.from_model_dir(model_dir, rcfg)
     loaded = time.perf_counter()
-    requests = [Request(p, options.max_new_tokens, options.temperature, options.top_k, options.top_p,
-                        options.seed + i, tuple(options.stop_token_ids), options.ignore_eos, id=i)
+    requests = [Request(p, options.max_new_tokens, temperature=options.temperature, top_k=options.top_k,
+                        top_p=options.top_p, seed=options.seed + i, stop_token_ids=tuple(options.stop_token_ids),
+                        ignore_eos=options.ignore_eos, id=i)
                 for i, p in enumerate(ids)]
     try:
         by_id = {r.id: (r.token_ids, r.finish_reason) for r in engine.generate(requests)}

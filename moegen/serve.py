@@ -10,6 +10,7 @@ are written); a second stops at once.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import signal
 import sys
@@ -46,6 +47,7 @@ class ServeOptions:
     overwrite: bool = False
     on_error: str = "skip"  # or "fail"
     stats_json: Path | None = None
+    fit_seq_len: bool = True  # size KV rows to the longest request instead of rcfg.max_seq_len (unset flag)
 
 
 @dataclass(slots=True)
@@ -147,7 +149,9 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
     from moegen.runtime.engine import Engine
 
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-    engine = Engine.from_model_dir(model_dir, _fit(rcfg, longest))
+    if opts.fit_seq_len or rcfg.max_seq_len < longest:
+        rcfg = dataclasses.replace(rcfg, max_seq_len=longest)
+    engine = Engine.from_model_dir(model_dir, rcfg)
     progress = Progress(total=len(requests), live_tokens=lambda: engine.stats.generated_tokens)
     signals = _Signals(engine, progress)
     began = time.perf_counter()
@@ -171,12 +175,6 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
         summary.prefill_tok_s = summary.prompt_tokens / elapsed
         summary.decode_tok_s = summary.generated_tokens / elapsed
         summary.interrupted = signals.count > 0
-
-
-def _fit(rcfg: RuntimeConfig, longest: int) -> RuntimeConfig:
-    import dataclasses
-
-    return rcfg if rcfg.max_seq_len >= longest else dataclasses.replace(rcfg, max_seq_len=longest)
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

@@ -76,8 +76,10 @@ class Runtime:
         self.micro_batch = B if self.kv_on_device else min(rcfg.attn_micro_batch, B)  # sequences per attention launch
         # B-1 decode tokens + one longest prompt must always fit; never more than every row's whole context.
         self.max_step_tokens = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
-        kv_rows = B if self.kv_on_device else 2 * self.micro_batch  # device KV: all rows, or two staging buffers
-        kv_bytes = kv_rows * S * kv_bytes_per_token(cfg, dtype)
+        if self.kv_on_device:  # every row, every layer
+            kv_bytes = B * S * kv_bytes_per_token(cfg, dtype)
+        else:  # two staging buffers of one layer's KV for a micro-batch, shared by all layers
+            kv_bytes = 2 * self.micro_batch * S * kv_bytes_per_token(cfg, dtype) // cfg.num_layers
         self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens),
                                    rcfg.expert_slots)
         self.core = self.placement.core

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 
 @dataclass(slots=True)
 class Request:
     prompt_ids: list[int]  # already tokenized
     max_new_tokens: int = 32
+    _: KW_ONLY  # the rest by name only: a new field must never shift a positional argument
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
