@@ -92,10 +92,28 @@ def runtime_options(fn):
                      help="module: micro-batched attention, each expert once per layer over the whole batch; "
                           "model: one batch walks the whole model, KV on the device (the baselines' policy)."),
         click.option("--sim-link-gbps", type=float, default=None, help="cpu: simulate a host-device link of this GB/s."),
+        click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Write a Perfetto trace of the run here (e.g. run.pftrace); see `moegen trace`."),
+        click.option("--trace-steps", default=None, metavar="A:B", help="Record only steps A..B-1 (with --trace)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def trace_options(knobs: dict) -> tuple[Path | None, range | None]:
+    """Pop --trace and --trace-steps (not runtime knobs) from the parsed flags."""
+    path, steps = knobs.pop("trace"), knobs.pop("trace_steps")
+    if steps is None:
+        return path, None
+    first, sep, end = steps.partition(":")
+    try:
+        span = range(int(first or 0), int(end) if end else 2**62)
+    except ValueError:
+        raise click.BadParameter(f"{steps!r}: write A:B (steps A to B-1), e.g. 10:20", param_hint="--trace-steps")
+    if not sep or path is None:
+        raise click.BadParameter("write A:B and give --trace FILE too", param_hint="--trace-steps")
+    return path, span
 
 
 def runtime_config(knobs: dict):
@@ -130,6 +148,7 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
     from moegen.checkpoints.demo import demo_model_dir
     from moegen.generate import SamplingOptions, generate
 
+    trace, trace_steps = trace_options(knobs)
     try:
         rcfg = runtime_config(knobs)
         options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
@@ -138,7 +157,7 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
         elif not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: no such model directory")
         completions, stats = generate(model_dir, list(prompts), options, engine, rcfg,
-                                      fit_seq_len=knobs["max_seq_len"] is None)
+                                      fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     for c in completions:
@@ -194,6 +213,7 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
     from moegen.io.results import OutputError
     from moegen.serve import RowError, ServeOptions, serve_offline
 
+    trace, trace_steps = trace_options(knobs)
     try:
         rcfg = runtime_config(knobs)
         dataset = dataset or _default_dataset()
@@ -208,7 +228,7 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
                             defaults=Defaults(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop)),
                             output_format=output_format, resume=resume, retry_errors=retry_errors,
                             overwrite=overwrite, on_error=on_error, stats_json=stats_json,
-                            fit_seq_len=knobs["max_seq_len"] is None)
+                            fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps)
         code, summary = serve_offline(model_dir, opts, rcfg)
     except (DatasetError, OutputError, RowError, *USER_ERRORS) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -220,6 +240,28 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
     if code == 130:
         click.echo("moegen: interrupted; continue with the same command plus --resume.", err=True)
     sys.exit(code)
+
+
+@main.group("trace")
+def trace_group():
+    """Read Perfetto traces written with --trace."""
+
+
+@trace_group.command("summarize")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def trace_summarize_cmd(file, as_json):
+    """Overlap, stream busy fractions, bubbles, module times, GB/s, FLOP/s and the bound, from FILE alone."""
+    from moegen.trace.summarize import TraceFileError, format_summary, summarize
+
+    try:
+        summary = summarize(file)
+    except TraceFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        click.echo(format_summary(summary))
 
 
 def _default_dataset() -> Path:

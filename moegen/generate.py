@@ -56,7 +56,8 @@ def load_tokenizer(model_dir: Path):
 
 
 def generate(model_dir: Path, prompts: list[str], options: SamplingOptions, engine: str = "runtime",
-             rcfg: RuntimeConfig | None = None, fit_seq_len: bool = True) -> tuple[list[Completion], GenerateStats]:
+             rcfg: RuntimeConfig | None = None, fit_seq_len: bool = True, trace: Path | None = None,
+             trace_steps: range | None = None) -> tuple[list[Completion], GenerateStats]:
     """Completions of `prompts` (tokenized as `tokenizer(text)` does), run together. With `fit_seq_len`
     the runtime's KV rows are sized to the longest prompt + max_new_tokens instead of rcfg.max_seq_len."""
     if engine not in ENGINES:
@@ -77,7 +78,7 @@ def generate(model_dir: Path, prompts: list[str], options: SamplingOptions, engi
     if engine == "reference":
         results, loaded, done = _reference(model_dir, ids, options, eos, rcfg)
     else:
-        results, loaded, done = _runtime(model_dir, ids, options, rcfg, fit_seq_len)
+        results, loaded, done = _runtime(model_dir, ids, options, rcfg, fit_seq_len, trace, trace_steps)
     completions = [
         Completion(i, text, tokenizer.decode(tokens, skip_special_tokens=True), tokens, reason, len(p))
         for i, (text, p, (tokens, reason)) in enumerate(zip(prompts, ids, results))
@@ -97,13 +98,14 @@ def _reference(model_dir, ids, options: SamplingOptions, eos, rcfg):
     return [(g.token_ids, g.finish_reason) for g in gens], loaded, time.perf_counter()
 
 
-def _runtime(model_dir, ids, options: SamplingOptions, rcfg: RuntimeConfig | None, fit_seq_len: bool):
+def _runtime(model_dir, ids, options: SamplingOptions, rcfg: RuntimeConfig | None, fit_seq_len: bool,
+             trace: Path | None = None, trace_steps: range | None = None):
     from moegen.runtime.engine import Engine
 
     rcfg = rcfg or RuntimeConfig()
     if fit_seq_len:
         rcfg = dataclasses.replace(rcfg, max_seq_len=max(map(len, ids)) + options.max_new_tokens)
-    engine = Engine.from_model_dir(model_dir, rcfg)
+    engine = Engine.from_model_dir(model_dir, rcfg, trace=trace, trace_steps=trace_steps)
     loaded = time.perf_counter()
     requests = [Request(p, options.max_new_tokens, temperature=options.temperature, top_k=options.top_k,
                         top_p=options.top_p, seed=options.seed + i, stop_token_ids=tuple(options.stop_token_ids),

@@ -48,6 +48,8 @@ class ServeOptions:
     on_error: str = "skip"  # or "fail"
     stats_json: Path | None = None
     fit_seq_len: bool = True  # size KV rows to the longest request instead of rcfg.max_seq_len (unset flag)
+    trace: Path | None = None  # write a Perfetto trace of the run here
+    trace_steps: range | None = None  # only these steps
 
 
 @dataclass(slots=True)
@@ -151,7 +153,7 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
     if opts.fit_seq_len or rcfg.max_seq_len < longest:
         rcfg = dataclasses.replace(rcfg, max_seq_len=longest)
-    engine = Engine.from_model_dir(model_dir, rcfg)
+    engine = Engine.from_model_dir(model_dir, rcfg, trace=opts.trace, trace_steps=opts.trace_steps)
     progress = Progress(total=len(requests), live_tokens=lambda: engine.stats.generated_tokens)
     signals = _Signals(engine, progress)
     began = time.perf_counter()

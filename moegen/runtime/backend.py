@@ -57,8 +57,9 @@ class Stream(ABC):
     name: str
 
     @abstractmethod
-    def submit(self, fn: Callable[[], object]) -> Event:
-        """Queue `fn` (a whole module launch or copy, never a single op); the event marks its end."""
+    def submit(self, fn: Callable[[], object], label=None) -> Event:
+        """Queue `fn` (a whole module launch or copy, never a single op); the event marks its end.
+        `label` (a trace Label) names its slice when a trace is being recorded."""
 
     @abstractmethod
     def wait_event(self, event: Event) -> None:
@@ -77,6 +78,17 @@ class Backend(ABC):
     h2d_weights: Stream
     h2d_kv: Stream
     d2h: Stream
+    recorder = None  # a TraceRecorder while tracing
+
+    @property
+    def streams(self) -> tuple[Stream, ...]:
+        return (self.compute, self.h2d_weights, self.h2d_kv, self.d2h)
+
+    def trace_to(self, recorder) -> None:
+        """Record every labelled work item as a slice on its stream's track (in this order)."""
+        self.recorder = recorder
+        for stream in self.streams:
+            stream.track = recorder.track(f"{stream.name} stream")
 
     @abstractmethod
     async def wait(self, event: Event) -> None:
@@ -106,12 +118,13 @@ class Backend(ABC):
     def release(self, nbytes: int) -> None:
         self.counters.device_bytes -= nbytes
 
-    def copy(self, stream: Stream, dst: Tensor, src: Tensor) -> Event:
+    def copy(self, stream: Stream, dst: Tensor, src: Tensor, label=None) -> Event:
         """dst.copy_(src) on `stream` (non_blocking), counted by direction."""
-        return self.submit_copy(stream, lambda: dst.copy_(src, non_blocking=True), src.numel() * src.element_size())
+        return self.submit_copy(stream, lambda: dst.copy_(src, non_blocking=True), src.numel() * src.element_size(),
+                                label)
 
     @abstractmethod
-    def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int) -> Event:
+    def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int, label=None) -> Event:
         """Run copy work `fn` moving `nbytes` on `stream`; counted, and paced by a simulated link if any."""
 
     def _count_copy(self, stream: Stream, nbytes: int) -> None:

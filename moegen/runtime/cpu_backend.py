@@ -64,17 +64,19 @@ class CpuEvent(Event):
 class CpuStream(Stream):
     """A worker thread; work items run in submission order."""
 
-    def __init__(self, name: str, counters: Counters, record: bool = False):
+    def __init__(self, name: str, counters: Counters, record: bool = False, backend=None):
         self.name = name
+        self.backend = backend  # its recorder, when tracing
+        self.track = 0  # trace track uuid
         self._counters = counters
         self.intervals: list[tuple[float, float]] | None = [] if record else None  # (start, end) of each item
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"moegen-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], object], waiting: bool = False) -> CpuEvent:
+    def submit(self, fn: Callable[[], object], label=None, waiting: bool = False) -> CpuEvent:
         event = CpuEvent()
-        self._queue.put((fn, event, waiting))
+        self._queue.put((fn, event, waiting, label))
         return event
 
     def wait_event(self, event: Event) -> None:
@@ -99,11 +101,11 @@ class CpuStream(Stream):
     def _run(self) -> None:
         busy, error = 0.0, None
         while (item := self._queue.get()) is not None:
-            fn, event, waiting = item
+            fn, event, waiting, label = item
             if error is not None:  # sticky, as on a GPU: after a failure every later event reports it
                 event.finish(error)
                 continue
-            start = time.perf_counter()
+            start, wall_start = time.perf_counter(), time.time_ns()
             try:
                 fn()
             except BaseException as exc:  # the error travels with the event to whoever waits on it
@@ -114,6 +116,9 @@ class CpuStream(Stream):
             if waiting:
                 continue
             end = time.perf_counter()
+            recorder = self.backend.recorder if self.backend is not None else None
+            if recorder is not None and label is not None:
+                recorder.slice(self.track, label, wall_start, time.time_ns())
             busy += end - start
             if self.intervals is not None:
                 self.intervals.append((start, end))
@@ -130,7 +135,7 @@ class CpuBackend(Backend):
         self.budget = budget
         self.link_gbps = link_gbps  # simulated host<->device bandwidth, GB/s (1e9 bytes); None = memcpy speed
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
-            CpuStream(name, self.counters, record_intervals)
+            CpuStream(name, self.counters, record_intervals, self)
             for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
 
     async def wait(self, event: Event) -> None:
@@ -139,9 +144,9 @@ class CpuBackend(Backend):
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.empty(shape, dtype=dtype)
 
-    def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int) -> CpuEvent:
+    def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int, label=None) -> CpuEvent:
         self._count_copy(stream, nbytes)
-        return stream.submit(lambda: self._throttled(fn, nbytes))
+        return stream.submit(lambda: self._throttled(fn, nbytes), label)
 
     def _throttled(self, fn: Callable[[], object], nbytes: int) -> None:
         """Run a copy, then sleep out the rest of the time the simulated link would have taken."""

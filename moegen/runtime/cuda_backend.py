@@ -30,9 +30,10 @@ class CudaEvent(Event):
 class CudaStream(Stream):
     def __init__(self, name: str, device: torch.device):
         self.name = name
+        self.track = 0  # trace track uuid (device-side timing events are not recorded yet)
         self.stream = torch.cuda.Stream(device=device)
 
-    def submit(self, fn: Callable[[], object]) -> CudaEvent:
+    def submit(self, fn: Callable[[], object], label=None) -> CudaEvent:
         with torch.cuda.stream(self.stream):
             fn()
             event = torch.cuda.Event()
@@ -86,9 +87,9 @@ class CudaBackend(Backend):
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
-    def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int) -> CudaEvent:
+    def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int, label=None) -> CudaEvent:
         self._count_copy(stream, nbytes)
-        return stream.submit(fn)
+        return stream.submit(fn, label)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

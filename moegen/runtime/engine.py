@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,9 @@ class Runtime:
                                     for _ in range(3))
         self.ids_buffer = torch.empty(self.max_step_tokens, dtype=torch.int64, device=backend.device)
         self.stats = EngineStats()
+        # What lives in host memory for the run (pinned on cuda): the weight arena and the KV cache.
+        self.host_bytes = sum(b.nbytes for b in self.placement.blocks.values()) + (
+            0 if self.kv_on_device else B * S * kv_bytes_per_token(cfg, dtype))
         backend.synchronize()  # start-up copies done before any stream reads them
 
     def _check_host_kv(self, dtype: torch.dtype) -> None:
@@ -117,6 +121,31 @@ class Runtime:
             mlp=[q() for _ in range(L)],
             expert=[[q() for _ in range(E)] if self.core.routers[layer] is not None else [] for layer in range(L)],
         )
+
+    # -- tracing (all no-ops when off) ----------------------------------------------------------
+
+    @property
+    def recorder(self):
+        return self.backend.recorder
+
+    def label(self, name: str, flows_in: tuple[int, ...] = (), flows_out: tuple[int, ...] = (), **args):
+        """A slice label for a stream work item, or None when not tracing."""
+        if self.backend.recorder is None:
+            return None
+        from moegen.trace.recorder import Label
+
+        return Label(name, args, flows_out=flows_out, flows_in=flows_in)
+
+    def attention_label(self, layer: int, step: Step, mb, flows_in: tuple[int, ...]):
+        if self.backend.recorder is None:
+            return None
+        return self.label(f"attention[{layer}]", flows_in=flows_in, layer=layer, step=step.index,
+                          micro_batch=mb.index, sequences=len(mb.rows), tokens=sum(mb.q_lens))
+
+    @staticmethod
+    def mlp_flops(w, tokens: int) -> int:
+        """2 FLOPs per multiply-add over the three projections of a SwiGLU MLP."""
+        return 2 * tokens * (w.gate_proj.numel() + w.up_proj.numel() + w.down_proj.numel())
 
     async def read(self, after: Event, get: Callable[[], Tensor]) -> Tensor:
         """A device tensor produced by the work ending at `after`, on the host (a named sync point)."""
@@ -153,9 +182,10 @@ class Engine:
     """A model directory on a backend. `generate(requests)` yields each result as it finishes."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, eos_ids: tuple[int, ...],
-                 record_intervals: bool = False):
+                 record_intervals: bool = False, trace: Path | None = None, trace_steps: range | None = None):
         self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
         self.backend = make_backend(rcfg, record_intervals)
+        self.trace = StepTracer(trace, trace_steps, self.backend) if trace is not None else None
         self.runtime = Runtime(cfg, rcfg, self.backend, weights)
         self._draining = threading.Event()
 
@@ -164,13 +194,16 @@ class Engine:
         return self.runtime.stats
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, rcfg: RuntimeConfig, record_intervals: bool = False) -> Engine:
+    def from_model_dir(cls, model_dir: Path, rcfg: RuntimeConfig, record_intervals: bool = False,
+                       trace: Path | None = None, trace_steps: range | None = None) -> Engine:
         cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
-        return cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), record_intervals)
+        return cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), record_intervals, trace, trace_steps)
 
     def close(self) -> None:
-        """Stop the backend's stream threads."""
+        """Stop the backend's stream threads; finish the trace file."""
         self.backend.close()
+        if self.trace is not None:
+            self.trace.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -247,14 +280,55 @@ class Engine:
             step = rt.new_step(plan)
             rt.stats.steps += 1
             rt.stats.tokens_per_step.append(plan.num_tokens)
+            began = self.trace.begin_step(plan.index) if self.trace is not None else 0
             await rt.queues.prefetch.put(step)
             await rt.queues.embed.put(step)
             sampled = await step.sampled
+            if self.trace is not None:
+                self.trace.end_step(plan, began, rt.stats.generated_tokens + len(sampled), len(scheduler.waiting),
+                                    rt.host_bytes)
             rt.stats.generated_tokens += len(sampled)
             for result in scheduler.finish_step(plan, sampled):
                 emit(result)
         for q in all_queues(rt.queues):
             q.put_nowait(STOP)
+
+
+class StepTracer:
+    """The loop's side of a trace: a track for the event loop (step slices), then the streams', then
+    counters; `--trace-steps A:B` records only those steps."""
+
+    def __init__(self, path: Path, steps: range | None, backend: Backend):
+        from moegen.trace.recorder import TraceRecorder
+
+        self.recorder = TraceRecorder(path, steps)
+        self.backend = backend
+        self.loop_track = self.recorder.track("event loop")
+        backend.trace_to(self.recorder)
+        self.counters = {name: self.recorder.counter_track(name, unit) for name, unit in (
+            ("sequences in flight", None), ("sequences waiting", None), ("tokens in step", None),
+            ("generated tokens", None), ("device memory in use", "bytes"), ("host memory: weights + KV", "bytes"))}
+
+    def begin_step(self, index: int) -> int:
+        self.recorder.enabled = self.recorder.steps is None or index in self.recorder.steps
+        return time.time_ns()
+
+    def end_step(self, plan: StepPlan, began: int, generated: int, waiting: int, host_bytes: int) -> None:
+        from moegen.trace.recorder import Label
+
+        prefill = sum(q for q in plan.q_lens if q > 1)
+        phase = "prefill" if prefill == plan.num_tokens else "decode" if prefill == 0 else "prefill+decode"
+        self.recorder.slice(self.loop_track, Label(f"step {plan.index} ({phase})", {
+            "step": plan.index, "phase": phase, "sequences": len(plan.seqs), "prefill_tokens": prefill,
+            "decode_tokens": plan.num_tokens - prefill}), began, time.time_ns())
+        for name, value in (("sequences in flight", len(plan.seqs)), ("sequences waiting", waiting),
+                            ("tokens in step", plan.num_tokens), ("generated tokens", generated),
+                            ("device memory in use", self.backend.counters.device_bytes),
+                            ("host memory: weights + KV", host_bytes)):
+            self.recorder.counter(self.counters[name], value)
+
+    def close(self) -> None:
+        self.recorder.close()
 
 
 def activation_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, max_step_tokens: int) -> int:

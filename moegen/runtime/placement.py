@@ -90,6 +90,7 @@ class Ticket:
     gate: Tensor | None  # Qwen2-MoE shared_expert_gate, when the module is a gated shared expert
     ready: Event | None  # the copy that filled the slot (None: resident)
     slot: int = -1  # index in its pool (-1: resident)
+    flow: int = 0  # trace flow from the copy to the first compute that uses it (0: none)
 
 
 class SlotPool:
@@ -232,9 +233,16 @@ class Placement:
             stream.wait_event(last_use)  # the device waits for the slot's last compute, not the host
         block = self.blocks[module]
         dst = pool.buffers[slot][: block.flat.numel()]
-        ready = self.backend.copy(stream, dst, block.flat)
+        label, flow = None, 0
+        if self.backend.recorder is not None:
+            from moegen.trace.recorder import Label
+
+            flow = self.backend.recorder.new_flow()
+            label = Label(f"copy {module}", {"layer": module.layer, "expert": module.expert, "bytes": block.nbytes,
+                                             "step": step, "slot": slot}, flows_out=(flow,))
+        ready = self.backend.copy(stream, dst, block.flat, label)
         weights, gate = block.views(dst)
-        self._future(step, module).set_result(Ticket(weights=weights, gate=gate, ready=ready, slot=slot))
+        self._future(step, module).set_result(Ticket(weights=weights, gate=gate, ready=ready, slot=slot, flow=flow))
 
     def skip(self, step: int, module: ModuleId) -> None:
         """Prefetcher: routing gave `module` no tokens this step, so it is never copied."""

@@ -37,10 +37,11 @@ async def embed_task(rt: Runtime) -> None:
     while (step := await rt.queues.embed.get()) is not STOP:
         ids = torch.tensor(step.plan.token_ids, dtype=torch.int64)
         ids_dev = rt.ids_buffer[: len(ids)]
-        copied = rt.backend.copy(rt.backend.h2d_kv, ids_dev, ids)
+        copied = rt.backend.copy(rt.backend.h2d_kv, ids_dev, ids, rt.label("copy token ids", step=step.index))
         rt.backend.compute.wait_event(copied)
         rt.backend.compute.submit(lambda s=step, i=ids_dev: (s.to_device(rt.backend.device),
-                                                             s.h.copy_(embed(rt.core, i))))
+                                                             s.h.copy_(embed(rt.core, i))),
+                                  rt.label("embed", step=step.index, tokens=step.num_tokens))
         for mb in step.micro:
             await rt.queues.attn[0].put((step, mb))
 
@@ -56,16 +57,18 @@ async def attention_task(rt: Runtime, layer: int) -> None:
             ticket = await rt.placement.acquire(step.index, module)
         if ticket.ready is not None:
             b.compute.wait_event(ticket.ready)
+        weight_flow = (ticket.flow,) if ticket.flow and mb.index == 0 else ()
         if rt.kv_on_device:  # --batching model: the KV never leaves the device
-            done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights: _attend(rt, layer, s, m, w, rt.kv[layer]))
+            done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights: _attend(rt, layer, s, m, w, rt.kv[layer]),
+                                    rt.attention_label(layer, step, mb, weight_flow))
         else:
-            done = await _attend_staged(rt, layer, step, mb, ticket)
+            done = await _attend_staged(rt, layer, step, mb, ticket, weight_flow)
         if mb.index == len(step.micro) - 1:
             rt.placement.release(ticket, module, done)
         await rt.queues.router[layer].put((step, mb))
 
 
-async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ticket) -> Event:
+async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ticket, flows: tuple[int, ...]) -> Event:
     """Stage the micro-batch's KV in, attend, and write its new entries back to the host."""
     b = rt.backend
     slot, last_use = await rt.staging.get()
@@ -74,13 +77,18 @@ async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ti
         b.h2d_kv.wait_event(last_use)
     if rt.last_writeback[layer] is not None:  # the previous step's new KV of this layer is home
         b.h2d_kv.wait_event(rt.last_writeback[layer])
-    ready = b.submit_copy(b.h2d_kv, lambda h=rt.kv[layer], s=staged, m=mb: _stage(h, s, m),
-                          _kv_bytes(staged, sum(mb.past_lens)))
+    kv_in, kv_out = _kv_bytes(staged, sum(mb.past_lens)), _kv_bytes(staged, sum(mb.q_lens))
+    kv_flow = rt.recorder.new_flow() if rt.recorder is not None else 0
+    ready = b.submit_copy(b.h2d_kv, lambda h=rt.kv[layer], s=staged, m=mb: _stage(h, s, m), kv_in,
+                          rt.label(f"stage KV[{layer}]", layer=layer, micro_batch=mb.index, step=step.index,
+                                   bytes=kv_in, flows_out=(kv_flow,) if kv_flow else ()))
     b.compute.wait_event(ready)
-    done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights, kv=staged: _attend(rt, layer, s, m, w, kv))
+    done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights, kv=staged: _attend(rt, layer, s, m, w, kv),
+                            rt.attention_label(layer, step, mb, flows + ((kv_flow,) if kv_flow else ())))
     b.d2h.wait_event(done)
-    home = b.submit_copy(b.d2h, lambda h=rt.kv[layer], s=staged, m=mb: _write_back(h, s, m),
-                         _kv_bytes(staged, sum(mb.q_lens)))
+    home = b.submit_copy(b.d2h, lambda h=rt.kv[layer], s=staged, m=mb: _write_back(h, s, m), kv_out,
+                         rt.label(f"write back KV[{layer}]", layer=layer, micro_batch=mb.index, step=step.index,
+                                  bytes=kv_out))
     rt.last_writeback[layer] = home
     rt.staging.put_nowait((slot, home))
     return done
@@ -129,7 +137,9 @@ async def router_task(rt: Runtime, layer: int) -> None:
         if arrived[step.index] < len(step.micro):
             continue
         del arrived[step.index]
-        done = rt.backend.compute.submit(lambda s=step: _route(rt, layer, s))
+        done = rt.backend.compute.submit(lambda s=step: _route(rt, layer, s),
+                                         rt.label(f"router[{layer}]", layer=layer, step=step.index,
+                                                  tokens=step.num_tokens))
         if has_mlp:
             await rt.queues.mlp[layer].put(step)
         if router is None:
@@ -174,7 +184,10 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
             continue
         if ticket.ready is not None:
             rt.backend.compute.wait_event(ticket.ready)
-        done = rt.backend.compute.submit(lambda s=step, w=ticket.weights: _run_expert(rt, layer, s, w, start, count))
+        done = rt.backend.compute.submit(
+            lambda s=step, w=ticket.weights: _run_expert(rt, layer, s, w, start, count),
+            rt.label(f"expert[{layer}][{expert}]", layer=layer, expert=expert, step=step.index, tokens=count,
+                     flops=rt.mlp_flops(ticket.weights, count), flows_in=(ticket.flow,) if ticket.flow else ()))
         rt.placement.release(ticket, module, done)
         await rt.queues.combine[layer].put(("done", step, 0))
 
@@ -196,7 +209,11 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
         ticket = await rt.placement.acquire(step.index, module)
         if ticket.ready is not None:
             rt.backend.compute.wait_event(ticket.ready)
-        done = rt.backend.compute.submit(lambda s=step, t=ticket: _run_mlp(s, t.weights, t.gate))
+        done = rt.backend.compute.submit(
+            lambda s=step, t=ticket: _run_mlp(s, t.weights, t.gate),
+            rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens,
+                     flops=rt.mlp_flops(ticket.weights, step.num_tokens),
+                     flows_in=(ticket.flow,) if ticket.flow else ()))
         rt.placement.release(ticket, module, done)
         await rt.queues.combine[layer].put(("done", step, 0))
 
@@ -225,7 +242,8 @@ async def combine_task(rt: Runtime, layer: int) -> None:
         if expected.get(step.index) != arrived.get(step.index, 0):
             continue
         expected.pop(step.index), arrived.pop(step.index, None)
-        rt.backend.compute.submit(lambda s=step: s.h[: s.num_tokens].add_(s.out[: s.num_tokens]))
+        rt.backend.compute.submit(lambda s=step: s.h[: s.num_tokens].add_(s.out[: s.num_tokens]),
+                                  rt.label(f"combine[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens))
         if last:
             await rt.queues.head.put(step)
         else:
@@ -237,8 +255,10 @@ async def head_task(rt: Runtime) -> None:
     """Final norm, lm_head and sampling for each sequence's last token; the host reads the ids."""
     while (step := await rt.queues.head.get()) is not STOP:
         holder = {}
-        done = rt.backend.compute.submit(lambda s=step, out=holder: out.setdefault(
-            "ids", sample(lm_head(rt.core, rt.cfg, s.h[s.last_token]), s.sampling)))
+        done = rt.backend.compute.submit(
+            lambda s=step, out=holder: out.setdefault("ids", sample(lm_head(rt.core, rt.cfg, s.h[s.last_token]),
+                                                                    s.sampling)),
+            rt.label("lm_head + sample", step=step.index, sequences=len(step.plan.seqs)))
         ids = await rt.read(done, lambda out=holder: out["ids"])  # sync: the host decides who stops
         step.sampled.set_result(ids.tolist())
 

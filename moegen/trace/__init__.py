@@ -1,0 +1,1 @@
+"""Perfetto traces of runs: recording, and summaries computed from the file alone."""

@@ -1,0 +1,210 @@
+"""`moegen trace summarize`: what the streams did, computed from a trace file alone.
+
+Reads any TrackEvent trace with the layout moegen writes (tracks named "... stream", slices with
+`bytes`/`flops` args, a loop track with step slices): wall time, each stream's busy fraction,
+copy/compute overlap, compute bubbles inside steps, time per module type, achieved link GB/s and
+compute FLOP/s, and which resource bounded the run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
+
+
+class TraceFileError(ValueError):
+    """The file is not a trace this tool can read."""
+
+
+@dataclass(slots=True)
+class Slice:
+    track: str
+    name: str
+    start: int  # ns
+    end: int  # ns
+    args: dict = field(default_factory=dict)
+    depth: int = 0
+    flows_in: tuple[int, ...] = ()
+    flows_out: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class ParsedTrace:
+    tracks: dict[int, str]  # uuid -> name
+    slices: list[Slice]
+    counters: dict[str, list[tuple[int, float]]]  # track name -> (ts, value)
+
+
+def parse(path: Path) -> ParsedTrace:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TraceFileError(f"{path}: can't read it ({exc.strerror})") from exc
+    if not data:
+        raise TraceFileError(f"{path}: empty file; was the run traced (--trace) and did it finish?")
+    try:
+        trace = Trace.FromString(data)
+    except DecodeError as exc:
+        raise TraceFileError(f"{path}: not a Perfetto protobuf trace ({exc})") from exc
+    tracks, names, counter_tracks = {}, {}, set()
+    open_slices: dict[int, list[Slice]] = defaultdict(list)
+    parsed = ParsedTrace(tracks, [], defaultdict(list))
+    for packet in trace.packet:
+        if packet.HasField("track_descriptor"):
+            desc = packet.track_descriptor
+            tracks[desc.uuid] = desc.name
+            if desc.HasField("counter"):
+                counter_tracks.add(desc.uuid)
+        for entry in packet.interned_data.event_names:
+            names[entry.iid] = entry.name
+        if not packet.HasField("track_event"):
+            continue
+        event, ts = packet.track_event, packet.timestamp
+        track = tracks.get(event.track_uuid, str(event.track_uuid))
+        if event.type == TrackEvent.TYPE_SLICE_BEGIN:
+            stack = open_slices[event.track_uuid]
+            stack.append(Slice(track, event.name or names.get(event.name_iid, "?"), ts, ts, _args(event), len(stack),
+                               tuple(event.terminating_flow_ids), tuple(event.flow_ids)))
+        elif event.type == TrackEvent.TYPE_SLICE_END:
+            stack = open_slices[event.track_uuid]
+            if not stack:
+                raise TraceFileError(f"{path}: a slice ends on track {track!r} that never began")
+            done = stack.pop()
+            done.end = ts
+            parsed.slices.append(done)
+        elif event.type == TrackEvent.TYPE_COUNTER:
+            parsed.counters[track].append((ts, event.double_counter_value or float(event.counter_value)))
+    if not parsed.slices:
+        raise TraceFileError(f"{path}: holds no slices; was anything recorded (check --trace-steps)?")
+    return parsed
+
+
+def _args(event) -> dict:
+    out = {}
+    for a in event.debug_annotations:
+        for kind in ("int_value", "double_value", "string_value", "bool_value"):
+            if a.HasField(kind):
+                out[a.name] = getattr(a, kind)
+    return out
+
+
+def _union(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[list[int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def _length(intervals) -> int:
+    return sum(e - s for s, e in intervals)
+
+
+def _intersect(a, b) -> list[tuple[int, int]]:
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def summarize(path: Path) -> dict:
+    """The summary as a dict with keys wall_s, streams, overlap, bubbles, modules, link_gbps, flops, bound."""
+    t = parse(path)
+    first, last = min(s.start for s in t.slices), max(s.end for s in t.slices)
+    wall = max(last - first, 1)
+    top = [s for s in t.slices if s.depth == 0]
+    busy = {name: _union([(s.start, s.end) for s in top if s.track == name])
+            for name in sorted({s.track for s in top if "stream" in s.track})}
+    compute = next((v for k, v in busy.items() if "compute" in k), [])
+    copies = _union([iv for k, v in busy.items() if "copy" in k for iv in v])
+    h2d = _union([iv for k, v in busy.items() if "copy" in k and "H2D" in k for iv in v])
+    either = _union(compute + copies)
+    overlap = _length(_intersect(compute, copies)) / max(_length(either), 1)
+    fractions = {k: _length(v) / wall for k, v in busy.items()}
+    copy_bytes = sum(s.args.get("bytes", 0) for s in top if "copy" in s.track and "H2D" in s.track)
+    flops = sum(s.args.get("flops", 0) for s in top if "compute" in s.track)
+    compute_s = _length(compute) / 1e9
+    link_gbps = copy_bytes / max(_length(h2d) / 1e9, 1e-12) / 1e9 if copy_bytes else 0.0
+    return {
+        "wall_s": wall / 1e9,
+        "streams": fractions,
+        "overlap": overlap,
+        "bubbles": _bubbles(t, compute),
+        "modules": _modules(top, wall),
+        "link_gbps": link_gbps,
+        "flops": flops / compute_s if compute_s else 0.0,
+        "bound": _bound(fractions),
+    }
+
+
+def _bubbles(t: ParsedTrace, compute: list[tuple[int, int]]) -> dict:
+    """Compute idle inside steps (work was pending: the step was not done), with what ended each gap."""
+    steps = _union([(s.start, s.end) for s in t.slices if s.track == "event loop"])
+    gaps = []
+    for (_, end), (nxt, _) in zip(compute, compute[1:]):
+        for inside in _intersect([(end, nxt)], steps):
+            gaps.append(inside)
+    starts = {s.start: s for s in t.slices if "compute" in s.track and s.depth == 0}
+    largest = sorted(gaps, key=lambda g: g[0] - g[1])[:10]
+    return {
+        "total_s": _length(gaps) / 1e9,
+        "count": len(gaps),
+        "largest": [{"s": (e - s) / 1e9, "before": _next_name(starts, e)} for s, e in largest],
+    }
+
+
+def _next_name(starts: dict, ts: int) -> str:
+    later = [k for k in starts if k >= ts]
+    return starts[min(later)].name if later else "?"
+
+
+def _modules(top: list[Slice], wall: int) -> dict:
+    """Compute time per module type (attention, router, expert, mlp, combine, embed, lm_head)."""
+    out: dict[str, dict] = {}
+    for s in top:
+        if "compute" not in s.track:
+            continue
+        kind = s.name.split("[")[0].split(" ")[0]
+        entry = out.setdefault(kind, {"s": 0.0, "launches": 0, "tokens": 0, "flops": 0})
+        entry["s"] += (s.end - s.start) / 1e9
+        entry["launches"] += 1
+        entry["tokens"] += int(s.args.get("tokens", 0))
+        entry["flops"] += int(s.args.get("flops", 0))
+    for entry in out.values():
+        entry["share_of_wall"] = entry["s"] * 1e9 / wall
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["s"]))
+
+
+def _bound(fractions: dict[str, float]) -> str:
+    compute = max((v for k, v in fractions.items() if "compute" in k), default=0.0)
+    link = max((v for k, v in fractions.items() if "copy" in k and "H2D" in k), default=0.0)
+    if max(compute, link) < 0.5:
+        return "host: the streams were idle most of the time (Python/scheduling overhead or host syncs)"
+    return "link: host->device copies" if link > compute else "compute"
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"wall {s['wall_s']:.3f}s; bound by {s['bound']}",
+             f"copy/compute overlap {s['overlap']:.1%} (time both busy / time either busy)"]
+    lines += [f"  {name:<28} busy {frac:6.1%}" for name, frac in s["streams"].items()]
+    b = s["bubbles"]
+    lines.append(f"compute bubbles inside steps: {b['count']} totalling {b['total_s']:.3f}s")
+    lines += [f"  {g['s'] * 1e3:8.2f} ms before {g['before']}" for g in b["largest"][:5]]
+    lines.append(f"link {s['link_gbps']:.2f} GB/s while copying; compute {s['flops'] / 1e9:.1f} GFLOP/s while busy")
+    lines.append("modules (compute time):")
+    lines += [f"  {k:<16} {v['s']:8.3f}s {v['share_of_wall']:6.1%} of wall, {v['launches']} launches, "
+              f"{v['tokens']} tokens" for k, v in s["modules"].items()]
+    return "\n".join(lines)
