@@ -142,6 +142,14 @@ class Runtime:
         return self.label(f"attention[{layer}]", flows_in=flows_in, layer=layer, step=step.index,
                           micro_batch=mb.index, sequences=len(mb.rows), tokens=sum(mb.q_lens))
 
+    def mark_unused_copy(self, module, flow: int) -> None:
+        """A weight copy nobody used (its expert got no tokens once routed): its flow ends on a
+        zero-length marker on the copy track, so wasted transfers show in the trace."""
+        from moegen.trace.recorder import Label
+
+        now = time.time_ns()
+        self.recorder.slice(self.backend.h2d_weights.track, Label(f"unused {module}", {}, flows_in=(flow,)), now, now)
+
     @staticmethod
     def mlp_flops(w, tokens: int) -> int:
         """2 FLOPs per multiply-add over the three projections of a SwiGLU MLP."""

@@ -180,6 +180,8 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
         step, start, count = msg
         ticket = await rt.placement.acquire(step.index, module)
         if count == 0:  # a streamed expert with no tokens: hand back a slot it may have been given
+            if ticket is not None and ticket.flow:
+                rt.mark_unused_copy(module, ticket.flow)
             rt.placement.release(ticket, module, None)
             continue
         if ticket.ready is not None:

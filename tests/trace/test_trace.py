@@ -1,0 +1,176 @@
+"""Perfetto traces: the written file re-read with the perfetto protos, and `summarize` checked on a
+synthetic trace written here, independently of moegen's recorder, with hand-computed answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
+
+from moegen.cli import main
+from moegen.models.hf_config import generation_eos_ids
+from moegen.models.loader import load_checkpoint
+from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.engine import Engine
+from moegen.runtime.requests import Request
+from moegen.trace.summarize import TraceFileError, summarize
+
+PROMPTS = [[1, 5, 9, 12], [1] + list(range(300, 320)), [1, 42], [1, 7, 7, 100]]
+
+
+def traced_run(path, out, steps=None, **knobs):
+    cfg, weights, _ = load_checkpoint(path)
+    rcfg = RuntimeConfig(max_seq_len=64, **knobs)
+    with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg), trace=out, trace_steps=steps) as engine:
+        list(engine.generate([Request(p, 6) for p in PROMPTS]))
+        return engine
+
+
+def read(path):
+    """Tracks by uuid, and per track the events in file order, straight from the protos."""
+    trace = Trace.FromString(path.read_bytes())
+    tracks, names, events = {}, {}, []
+    for packet in trace.packet:
+        if packet.HasField("track_descriptor"):
+            tracks[packet.track_descriptor.uuid] = packet.track_descriptor
+        for entry in packet.interned_data.event_names:
+            names[entry.iid] = entry.name
+        if packet.HasField("track_event"):
+            events.append((packet.timestamp, packet.track_event))
+    return tracks, names, events
+
+
+@pytest.fixture(scope="module")
+def mixtral(tiny_checkpoint):
+    return tiny_checkpoint("mixtral")
+
+
+def test_trace_file_structure(mixtral, tmp_path):
+    out = tmp_path / "run.pftrace"
+    traced_run(mixtral, out, batch_size=2, attn_micro_batch=1, expert_slots=2)
+    tracks, names, events = read(out)
+    ordered = sorted((t for t in tracks.values() if t.parent_uuid), key=lambda t: t.sibling_order_rank)
+    order = [t.name for t in ordered]
+    assert order[0] == "event loop" and "compute" in order[1]
+    assert {n for n in order[2:5]} == {"copy H2D weights stream", "copy H2D KV stream", "copy D2H stream"}
+
+    stacks, begun, ended, counters, slice_names = {}, set(), set(), {}, []
+    for ts, e in events:
+        name = tracks[e.track_uuid].name
+        if e.type == TrackEvent.TYPE_SLICE_BEGIN:
+            stacks.setdefault(name, []).append(ts)
+            begun.update(e.flow_ids)
+            ended.update(e.terminating_flow_ids)
+            slice_names.append((name, names[e.name_iid]))
+        elif e.type == TrackEvent.TYPE_SLICE_END:
+            start = stacks[name].pop()  # every end closes an open slice on its own track
+            assert start <= ts
+        elif e.type == TrackEvent.TYPE_COUNTER:
+            counters.setdefault(name, []).append(e.double_counter_value)
+    assert all(not open_ for open_ in stacks.values())  # well nested: nothing left open
+    assert begun and begun == ended  # each flow (weight copy -> its compute, KV staging -> attention) has both ends
+    kinds = {n.split("[")[0] for track, n in slice_names if "compute" in track}
+    assert {"embed", "attention", "router", "expert", "combine", "lm_head + sample"} <= kinds
+    assert any(n.startswith("copy expert[") for track, n in slice_names if "H2D weights" in track)
+    assert any(n.startswith("stage KV[") for track, n in slice_names if "H2D KV" in track)
+    for name in ("sequences in flight", "generated tokens", "device memory in use", "host memory: weights + KV"):
+        assert counters.get(name), name
+    assert counters["generated tokens"][-1] == len(PROMPTS) * 6
+
+
+def test_trace_steps_records_only_those_steps(mixtral, tmp_path):
+    out = tmp_path / "steps.pftrace"
+    traced_run(mixtral, out, batch_size=4, steps=range(2, 4))
+    tracks, names, events = read(out)
+    steps = sorted(names[e.name_iid] for _, e in events
+                   if e.type == TrackEvent.TYPE_SLICE_BEGIN and tracks[e.track_uuid].name == "event loop")
+    assert [s.split()[1] for s in steps] == ["2", "3"]
+
+
+def test_no_trace_no_recorder(mixtral, tmp_path):
+    cfg, weights, _ = load_checkpoint(mixtral)
+    with Engine(cfg, weights, RuntimeConfig(max_seq_len=64), (2,)) as engine:
+        list(engine.generate([Request(PROMPTS[0], 2)]))
+        assert engine.trace is None and engine.backend.recorder is None
+
+
+# -- summarize, on a trace written here by hand -------------------------------------------------
+
+
+def synthetic(path):
+    """Known layout (ms): step [0, 40); compute [0,10) and [20,30); H2D weights copy [5,25) of 2e6 bytes;
+    D2H copy [30,32). Two compute slices of 1e9 FLOPs each."""
+    trace = Trace()
+    uuid = {"event loop": 2, "compute stream": 3, "copy H2D weights stream": 4, "copy D2H stream": 5}
+    for name, u in uuid.items():
+        p = trace.packet.add()
+        p.track_descriptor.uuid, p.track_descriptor.name = u, name
+    ms = 1_000_000
+
+    def sl(track, name, start, end, **args):
+        b = trace.packet.add()
+        b.timestamp = start * ms
+        b.track_event.type, b.track_event.track_uuid, b.track_event.name = TrackEvent.TYPE_SLICE_BEGIN, uuid[track], name
+        for k, v in args.items():
+            a = b.track_event.debug_annotations.add()
+            a.name, a.int_value = k, v
+        e = trace.packet.add()
+        e.timestamp = end * ms
+        e.track_event.type, e.track_event.track_uuid = TrackEvent.TYPE_SLICE_END, uuid[track]
+
+    sl("event loop", "step 0", 0, 40)
+    sl("compute stream", "expert[0][0]", 0, 10, flops=10**9, tokens=5)
+    sl("copy H2D weights stream", "copy expert[0][1]", 5, 25, bytes=2 * 10**6)
+    sl("compute stream", "attention[1]", 20, 30, flops=10**9, tokens=5)
+    sl("copy D2H stream", "write back KV[0]", 30, 32, bytes=1000)
+    path.write_bytes(trace.SerializeToString())
+
+
+def test_summarize_numbers_by_hand(tmp_path):
+    path = tmp_path / "synthetic.pftrace"
+    synthetic(path)
+    s = summarize(path)
+    assert s["wall_s"] == pytest.approx(0.040)
+    assert s["streams"]["compute stream"] == pytest.approx(20 / 40)
+    assert s["streams"]["copy H2D weights stream"] == pytest.approx(20 / 40)
+    assert s["streams"]["copy D2H stream"] == pytest.approx(2 / 40)
+    # both busy: [5,10) + [20,25) = 10 ms; either busy: [0, 32) = 32 ms
+    assert s["overlap"] == pytest.approx(10 / 32)
+    assert s["bubbles"]["total_s"] == pytest.approx(0.010) and s["bubbles"]["count"] == 1
+    assert s["bubbles"]["largest"][0]["before"] == "attention[1]"
+    assert s["link_gbps"] == pytest.approx(2e6 / 0.020 / 1e9)  # H2D bytes over H2D busy time
+    assert s["flops"] == pytest.approx(2e9 / 0.020)
+    assert s["modules"]["expert"]["s"] == pytest.approx(0.010) and s["modules"]["attention"]["launches"] == 1
+    assert s["bound"] == "compute"  # compute and link both 50% busy: not link-bound
+    assert set(s) == {"wall_s", "streams", "overlap", "bubbles", "modules", "link_gbps", "flops", "bound"}
+
+
+def test_summarize_cli_json_and_errors(tmp_path):
+    path = tmp_path / "synthetic.pftrace"
+    synthetic(path)
+    result = CliRunner().invoke(main, ["trace", "summarize", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["overlap"] == pytest.approx(10 / 32)
+    empty, junk = tmp_path / "empty.pftrace", tmp_path / "junk.pftrace"
+    empty.write_bytes(b"")
+    junk.write_bytes(b"\xff\xfe not a trace \x00\x01")
+    for bad, words in ((empty, "empty"), (junk, "not a Perfetto"), (tmp_path / "missing.pftrace", "can't read")):
+        result = CliRunner().invoke(main, ["trace", "summarize", str(bad)])
+        assert result.exit_code == 1 and words in result.stderr, result.output
+    with pytest.raises(TraceFileError):
+        summarize(empty)
+
+
+def test_serve_offline_trace_end_to_end(mixtral, tmp_path):
+    dataset = tmp_path / "rows.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": f"Row {i} says hello"}) + "\n" for i in range(6)))
+    trace = tmp_path / "serve.pftrace"
+    result = CliRunner().invoke(main, ["serve-offline", str(mixtral), "--dataset", str(dataset), "--output",
+                                       str(tmp_path / "out.jsonl"), "--max-new-tokens", "4", "--trace", str(trace),
+                                       "--expert-slots", "1"])
+    assert result.exit_code == 0, result.output
+    s = summarize(trace)
+    assert s["streams"]["compute stream"] > 0 and s["streams"]["copy H2D weights stream"] > 0
+    assert s["modules"]["expert"]["tokens"] > 0 and s["link_gbps"] > 0
