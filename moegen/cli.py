@@ -264,6 +264,26 @@ def trace_summarize_cmd(file, as_json):
         click.echo(format_summary(summary))
 
 
+@trace_group.command("view")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--port", type=click.IntRange(0, 65535), default=9001, show_default=True)
+def trace_view_cmd(file, port):
+    """Serve the Perfetto UI offline on 127.0.0.1 with FILE loaded; Ctrl-C stops it."""
+    from moegen.trace.view import serve
+
+    try:
+        server = serve(file, port)
+    except (FileNotFoundError, RuntimeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"moegen: Perfetto UI with {file} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def _default_dataset() -> Path:
     here = Path("examples/prompts.jsonl")
     return here if here.is_file() else Path(__file__).resolve().parent.parent / "examples" / "prompts.jsonl"

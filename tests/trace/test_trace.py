@@ -174,3 +174,27 @@ def test_serve_offline_trace_end_to_end(mixtral, tmp_path):
     s = summarize(trace)
     assert s["streams"]["compute stream"] > 0 and s["streams"]["copy H2D weights stream"] > 0
     assert s["modules"]["expert"]["tokens"] > 0 and s["link_gbps"] > 0
+
+
+def test_trace_view_serves_the_ui_and_the_trace(tmp_path):
+    """The endpoints the bundled Perfetto UI calls; the in-browser check is not built yet."""
+    import urllib.request
+
+    from moegen.trace.view import serve_in_thread, web_dist
+
+    path = tmp_path / "synthetic.pftrace"
+    synthetic(path)
+    server, url = serve_in_thread(path)
+    try:
+        def get(p):
+            with urllib.request.urlopen(url + p, timeout=10) as r:
+                return r.status, r.read()
+
+        assert get("vizviewer_info") == (200, b"{}")
+        status, body = get("localtrace")
+        assert status == 200 and body == path.read_bytes()
+        status, index = get("index.html")
+        assert status == 200 and index == (web_dist() / "index.html").read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()
