@@ -143,12 +143,11 @@ class Runtime:
                           micro_batch=mb.index, sequences=len(mb.rows), tokens=sum(mb.q_lens))
 
     def mark_unused_copy(self, module, flow: int) -> None:
-        """A weight copy nobody used (its expert got no tokens once routed): its flow ends on a
-        zero-length marker on the copy track, so wasted transfers show in the trace."""
+        """A weight copy nobody used (its expert got no tokens once routed): its flow ends on an empty
+        marker queued on the copy stream itself, so it lands right after that copy in the trace."""
         from moegen.trace.recorder import Label
 
-        now = time.time_ns()
-        self.recorder.slice(self.backend.h2d_weights.track, Label(f"unused {module}", {}, flows_in=(flow,)), now, now)
+        self.backend.h2d_weights.submit(lambda: None, Label(f"unused {module}", {}, flows_in=(flow,)))
 
     @staticmethod
     def mlp_flops(w, tokens: int) -> int:
