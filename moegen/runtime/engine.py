@@ -96,6 +96,9 @@ class Runtime:
                                     for _ in range(3))
         self.ids_buffer = torch.empty(self.max_step_tokens, dtype=torch.int64, device=backend.device)
         self.stats = EngineStats()
+        self.queued: dict[str, int] = {}  # tokens waiting per module type (traced runs only)
+        self.queue_tracks = {kind: backend.recorder.counter_track(f"tokens waiting: {kind}")
+                             for kind in ("attention", "router", "experts")} if backend.recorder is not None else {}
         # What lives in host memory for the run (pinned on cuda): the weight arena and the KV cache.
         self.host_bytes = sum(b.nbytes for b in self.placement.blocks.values()) + (
             0 if self.kv_on_device else B * S * kv_bytes_per_token(cfg, dtype))
@@ -141,6 +144,13 @@ class Runtime:
             return None
         return self.label(f"attention[{layer}]", flows_in=flows_in, layer=layer, step=step.index,
                           micro_batch=mb.index, sequences=len(mb.rows), tokens=sum(mb.q_lens))
+
+    def waiting(self, kind: str, tokens: int) -> None:
+        """Tokens queued in front of a module type (attention, router, experts): a trace counter."""
+        if self.backend.recorder is None or not tokens:
+            return
+        self.queued[kind] = self.queued.get(kind, 0) + tokens
+        self.backend.recorder.counter(self.queue_tracks[kind], self.queued[kind])
 
     def mark_unused_copy(self, module, flow: int) -> None:
         """A weight copy nobody used (its expert got no tokens once routed): its flow ends on an empty

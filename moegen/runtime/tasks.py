@@ -43,6 +43,7 @@ async def embed_task(rt: Runtime) -> None:
                                                              s.h.copy_(embed(rt.core, i))),
                                   rt.label("embed", step=step.index, tokens=step.num_tokens))
         for mb in step.micro:
+            rt.waiting("attention", sum(mb.q_lens))
             await rt.queues.attn[0].put((step, mb))
 
 
@@ -53,6 +54,7 @@ async def attention_task(rt: Runtime, layer: int) -> None:
     b = rt.backend
     while (msg := await rt.queues.attn[layer].get()) is not STOP:
         step, mb = msg
+        rt.waiting("attention", -sum(mb.q_lens))
         if mb.index == 0:
             ticket = await rt.placement.acquire(step.index, module)
         if ticket.ready is not None:
@@ -65,6 +67,7 @@ async def attention_task(rt: Runtime, layer: int) -> None:
             done = await _attend_staged(rt, layer, step, mb, ticket, weight_flow)
         if mb.index == len(step.micro) - 1:
             rt.placement.release(ticket, module, done)
+        rt.waiting("router", sum(mb.q_lens))
         await rt.queues.router[layer].put((step, mb))
 
 
@@ -137,6 +140,7 @@ async def router_task(rt: Runtime, layer: int) -> None:
         if arrived[step.index] < len(step.micro):
             continue
         del arrived[step.index]
+        rt.waiting("router", -step.num_tokens)
         done = rt.backend.compute.submit(lambda s=step: _route(rt, layer, s),
                                          rt.label(f"router[{layer}]", layer=layer, step=step.index,
                                                   tokens=step.num_tokens))
@@ -155,6 +159,7 @@ async def router_task(rt: Runtime, layer: int) -> None:
             starts.append(starts[-1] + n)
         for e, n in enumerate(counts):
             if n or rt.placement.streamed(ModuleId("expert", layer, e)):  # a streamed expert always hears back
+                rt.waiting("experts", n)
                 await rt.queues.expert[layer][e].put((step, starts[e], n))
 
 
@@ -178,6 +183,7 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
     module = ModuleId("expert", layer, expert)
     while (msg := await rt.queues.expert[layer][expert].get()) is not STOP:
         step, start, count = msg
+        rt.waiting("experts", -count)
         ticket = await rt.placement.acquire(step.index, module)
         if count == 0:  # a streamed expert with no tokens: hand back a slot it may have been given
             if ticket is not None and ticket.flow:
@@ -250,6 +256,7 @@ async def combine_task(rt: Runtime, layer: int) -> None:
             await rt.queues.head.put(step)
         else:
             for mb in step.micro:
+                rt.waiting("attention", sum(mb.q_lens))
                 await rt.queues.attn[layer + 1].put((step, mb))
 
 

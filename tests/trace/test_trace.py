@@ -76,8 +76,12 @@ def test_trace_file_structure(mixtral, tmp_path):
     assert {"embed", "attention", "router", "expert", "combine", "lm_head + sample"} <= kinds
     assert any(n.startswith("copy expert[") for track, n in slice_names if "H2D weights" in track)
     assert any(n.startswith("stage KV[") for track, n in slice_names if "H2D KV" in track)
-    for name in ("sequences in flight", "generated tokens", "device memory in use", "host memory: weights + KV"):
+    for name in ("sequences in flight", "generated tokens", "device memory in use", "host memory: weights + KV",
+                 "tokens waiting: attention", "tokens waiting: router", "tokens waiting: experts"):
         assert counters.get(name), name
+    for kind in ("attention", "router", "experts"):  # every queued token was taken: each ends at zero, never below
+        values = counters[f"tokens waiting: {kind}"]
+        assert values[-1] == 0 and min(values) >= 0, (kind, values[-5:])
     assert counters["generated tokens"][-1] == len(PROMPTS) * 6
 
 
