@@ -193,7 +193,7 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
         if ticket.ready is not None:
             rt.backend.compute.wait_event(ticket.ready)
         done = rt.backend.compute.submit(
-            lambda s=step, w=ticket.weights: _run_expert(rt, layer, s, w, start, count),
+            lambda s=step, w=ticket.weights, first=start, n=count: _run_expert(rt, layer, s, w, first, n),
             rt.label(f"expert[{layer}][{expert}]", layer=layer, expert=expert, step=step.index, tokens=count,
                      flops=rt.mlp_flops(ticket.weights, count), flows_in=(ticket.flow,) if ticket.flow else ()))
         rt.placement.release(ticket, module, done)
