@@ -29,10 +29,13 @@ def build_request(row: Row, index: int, tokenizer, defaults: Defaults, context: 
                   chat_template: str | None) -> Request | str:
     """A Request for `row` (its engine id is `index`), or the reason it can't run."""
     try:
-        ids = _prompt_ids(row, tokenizer, chat_template)
         params = _sampling(row, index, defaults)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError) as exc:
         return f"{row.where}: {exc}"
+    try:
+        ids = _prompt_ids(row, tokenizer, chat_template)
+    except Exception as exc:  # a template or tokenizer failure on one row must not end the job
+        return f"{row.where}: can't build the prompt ({type(exc).__name__}: {exc})"
     if not ids:
         return f"{row.where}: empty prompt"
     if len(ids) + params["max_new_tokens"] > context:
