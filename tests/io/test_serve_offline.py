@@ -652,3 +652,14 @@ def test_stats_json_summary_and_plain_progress(model_dir, oracle, tmp_path):
     assert rates, err
     assert float(rates[1]) == pytest.approx(stats["prefill_tok_s"], abs=0.051)
     assert float(rates[2]) == pytest.approx(stats["decode_tok_s"], abs=0.051)
+
+
+def test_a_broken_chat_template_is_a_per_row_error(model_dir, oracle, tmp_path):
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] | no_such_filter }}{% endfor %}")
+    dataset = write_jsonl(tmp_path / "data.jsonl", [{"messages": MESSAGES}, {"prompt": PROMPTS[0]}])
+    out = tmp_path / "out.jsonl"
+    ok(serve(model_dir, dataset, out, "--chat-template", template))
+    got = by_id(read_lines(out))
+    assert "no_such_filter" in got[0]["error"] and "line 1" in got[0]["error"]
+    check_result(got[1], oracle.expected(oracle.prompt_ids(PROMPTS[0]), MAX_NEW))
