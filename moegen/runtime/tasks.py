@@ -28,7 +28,7 @@ from moegen.runtime.sampling import sample
 from moegen.runtime.step import MicroBatch, Step
 
 if TYPE_CHECKING:
-    from moegen.runtime.engine import Runtime
+    from moegen.runtime.context import Runtime
 
 STOP = object()  # put in every queue when the run ends
 

@@ -14,7 +14,8 @@ from moegen.models.loader import load_checkpoint
 from moegen.parity import compare_greedy
 from moegen.runtime.config import RuntimeConfig
 from moegen.models.kv_cache import kv_bytes_per_token
-from moegen.runtime.engine import Engine, activation_bytes
+from moegen.runtime.context import activation_bytes
+from moegen.runtime.engine import Engine
 from moegen.runtime.placement import minimum_device_bytes
 from moegen.runtime.requests import Request
 

@@ -1,0 +1,43 @@
+"""The event loop's side of a trace: step slices and the run's counters."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from moegen.runtime.backend import Backend
+from moegen.runtime.scheduler import StepPlan
+from moegen.trace.recorder import Label, TraceRecorder
+
+
+class StepTracer:
+    """The loop's side of a trace: a track for the event loop (step slices), then the streams', then
+    counters; `--trace-steps A:B` records only those steps."""
+
+    def __init__(self, path: Path, steps: range | None, backend: Backend):
+        self.recorder = TraceRecorder(path, steps)
+        self.backend = backend
+        self.loop_track = self.recorder.track("event loop")
+        backend.trace_to(self.recorder)
+        self.counters = {name: self.recorder.counter_track(name, unit) for name, unit in (
+            ("sequences in flight", None), ("sequences waiting", None), ("tokens in step", None),
+            ("generated tokens", None), ("device memory in use", "bytes"), ("host memory: weights + KV", "bytes"))}
+
+    def begin_step(self, index: int) -> int:
+        self.recorder.enabled = self.recorder.steps is None or index in self.recorder.steps
+        return time.time_ns()
+
+    def end_step(self, plan: StepPlan, began: int, generated: int, waiting: int, host_bytes: int) -> None:
+        prefill = sum(q for q in plan.q_lens if q > 1)
+        phase = "prefill" if prefill == plan.num_tokens else "decode" if prefill == 0 else "prefill+decode"
+        self.recorder.slice(self.loop_track, Label(f"step {plan.index} ({phase})", {
+            "step": plan.index, "phase": phase, "sequences": len(plan.seqs), "prefill_tokens": prefill,
+            "decode_tokens": plan.num_tokens - prefill}), began, time.time_ns())
+        for name, value in (("sequences in flight", len(plan.seqs)), ("sequences waiting", waiting),
+                            ("tokens in step", plan.num_tokens), ("generated tokens", generated),
+                            ("device memory in use", self.backend.counters.device_bytes),
+                            ("host memory: weights + KV", host_bytes)):
+            self.recorder.counter(self.counters[name], value)
+
+    def close(self) -> None:
+        self.recorder.close()
