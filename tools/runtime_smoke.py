@@ -69,14 +69,39 @@ def main() -> None:
                                  "of": len(want), "seconds": time.perf_counter() - start, "h2d_weight_bytes":
                                  c.h2d_weight_bytes, "device_high_water": c.device_high_water,
                                  "budget": engine.backend.budget})
+            trace = Path(tmp) / f"{family}.pftrace"  # device timings in the trace (cuda: timing events)
+            rcfg = RuntimeConfig(device=args.device, max_seq_len=64, batch_size=3, expert_slots=2)
+            with Engine(cfg, weights, rcfg, eos, trace=trace) as engine:
+                list(engine.generate([Request(p, 16) for p in prompts]))
+            rows[-1]["traced_slices"] = _traced_slices(trace)
     if args.out:
         Path(args.out).write_text(json.dumps({"device": args.device, "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"{'family':<13}{'knobs':<16}{'tokens equal':>13}{'weights H2D':>14}{'high water':>13}{'s':>7}")
     for r in rows:
         print(f"{r['family']:<13}{r['knobs']:<16}{str(r['equal']) + '/' + str(r['of']):>13}"
               f"{r['h2d_weight_bytes'] / 2**20:>11.2f}MiB{r['device_high_water'] / 2**20:>10.2f}MiB{r['seconds']:>7.2f}")
+    traced = {r["family"]: r["traced_slices"] for r in rows if "traced_slices" in r}
+    print("traced run, slices per stream:", traced)
     if any(r["equal"] != r["of"] for r in rows):
         raise SystemExit("runtime tokens differ from the reference model's")
+    if any(not n.get("compute stream") or not n.get("copy H2D weights stream") for n in traced.values()):
+        raise SystemExit("the traced run has no compute or weight-copy slices")
+
+
+def _traced_slices(path: Path) -> dict[str, int]:
+    """Slices per stream track of a trace, each checked to lie within the run (well-aligned clocks)."""
+    from moegen.trace.summarize import parse
+
+    parsed = parse(path)
+    steps = [s for s in parsed.slices if s.track == "event loop"]
+    first, last = min(s.start for s in steps), max(s.end for s in steps)
+    counts: dict[str, int] = {}
+    for s in parsed.slices:
+        if s.track.endswith("stream"):
+            if not (first - 1e9 <= s.start <= s.end <= last + 1e9):
+                raise SystemExit(f"slice {s.name} on {s.track} lies outside the run: clocks misaligned")
+            counts[s.track] = counts.get(s.track, 0) + 1
+    return counts
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ def gqa_attention(
     kv.k[rows, batch.positions] = k.to(kv.k.dtype)
     kv.v[rows, batch.positions] = v.to(kv.v.dtype)
 
-    keys = kv.k[batch.slots, : batch.max_kv].to(q.dtype).transpose(1, 2)  # [B, G, S, D]
-    values = kv.v[batch.slots, : batch.max_kv].to(q.dtype).transpose(1, 2)  # [B, G, S, D]
+    keys = batch.cached(kv.k).to(q.dtype).transpose(1, 2)  # [B, G, S, D]
+    values = batch.cached(kv.v).to(q.dtype).transpose(1, 2)  # [B, G, S, D]
     queries = batch.pad(q).transpose(1, 2)  # [B, N, Qm, D]
     out = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale, enable_gqa=cfg.num_heads != cfg.num_kv_heads

@@ -29,6 +29,7 @@ class AttnBatch:
     token_idx: Tensor  # [T] int64: index of each token among its sequence's new tokens
     max_q: int  # Qm
     max_kv: int  # S = max(past_lens + q_lens)
+    first_slot: int | None = None  # slots are first_slot, first_slot + 1, ... (a staged micro-batch): read as a view
 
     @classmethod
     def build(cls, slots: list[int], past_lens: list[int], q_lens: list[int], device: torch.device | str = "cpu") -> AttnBatch:
@@ -48,13 +49,21 @@ class AttnBatch:
             token_idx=token_idx.to(device),
             max_q=max(q_lens),
             max_kv=max(p + n for p, n in zip(past_lens, q_lens)),
+            first_slot=slots[0] if slots and slots == list(range(slots[0], slots[0] + len(slots))) else None,
         )
 
     def to(self, device: torch.device | str) -> AttnBatch:
         """The same batch with its tensors on `device` (host ints unchanged)."""
         return AttnBatch(*(getattr(self, f).to(device) for f in ("slots", "past_lens", "q_lens", "positions",
                                                                   "token_seq", "token_idx")),
-                         max_q=self.max_q, max_kv=self.max_kv)
+                         max_q=self.max_q, max_kv=self.max_kv, first_slot=self.first_slot)
+
+    def cached(self, buffer: Tensor) -> Tensor:
+        """[slots, S_max, ...] KV buffer -> [B, S, ...]: the batch's rows up to max_kv (a view, no copy,
+        when the rows are contiguous)."""
+        if self.first_slot is not None:
+            return buffer[self.first_slot: self.first_slot + len(self.q_lens), : self.max_kv]
+        return buffer[self.slots, : self.max_kv]
 
     @property
     def is_decode(self) -> bool:

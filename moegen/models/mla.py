@@ -42,8 +42,8 @@ def mla_attention(
     kv.latent[rows, batch.positions] = latent.to(kv.latent.dtype)
     kv.k_rope[rows, batch.positions] = k_rope[:, 0].to(kv.k_rope.dtype)
 
-    cached_latent = kv.latent[batch.slots, : batch.max_kv].to(x.dtype)  # [B, S, C]
-    cached_rope = kv.k_rope[batch.slots, : batch.max_kv].to(x.dtype)  # [B, S, R]
+    cached_latent = batch.cached(kv.latent).to(x.dtype)  # [B, S, C]
+    cached_rope = batch.cached(kv.k_rope).to(x.dtype)  # [B, S, R]
     use_absorbed = batch.is_decode if absorbed is None else absorbed
     attend = _attend_absorbed if use_absorbed else _attend_expanded
     out = attend(w, cfg, batch, batch.pad(q_nope), batch.pad(q_rope), cached_latent, cached_rope)  # [B, Qm, N, V]

@@ -90,6 +90,10 @@ class Backend(ABC):
         for stream in self.streams:
             stream.track = recorder.track(f"{stream.name} stream")
 
+    def write_timings(self) -> None:
+        """Write the trace slices of work whose device timings are in (cuda; the cpu backend's workers
+        write theirs as they finish)."""
+
     @abstractmethod
     async def wait(self, event: Event) -> None:
         """Resolve when `event` completes, without blocking the event loop; re-raises its error."""
@@ -103,6 +107,13 @@ class Backend(ABC):
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         self.reserve(nbytes, what, fix)
         return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def place(self, t: Tensor, dtype: torch.dtype, what: str, fix: str | None = None) -> Tensor:
+        """Host tensor `t` as a device tensor of `dtype` that is never written (resident weights),
+        counted against the budget like `alloc`."""
+        dev = self.alloc(tuple(t.shape), dtype, what, fix)
+        dev.copy_(t)
+        return dev
 
     def reserve(self, nbytes: int, what: str, fix: str | None = None) -> None:
         c = self.counters

@@ -16,10 +16,13 @@ class RuntimeConfig:
     """Backend: `cuda` (torch streams and events) or `cpu` (worker threads; can simulate a device)."""
     dtype: str = "float32"
     """Compute and weight dtype on the device: float32, bfloat16 or float16."""
-    batch_size: int = 64
-    """B: sequences in flight. Finished ones are replaced by waiting prompts at once."""
-    attn_micro_batch: int = 16
-    """Sequences per attention launch (bounds the device's KV staging buffers)."""
+    batch_size: int = 256
+    """B: sequences in flight. Finished ones are replaced by waiting prompts at once. Larger B gives each
+    expert more tokens per launch (on 2 cpu cores: 64 -> 256 sequences took the bench Mixtral from 227 to
+    308 generated tok/s)."""
+    attn_micro_batch: int = 256
+    """Sequences per attention launch (bounds the device's KV staging buffers). Small launches are
+    dominated by per-launch overhead: 16 -> 256 took the bench Mixtral from 308 to 336 tok/s on cpu."""
     expert_micro_batch: int | None = None
     """Most tokens in one expert launch; None = all of an expert's tokens in one launch."""
     expert_slots: int | None = None

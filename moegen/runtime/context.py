@@ -62,13 +62,18 @@ class Runtime:
         self.kv_on_device = rcfg.batching == "model"
         B = self.batch_size = model_batch_size(cfg, rcfg, weights, backend) if self.kv_on_device else rcfg.batch_size
         self._check_host_kv(dtype)
+        # Attention reads the KV where it lives unless it must be staged onto the device: on the cpu
+        # backend with no device budget the "device" is host memory, and a staging copy would be waste.
+        self.stage_kv = not self.kv_on_device and not (backend.device.type == "cpu" and backend.budget is None)
         self.micro_batch = B if self.kv_on_device else min(rcfg.attn_micro_batch, B)  # sequences per attention launch
         # B-1 decode tokens + one longest prompt must always fit; never more than every row's whole context.
         self.max_step_tokens = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
         if self.kv_on_device:  # every row, every layer
             kv_bytes = B * S * kv_bytes_per_token(cfg, dtype)
-        else:  # two staging buffers of one layer's KV for a micro-batch, shared by all layers
+        elif self.stage_kv:  # two staging buffers of one layer's KV for a micro-batch, shared by all layers
             kv_bytes = 2 * self.micro_batch * S * kv_bytes_per_token(cfg, dtype) // cfg.num_layers
+        else:
+            kv_bytes = 0
         self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens),
                                    rcfg.expert_slots)
         self.core = self.placement.core
@@ -77,7 +82,7 @@ class Runtime:
         pin = not self.kv_on_device and backend.device.type == "cuda"
         self.kv: list[LayerKV] = allocate_kv(cfg, B, S, dtype, kv_device, pin)  # every sequence in flight
         # Two staging buffers, so one micro-batch's KV comes in while the previous one computes.
-        self.staging_kv = [] if self.kv_on_device else [
+        self.staging_kv = [] if not self.stage_kv else [
             layer_kv(cfg.attention, self.micro_batch, S, dtype, backend.device) for _ in range(2)]
         self.last_writeback: list[Event | None] = [None] * cfg.num_layers
         self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
@@ -174,7 +179,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         return Step(
             plan=plan,
-            micro=micro_batches(plan, self.micro_batch, staged=not self.kv_on_device),
+            micro=micro_batches(plan, self.micro_batch, staged=self.stage_kv),
             h=self.h[:T], x=self.x, out=self.out,
             last_token=torch.tensor(plan.q_lens).cumsum(0) - 1,  # [B] each sequence's last token
             sampling=sampling,

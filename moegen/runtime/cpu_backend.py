@@ -44,6 +44,10 @@ class CpuEvent(Event):
             except RuntimeError:  # a cancelled run's loop is closed: nobody awaits there any more
                 pass
 
+    def settle(self) -> None:
+        """Block until the work before it has ended, failed or not (its error stays with it)."""
+        self._flag.wait()
+
     def block(self) -> None:
         """Wait on a worker thread (a stream-side wait); re-raises the work's error."""
         self._flag.wait()
@@ -144,6 +148,12 @@ class CpuBackend(Backend):
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.empty(shape, dtype=dtype)
 
+    def place(self, t: Tensor, dtype: torch.dtype, what: str, fix: str | None = None) -> Tensor:
+        """Counted against the budget, but not copied: this device's memory is host memory, and a
+        weight that is only read can be read where it is (a second copy would double the host RAM)."""
+        self.reserve(t.numel() * torch.empty((), dtype=dtype).element_size(), what, fix)
+        return t.to(dtype)
+
     def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int, label=None) -> CpuEvent:
         self._count_copy(stream, nbytes)
         return stream.submit(lambda: self._throttled(fn, nbytes), label)
@@ -156,6 +166,10 @@ class CpuBackend(Backend):
             left = nbytes / (self.link_gbps * 1e9) - (time.perf_counter() - start)
             if left > 0:
                 time.sleep(left)
+
+    def synchronize(self) -> None:
+        for stream in self.streams:
+            stream.submit(lambda: None, waiting=True).settle()
 
     def close(self) -> None:
         streams = (self.compute, self.h2d_weights, self.h2d_kv, self.d2h)

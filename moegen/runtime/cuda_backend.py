@@ -4,6 +4,10 @@ Submitting work enqueues its kernels on the stream from the event loop's thread 
 asynchronous) and records an event after them. Streams wait on each other's events on the GPU;
 the host waits only through a waiter thread that synchronizes on an event and resolves the
 asyncio future with `call_soon_threadsafe`, so the loop keeps scheduling other modules meanwhile.
+
+While tracing, a labelled work item is bracketed by two timing events; once both have completed
+(checked after each step, never waited for) its slice is written with device times mapped onto
+the host's `time.time_ns()` through a `DeviceClock` anchored when tracing began.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,17 +33,65 @@ class CudaEvent(Event):
         return self.event.query()
 
 
+class DeviceClock:
+    """Device event times on the host clock: an anchor event that completed at host time `host_ns`
+    (read right after it did, so slices may sit a few microseconds early); an event's time is the
+    anchor's plus the device-measured milliseconds between them."""
+
+    def __init__(self, anchor, host_ns: int):
+        self.anchor, self.host_ns = anchor, host_ns
+
+    @classmethod
+    def now(cls, stream: torch.cuda.Stream) -> DeviceClock:
+        anchor = torch.cuda.Event(enable_timing=True)
+        anchor.record(stream)
+        anchor.synchronize()
+        return cls(anchor, time.time_ns())
+
+    def to_host_ns(self, event) -> int:
+        return self.host_ns + round(self.anchor.elapsed_time(event) * 1e6)
+
+
+@dataclass(slots=True)
+class TimedWork:
+    """A labelled work item whose device start and end events have not been read yet."""
+
+    track: int  # its stream's trace track
+    label: object  # the trace Label
+    start: object  # torch.cuda.Event(enable_timing=True), recorded before its kernels
+    end: object  # recorded after them
+
+
+def write_finished(pending: list[TimedWork], clock: DeviceClock, recorder) -> list[TimedWork]:
+    """Write a slice for each work item whose end event has completed; return the others (the
+    device finishes each stream's work in order, so this never blocks and never reorders a track)."""
+    left = []
+    for work in pending:
+        if work.end.query():
+            recorder.slice(work.track, work.label, clock.to_host_ns(work.start), clock.to_host_ns(work.end))
+        else:
+            left.append(work)
+    return left
+
+
 class CudaStream(Stream):
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, backend: CudaBackend):
         self.name = name
-        self.track = 0  # trace track uuid (device-side timing events are not recorded yet)
-        self.stream = torch.cuda.Stream(device=device)
+        self.backend = backend
+        self.track = 0  # trace track uuid
+        self.stream = torch.cuda.Stream(device=backend.device)
 
     def submit(self, fn: Callable[[], object], label=None) -> CudaEvent:
+        timed = label is not None and self.backend.recorder is not None
         with torch.cuda.stream(self.stream):
+            if timed:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.stream)
             fn()
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=timed)
             event.record(self.stream)
+        if timed:
+            self.backend.timed.append(TimedWork(self.track, label, start, event))
         return CudaEvent(event)
 
     def wait_event(self, event: Event) -> None:
@@ -57,8 +111,10 @@ class CudaBackend(Backend):
         self.counters = Counters()
         free, _total = torch.cuda.mem_get_info(self.device)
         self.budget = budget if budget is not None else max(0, free - self.MARGIN)
+        self.timed: list[TimedWork] = []  # traced work not yet written (its events may still be pending)
+        self.clock: DeviceClock | None = None
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
-            CudaStream(name, self.device) for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
+            CudaStream(name, self) for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
         self._waits: queue.SimpleQueue = queue.SimpleQueue()
         self._waiter = threading.Thread(target=self._wait_loop, name="moegen-cuda-waiter", daemon=True)
         self._waiter.start()
@@ -84,6 +140,16 @@ class CudaBackend(Backend):
         self._waits.put((event, loop, fut))
         await fut
 
+    def trace_to(self, recorder) -> None:
+        super().trace_to(recorder)
+        torch.cuda.synchronize(self.device)
+        self.clock = DeviceClock.now(self.compute.stream)
+
+    def write_timings(self) -> None:
+        """Write the slices of traced work that has finished on the device (after each step)."""
+        if self.recorder is not None and self.timed:
+            self.timed = write_finished(self.timed, self.clock, self.recorder)
+
     def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
@@ -98,5 +164,6 @@ class CudaBackend(Backend):
         self._waits.put(None)
         self._waiter.join()
         torch.cuda.synchronize(self.device)
+        self.write_timings()
 
 

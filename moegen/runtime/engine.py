@@ -26,7 +26,7 @@ from moegen.runtime.context import EngineStats, Runtime
 from moegen.runtime.cpu_backend import CpuBackend
 from moegen.runtime.requests import Request, Result
 from moegen.runtime.scheduler import Scheduler
-from moegen.runtime.tasks import STOP, all_queues, all_tasks
+from moegen.runtime.tasks import STOP, all_queues, all_tasks, prefetch_task
 
 
 class Engine:
@@ -120,16 +120,21 @@ class Engine:
             rt.staging.put_nowait((slot, None))
         scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens, detokenize,
                               admitting=lambda: not self._draining.is_set())
+        rt.placement.reset()  # nothing held over from an earlier run
         try:
             async with asyncio.TaskGroup() as group:
                 for coro in all_tasks(rt):
                     group.create_task(coro)
-                group.create_task(self._step_loop(scheduler, emit))
+                prefetcher = group.create_task(prefetch_task(rt))
+                group.create_task(self._step_loop(scheduler, emit, prefetcher))
         except BaseExceptionGroup as group_error:
             raise _first_cause(group_error) from None
 
-    async def _step_loop(self, scheduler: Scheduler, emit: Callable[[Result], None]) -> None:
-        """The engine step: plan -> feed the pipeline -> wait for the sampled ids -> finish sequences."""
+    async def _step_loop(self, scheduler: Scheduler, emit: Callable[[Result], None], prefetcher: asyncio.Task
+                         ) -> None:
+        """The engine step: plan -> feed the pipeline -> wait for the sampled ids -> finish sequences.
+        At the end the prefetcher is cancelled: it may be waiting for a slot to fill for a step that
+        never comes."""
         rt = self.runtime
         while (plan := scheduler.next_step()) is not None:
             step = rt.new_step(plan)
@@ -145,6 +150,10 @@ class Engine:
             rt.stats.generated_tokens += len(sampled)
             for result in scheduler.finish_step(plan, sampled):
                 emit(result)
+        prefetcher.cancel()
+        for module, ticket in rt.placement.unclaimed():  # in a trace, their copies' flows end unused
+            if ticket.flow:
+                rt.mark_unused_copy(module, ticket.flow)
         for q in all_queues(rt.queues):
             q.put_nowait(STOP)
 

@@ -73,10 +73,16 @@ def _named_tensors(unit, extra: dict[str, Tensor | None] | None = None) -> dict[
 
 
 def pack(arena: Tensor, unit, extra: dict[str, Tensor | None] | None = None) -> HostBlock:
-    """Copy one module's tensors into `arena` (a slice of the host arena of exactly its size)."""
+    """Move one module's tensors into `arena` (a slice of the host arena of exactly its size): each
+    field of `unit` becomes a view of the arena, so the loaded tensor is freed as soon as it is
+    packed and the host never holds the model twice."""
     layout, off = [], 0
+    own = {f.name for f in fields(unit)}
     for name, t in _named_tensors(unit, extra).items():
-        arena[off: off + t.numel()].copy_(t.reshape(-1))
+        part = arena[off: off + t.numel()]
+        part.copy_(t.reshape(-1))
+        if name in own:
+            setattr(unit, name, part.view(t.shape))
         layout.append((name, off, tuple(t.shape)))
         off += t.numel()
     return HostBlock(flat=arena, layout=tuple(layout), cls=type(unit))
@@ -100,8 +106,7 @@ class SlotPool:
         self.kind, self.count = kind, count
         self.buffers = [backend.alloc((numel,), dtype, f"{count} {kind} slot(s)") for _ in range(count)]
         self._free: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
-        for i in range(count):
-            self._free.put_nowait((i, None))
+        self.reset()
 
     async def take(self) -> tuple[int, Event | None]:
         """A free slot and the event its last user's compute recorded (copies into it must wait on it)."""
@@ -109,6 +114,11 @@ class SlotPool:
 
     def give(self, slot: int, last_use: Event | None) -> None:
         self._free.put_nowait((slot, last_use))
+
+    def reset(self) -> None:
+        self._free = asyncio.Queue()
+        for i in range(self.count):
+            self._free.put_nowait((i, None))
 
 
 class Placement:
@@ -132,11 +142,9 @@ class Placement:
         def put(t: Tensor | None, what: str, keep_dtype: bool = False) -> Tensor | None:
             if t is None:
                 return None
-            dev = self.backend.alloc(tuple(t.shape), t.dtype if keep_dtype else self.dtype, what,
-                                     "raise --gpu-memory: the embedding, lm_head, norms and routers always live on "
-                                     "the device")
-            dev.copy_(t)
-            return dev
+            return self.backend.place(t, t.dtype if keep_dtype else self.dtype, what,
+                                      "raise --gpu-memory: the embedding, lm_head, norms and routers always live on "
+                                      "the device")
 
         embed = put(weights.embed_tokens, "the embedding")
         routers = [None if lw.moe is None else RouterWeights(
@@ -194,10 +202,22 @@ class Placement:
 
     def _make_resident(self, module: ModuleId) -> None:
         block = self.blocks[module]
-        dev = self.backend.alloc(tuple(block.flat.shape), self.dtype, f"resident {module}")
-        dev.copy_(block.flat)
-        weights, gate = block.views(dev)
+        weights, gate = block.views(self.backend.place(block.flat, self.dtype, f"resident {module}"))
         self.resident[module] = Ticket(weights=weights, gate=gate, ready=None)
+
+    def reset(self) -> None:
+        """Before a run: every slot free, no ticket outstanding (an earlier run may have ended with
+        slots filled for a step it never ran, or a failure with work in flight): the device finishes
+        what was issued first, so no new copy can overwrite a slot something still reads."""
+        self.backend.synchronize()
+        self._tickets.clear()
+        for pool in self.pools.values():
+            pool.reset()
+
+    def unclaimed(self) -> list[tuple[ModuleId, Ticket]]:
+        """Filled slots nobody acquired (at the end of a run: fills for a step that never came)."""
+        return [(module, fut.result()) for (_, module), fut in self._tickets.items()
+                if fut.done() and not fut.cancelled() and fut.result() is not None]
 
     # -- per step -------------------------------------------------------------------------------
 

@@ -72,11 +72,13 @@ class Step:
 
 
 def micro_batches(plan: StepPlan, size: int, staged: bool = True) -> list[MicroBatch]:
-    """Split the step's sequences, in order, into groups of at most `size`. Staged micro-batches
-    address KV rows 0..b-1 of a staging buffer; unstaged ones the sequences' own rows."""
+    """Split the step's sequences, in order, into groups of at most `size`, never mixing decode
+    sequences (one new token) with prompts: a prompt in a decode group would pad every query of
+    the group to its length. Staged micro-batches address KV rows 0..b-1 of a staging buffer;
+    unstaged ones the sequences' own rows."""
     out, token = [], 0
-    for index, first in enumerate(range(0, len(plan.seqs), size)):
-        seqs = slice(first, first + size)
+    for index, (first, end) in enumerate(_groups(plan.q_lens, size)):
+        seqs = slice(first, end)
         q_lens, past = plan.q_lens[seqs], plan.past_lens[seqs]
         rows = plan.rows[seqs]
         n = sum(q_lens)
@@ -85,3 +87,13 @@ def micro_batches(plan: StepPlan, size: int, staged: bool = True) -> list[MicroB
         out.append(MicroBatch(index, first, slice(token, token + n), attn, rows, past, q_lens))
         token += n
     return out
+
+
+def _groups(q_lens: list[int], size: int) -> list[tuple[int, int]]:
+    """[first, end) sequence ranges of at most `size`, cut where decode turns to prefill or back."""
+    groups, first = [], 0
+    for i in range(1, len(q_lens) + 1):
+        if i == len(q_lens) or i - first == size or (q_lens[i] == 1) != (q_lens[first] == 1):
+            groups.append((first, i))
+            first = i
+    return groups

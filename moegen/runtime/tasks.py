@@ -60,7 +60,7 @@ async def attention_task(rt: Runtime, layer: int) -> None:
         if ticket.ready is not None:
             b.compute.wait_event(ticket.ready)
         weight_flow = (ticket.flow,) if ticket.flow and mb.index == 0 else ()
-        if rt.kv_on_device:  # --batching model: the KV never leaves the device
+        if not rt.stage_kv:  # the KV is where the compute reads it (--batching model, or an unbudgeted cpu)
             done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights: _attend(rt, layer, s, m, w, rt.kv[layer]),
                                     rt.attention_label(layer, step, mb, weight_flow))
         else:
@@ -274,30 +274,50 @@ async def head_task(rt: Runtime) -> None:
 
 async def prefetch_task(rt: Runtime) -> None:
     """Walks each step's modules in execution order and fills device slots ahead of compute.
-    An expert whose router has already reported no tokens is skipped, never copied."""
+    An expert whose router has already reported no tokens is skipped, never copied.
+
+    Once a step's walk is done, the next step's walk begins before that step exists (its index is
+    known; its routing is not, so nothing is skipped): while the step ends — last experts, lm_head,
+    sampling, planning — the link keeps copying the first modules of the next one. A step that then
+    never comes leaves its fills unused; the engine cancels this task when the run ends and the
+    placement forgets them (`Placement.reset`)."""
     placement = rt.placement
+    ahead: set[ModuleId] = set()  # modules already filled for step `index + 1` before it was planned
     while (step := await rt.queues.prefetch.get()) is not STOP:
-        for layer in range(rt.cfg.num_layers):
-            for module in (ModuleId("attn", layer), ModuleId("mlp", layer)):
-                if module in placement.blocks and placement.streamed(module):
-                    await placement.fill(step.index, module)
-            if rt.core.routers[layer] is None:
+        done, ahead = ahead, set()
+        for module, counts in _walk(rt, step.counts):
+            if module in done:
                 continue
-            counts = step.counts[layer]
-            for e in range(rt.cfg.moe.router.num_experts):
-                module = ModuleId("expert", layer, e)
-                if not placement.streamed(module):
-                    continue
-                if counts.done() and counts.result()[e] == 0:
-                    placement.skip(step.index, module)
-                else:
-                    await placement.fill(step.index, module)
+            if counts is not None and counts.done() and counts.result()[module.expert] == 0:
+                placement.skip(step.index, module)
+            else:
+                await placement.fill(step.index, module)
+        for module, _ in _walk(rt, None):
+            if not rt.queues.prefetch.empty():  # the next step is planned: walk it for real
+                break
+            await placement.fill(step.index + 1, module)
+            ahead.add(module)
+
+
+def _walk(rt: Runtime, counts):
+    """(module, its layer's expert counts future or None) for every streamed module, in execution order."""
+    placement = rt.placement
+    for layer in range(rt.cfg.num_layers):
+        for module in (ModuleId("attn", layer), ModuleId("mlp", layer)):
+            if module in placement.blocks and placement.streamed(module):
+                yield module, None
+        if rt.core.routers[layer] is None:
+            continue
+        for e in range(rt.cfg.moe.router.num_experts):
+            module = ModuleId("expert", layer, e)
+            if placement.streamed(module):
+                yield module, None if counts is None else counts[layer]
 
 
 def all_tasks(rt: Runtime) -> list:
     """Coroutines of every module task, for one TaskGroup."""
     L, E = rt.cfg.num_layers, rt.cfg.moe.router.num_experts
-    coros = [embed_task(rt), head_task(rt), prefetch_task(rt)]
+    coros = [embed_task(rt), head_task(rt)]
     for layer in range(L):
         coros += [attention_task(rt, layer), router_task(rt, layer), combine_task(rt, layer)]
         if ModuleId("mlp", layer) in rt.placement.blocks:

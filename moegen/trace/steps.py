@@ -28,6 +28,7 @@ class StepTracer:
         return time.time_ns()
 
     def end_step(self, plan: StepPlan, began: int, generated: int, waiting: int, host_bytes: int) -> None:
+        self.backend.write_timings()
         prefill = sum(q for q in plan.q_lens if q > 1)
         phase = "prefill" if prefill == plan.num_tokens else "decode" if prefill == 0 else "prefill+decode"
         self.recorder.slice(self.loop_track, Label(f"step {plan.index} ({phase})", {

@@ -91,8 +91,8 @@ def test_a_budget_too_small_fails_before_any_work(tiny_checkpoint):
 
 def test_offload_copies_what_each_step_uses_within_the_budget(tiny_checkpoint):
     path = tiny_checkpoint("mixtral")
-    _, probe = run(path, [Request(PROMPTS[0], 1)])
-    cores = probe.backend.counters.device_high_water - sum(b.nbytes for b in probe.runtime.placement.blocks.values())
+    _, probe = run(path, [Request(PROMPTS[0], 1)], gpu_memory=2**40)  # a budget: KV staging is sized as below
+    cores = probe.backend.counters.device_bytes - sum(b.nbytes for b in probe.runtime.placement.blocks.values())
     expert_bytes = max(b.nbytes for m, b in probe.runtime.placement.blocks.items() if m.kind == "expert")
     budget = cores + 3 * expert_bytes + sum(b.nbytes for m, b in probe.runtime.placement.blocks.items()
                                             if m.kind != "expert")
@@ -101,8 +101,9 @@ def test_offload_copies_what_each_step_uses_within_the_budget(tiny_checkpoint):
     streamed = [m for m in placement.blocks if placement.streamed(m)]
     assert streamed and all(m.kind == "expert" for m in streamed)
     steps = engine.stats.steps
-    # Each step either copied each streamed expert or skipped it because it had no tokens.
-    assert all(placement.fills[m] + placement.skips[m] == steps for m in streamed)
+    # Each step either copied each streamed expert or skipped it because it had no tokens; the prefetcher
+    # may also have copied an expert for a step after the last one (it walks ahead before a step is planned).
+    assert all(placement.fills[m] + placement.skips[m] in (steps, steps + 1) for m in streamed)
     assert counters.h2d_weight_bytes == sum(placement.fills[m] * placement.blocks[m].nbytes for m in streamed)
     used = sum(n > 0 for counts in engine.stats.expert_counts for n in counts)  # (step, layer, expert) with tokens
     assert sum(placement.fills.values()) >= used
@@ -152,3 +153,16 @@ def test_a_failing_task_cancels_the_run_with_its_exception(tiny_checkpoint, monk
 
 def test_module_ids_name_themselves():
     assert str(ModuleId("expert", 2, 5)) == "expert[2][5]" and str(ModuleId("attn", 0)) == "attn[0]"
+
+
+def test_an_engine_runs_again_after_the_prefetcher_filled_slots_for_a_step_that_never_came(tiny_checkpoint):
+    """With one expert slot, the prefetcher's walk ahead of the last step holds that slot at the end of
+    the run; the next run on the same engine must start with it free, and give the same tokens."""
+    path = tiny_checkpoint("mixtral")
+    requests = [Request(p, 5) for p in PROMPTS]
+    with engine_for(path, expert_slots=1, gpu_memory=2**40) as engine:
+        first = {r.id: r.token_ids for r in engine.generate(requests)}
+        fills = sum(engine.runtime.placement.fills.values())
+        second = {r.id: r.token_ids for r in engine.generate(requests)}
+        assert sum(engine.runtime.placement.fills.values()) > fills  # it streamed again
+    assert first == second == run(path, requests)[0]

@@ -49,7 +49,8 @@ def mixtral(tiny_checkpoint):
 
 def test_trace_file_structure(mixtral, tmp_path):
     out = tmp_path / "run.pftrace"
-    traced_run(mixtral, out, batch_size=2, attn_micro_batch=1, expert_slots=2)
+    # A device budget, so the KV is staged (on an unbudgeted cpu backend attention reads it in place).
+    traced_run(mixtral, out, batch_size=2, attn_micro_batch=1, expert_slots=2, gpu_memory=2**40)
     tracks, names, events = read(out)
     ordered = sorted((t for t in tracks.values() if t.parent_uuid), key=lambda t: t.sibling_order_rank)
     order = [t.name for t in ordered]
@@ -203,3 +204,43 @@ def test_trace_view_serves_the_ui_and_the_trace(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class FakeTimingEvent:
+    """What write_finished reads of a torch.cuda.Event(enable_timing=True): done or not, and the
+    device milliseconds between two events."""
+
+    def __init__(self, device_ms: float, done: bool = True):
+        self.device_ms, self.done = device_ms, done
+
+    def query(self) -> bool:
+        return self.done
+
+    def elapsed_time(self, other) -> float:
+        return other.device_ms - self.device_ms
+
+
+def test_cuda_device_timings_land_on_the_host_clock(tmp_path):
+    """The cuda backend's slices: device event times, shifted by the anchor taken when tracing
+    began, in host nanoseconds; work still running on the device stays pending, in order."""
+    from moegen.runtime.cuda_backend import DeviceClock, TimedWork, write_finished
+    from moegen.trace.recorder import Label, TraceRecorder
+    from moegen.trace.summarize import parse
+
+    recorder = TraceRecorder(tmp_path / "cuda.pftrace")
+    track = recorder.track("compute stream")
+    anchor_host_ns = 1_700_000_000_000_000_000
+    clock = DeviceClock(FakeTimingEvent(500.0), anchor_host_ns)  # device clock read 500 ms at the anchor
+    pending = [TimedWork(track, Label("expert[0][1]", {"tokens": 7}), FakeTimingEvent(501.0), FakeTimingEvent(503.5)),
+               TimedWork(track, Label("expert[0][2]"), FakeTimingEvent(503.5), FakeTimingEvent(510.0, done=False))]
+    left = write_finished(pending, clock, recorder)
+    assert [w.label.name for w in left] == ["expert[0][2]"]
+    left[0].end.done = True
+    assert write_finished(left, clock, recorder) == []
+    recorder.close()
+    slices = {s.name: s for s in parse(tmp_path / "cuda.pftrace").slices}
+    assert (slices["expert[0][1]"].start, slices["expert[0][1]"].end) == (anchor_host_ns + 1_000_000,
+                                                                          anchor_host_ns + 3_500_000)
+    assert (slices["expert[0][2]"].start, slices["expert[0][2]"].end) == (anchor_host_ns + 3_500_000,
+                                                                          anchor_host_ns + 10_000_000)
+    assert slices["expert[0][1]"].args["tokens"] == 7
