@@ -74,9 +74,9 @@ def runtime_options(fn):
                      help="Backend. cpu runs the same runtime with worker threads as streams."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                      show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                      help="B: sequences in flight; finished ones are refilled from the waiting prompts."),
-        click.option("--attn-micro-batch", type=click.IntRange(min=1), default=16, show_default=True,
+        click.option("--attn-micro-batch", type=click.IntRange(min=1), default=256, show_default=True,
                      help="Sequences per attention launch."),
         click.option("--expert-micro-batch", type=click.IntRange(min=1), default=None,
                      help="Most tokens per expert launch [default: all of an expert's tokens]."),
@@ -194,7 +194,9 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Row i samples with seed + i unless it has its own.")
 @click.option("--stop", "stop", multiple=True, help="Stop string (repeatable); cut from the text.")
+@click.option("--ignore-eos", is_flag=True, help="Don't stop at the model's EOS: every request runs to its max tokens.")
 @click.option("--output-format", type=click.Choice(["moegen", "openai"]), default="moegen", show_default=True)
+@click.option("--output-token-ids", is_flag=True, help="Also write each completion's token ids (\"token_ids\").")
 @click.option("--resume", is_flag=True, help="Continue an output file: skip the ids already in it.")
 @click.option("--retry-errors", is_flag=True, help="With --resume: run the rows that failed before again.")
 @click.option("--overwrite", is_flag=True, help="Start the output file over.")
@@ -204,8 +206,8 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
               help="Also write the summary's numbers here.")
 @runtime_options
 def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_field, id_field, chat_template,
-                      max_new_tokens, temperature, top_k, top_p, seed, stop, output_format, resume, retry_errors,
-                      overwrite, on_error, stats_json, **knobs):
+                      max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, output_format,
+                      output_token_ids, resume, retry_errors, overwrite, on_error, stats_json, **knobs):
     """Run every request of a dataset through MODEL_DIR (default: the demo checkpoint) into --output."""
     from moegen.checkpoints.demo import demo_model_dir
     from moegen.io.dataset import DatasetError, Fields
@@ -225,10 +227,12 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
             raise FileNotFoundError(f"{model_dir}: no such model directory")
         fields = Fields(prompt=prompt_field, messages=messages_field, id=id_field)
         opts = ServeOptions(dataset=dataset, output=output, format=fmt, fields=fields, chat_template=chat_template,
-                            defaults=Defaults(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop)),
+                            defaults=Defaults(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop),
+                                              ignore_eos),
                             output_format=output_format, resume=resume, retry_errors=retry_errors,
                             overwrite=overwrite, on_error=on_error, stats_json=stats_json,
-                            fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps)
+                            fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps,
+                            token_ids=output_token_ids)
         code, summary = serve_offline(model_dir, opts, rcfg)
     except (DatasetError, OutputError, RowError, *USER_ERRORS) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -240,6 +244,69 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
     if code == 130:
         click.echo("moegen: interrupted; continue with the same command plus --resume.", err=True)
     sys.exit(code)
+
+
+@main.command("bench")
+@click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload"]), default="all", show_default=True)
+@click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Checkpoint(s) for vs-transformers (repeatable) [default: the bench Mixtral-like and "
+                   "DeepSeek-V2-Lite-like checkpoints, made once in the cache].")
+@click.option("--prompts", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--hf-batch", "hf_batches", type=click.IntRange(min=1), multiple=True, default=(32, 128),
+              show_default=True, help="transformers batch sizes (repeatable).")
+@click.option("--offload-batch", type=click.IntRange(min=1), default=3072, show_default=True,
+              help="offload: sequences in flight (module-based; model-based takes what fits, at most this).")
+@click.option("--offload-seq-len", type=click.IntRange(min=2), default=64, show_default=True,
+              help="offload: the longest sequence each mode reserves KV for.")
+@click.option("--offload-prompt-len", type=click.IntRange(min=1), default=2, show_default=True,
+              help="offload: prompt tokens; the whole batch's prompts are admitted in one step, whose activations "
+                   "must fit the budget beside two expert slots.")
+@click.option("--offload-new-tokens", type=click.IntRange(min=2), default=12, show_default=True,
+              help="offload: enough that every admitted sequence is still decoding once the last prompt is in.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write every raw number here.")
+@click.option("--keep-trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="offload: keep the module-based run's trace here.")
+def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
+              offload_new_tokens, json_path, keep_trace):
+    """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
+    import orjson
+
+    from moegen.bench import offload, report, vs_transformers
+    from moegen.bench.machine import machine, matmul_peak
+    from moegen.checkpoints.demo import cached_checkpoint
+
+    def say(text: str) -> None:
+        click.echo(text, err=True)
+
+    def save() -> None:  # after each scenario, so a later failure loses nothing measured
+        if json_path is not None:
+            json_path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+
+    out = {"machine": machine(), "matmul_peak_flop_s": matmul_peak(), "scenarios": {}}
+    say(f"moegen bench on {out['machine']['cpu']} ({out['machine']['cores']} cores); float32 matmul peak "
+        f"{out['matmul_peak_flop_s'] / 1e9:.0f} GFLOP/s")
+    tables = []
+    if scenario in ("all", "vs-transformers"):
+        dirs = models or [cached_checkpoint(family, "bench", "bench") for family in ("mixtral", "deepseek_v2")]
+        for model_dir in dirs:
+            say(f"vs transformers: {model_dir}")
+            result = vs_transformers.scenario(Path(model_dir), prompts, new_tokens, tuple(hf_batches),
+                                              out["matmul_peak_flop_s"], say)
+            out["scenarios"].setdefault("vs_transformers", []).append(result)
+            save()
+            tables += report.vs_transformers_table(result)
+            say("\n".join(tables[-6:]))
+    if scenario in ("all", "offload"):
+        model_dir = cached_checkpoint("mixtral", "bench", "bench")
+        say(f"offload regime: {model_dir}")
+        result = offload.scenario(model_dir, offload_batch, offload_prompt_len, offload_new_tokens, offload_seq_len,
+                                  say=say, keep_trace=keep_trace)
+        out["scenarios"]["offload"] = result
+        save()
+        tables += report.offload_table(result)
+    click.echo("\n".join(tables))
 
 
 @main.group("trace")

@@ -50,6 +50,7 @@ class ServeOptions:
     fit_seq_len: bool = True  # size KV rows to the longest request instead of rcfg.max_seq_len (unset flag)
     trace: Path | None = None  # write a Perfetto trace of the run here
     trace_steps: range | None = None  # only these steps
+    token_ids: bool = False  # also write each completion's token ids
 
 
 @dataclass(slots=True)
@@ -165,7 +166,7 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
                 request = by_id[result.id]
                 text = _cut_at_stop(decode(result.token_ids), request.stop_strings)
                 writer.result(rows[result.id].id, text, result.finish_reason, result.prompt_tokens,
-                              len(result.token_ids))
+                              len(result.token_ids), result.token_ids if opts.token_ids else None)
                 summary.ok += 1
                 summary.prompt_tokens += result.prompt_tokens
                 summary.generated_tokens += len(result.token_ids)

@@ -63,7 +63,8 @@ def test_scanner_flags_forbidden_imports():
 
 
 def test_static_only_autoconfig_and_autotokenizer():
-    files = sorted(PACKAGE.rglob("*.py"))
+    # moegen/bench/ runs transformers' generate as the peer it measures against; the engine never does.
+    files = sorted(p for p in PACKAGE.rglob("*.py") if PACKAGE / "bench" not in p.parents)
     assert len(files) >= 10 and PACKAGE / "models" / "loader.py" in files
     bad = []
     for path in files:

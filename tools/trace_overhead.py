@@ -1,6 +1,6 @@
 """Tracing overhead: generated tokens/s of the same job with and without --trace, side by side.
 
-    python tools/trace_overhead.py MODEL_DIR [--prompts 64] [--new-tokens 32] [--repeats 2] [--trace-out run.pftrace]
+    python -m tools.trace_overhead MODEL_DIR [--prompts 64] [--new-tokens 32] [--repeats 2] [--trace-out run.pftrace]
 
 Runs alternate (off, on, off, on, ...) in one process so machine noise hits both; prints the
 best of each and the ratio. The traced run's file is kept at --trace-out.
@@ -28,10 +28,10 @@ def main() -> None:
     from moegen.runtime.config import RuntimeConfig
     from moegen.runtime.engine import Engine
     from moegen.runtime.requests import Request
-    from tools.vs_transformers import prompts_for
+    from moegen.bench.vs_transformers import bench_prompts
 
     tokenizer = load_tokenizer(args.model_dir)
-    prompts = prompts_for(tokenizer, args.prompts)
+    prompts = [tokenizer(text)["input_ids"] for text in bench_prompts(tokenizer, args.prompts)]
     cfg, weights, _ = load_checkpoint(args.model_dir)
     rcfg = RuntimeConfig(max_seq_len=max(map(len, prompts)) + args.new_tokens)
     eos = generation_eos_ids(args.model_dir, cfg)

@@ -19,19 +19,24 @@ def cache_dir() -> Path:
 
 
 def demo_model_dir() -> Path:
-    """The demo checkpoint's directory, generated on first use (built aside, then renamed into place,
-    so an interrupted first run leaves nothing half-written)."""
-    target = cache_dir() / f"demo-{DEMO_FAMILY}-{DEMO_SIZE}"
+    """The demo checkpoint's directory, generated on first use."""
+    return cached_checkpoint(DEMO_FAMILY, DEMO_SIZE, "demo")
+
+
+def cached_checkpoint(family: str, size: str, purpose: str) -> Path:
+    """A random `family` checkpoint of `size` in the cache, generated on first use (built aside, then
+    renamed into place, so an interrupted first run leaves nothing half-written)."""
+    target = cache_dir() / f"{purpose}-{family}-{size}"
     if (target / "config.json").is_file():
         return target
     from moegen.checkpoints.make import make_model
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"moegen: no model given; making the demo checkpoint ({DEMO_FAMILY}-like, {DEMO_SIZE}, random weights) "
-          f"in {target} — once", file=sys.stderr)
-    scratch = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
+    print(f"moegen: making the {purpose} checkpoint ({family}-like, {size}, random weights) in {target} — once",
+          file=sys.stderr)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{purpose}-", dir=target.parent))
     try:
-        make_model(scratch, DEMO_FAMILY, DEMO_SIZE, overwrite=True)
+        make_model(scratch, family, size, overwrite=True)
         if target.exists():
             shutil.rmtree(target)
         scratch.chmod(0o755)  # mkdtemp made it private

@@ -23,6 +23,7 @@ class Defaults:
     top_k: int = 0
     seed: int = 0  # row i (in file order) gets seed + i unless it has its own
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run every request to its max_new_tokens (benchmarks)
 
 
 def build_request(row: Row, index: int, tokenizer, defaults: Defaults, context: int,
@@ -43,7 +44,7 @@ def build_request(row: Row, index: int, tokenizer, defaults: Defaults, context: 
                 f"model's {context}-token context")
     stop = params.pop("stop")
     try:
-        return Request(ids, stop_strings=stop, id=index, **params)
+        return Request(ids, stop_strings=stop, id=index, ignore_eos=defaults.ignore_eos, **params)
     except ValueError as exc:
         return f"{row.where}: {exc}"
 

@@ -78,12 +78,16 @@ class ResultWriter:
     def close(self) -> None:
         self._file.close()
 
-    def result(self, rid: Any, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    def result(self, rid: Any, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               token_ids: list[int] | None = None) -> None:
+        """One finished request; `token_ids` (the completion's ids) are written too when given."""
         if self.fmt == "openai":
             record = _openai_result(rid, text, finish_reason, prompt_tokens, completion_tokens, self.model)
         else:
             record = {"id": rid, "text": text, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
                       "completion_tokens": completion_tokens}
+        if token_ids is not None:
+            record["token_ids"] = token_ids
         self._write(record)
 
     def error(self, rid: Any, message: str) -> None:

@@ -1,0 +1,112 @@
+"""The offload regime on the cpu backend: module-based against model-based batching, same device
+budget, same simulated link, same prefetcher and kernels.
+
+The budget is a third of the model's bytes. The link is chosen so that hiding one expert's copy
+behind its compute takes about `hide_tokens` tokens, the ratio of a 24 GB PCIe-4 card:
+`link = expert-GEMM FLOP/s (measured here, large token counts) × bytes per weight / (2 × hide_tokens)`.
+Both modes run one full batch of short prompts whose sequences may grow to `seq_len` tokens (the
+KV each mode reserves per sequence); decode tokens/s and the link's busy fraction come from each
+run's trace (decode steps at full batch).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from moegen.bench.flops import model_work
+from moegen.bench.machine import gemm_flops
+from moegen.models.hf_config import load_model_config
+from moegen.trace.summarize import Slice, parse
+
+
+def link_for(model_dir: Path, hide_tokens: int) -> tuple[float, float]:
+    """(link GB/s, measured expert-GEMM FLOP/s): the bandwidth at which one expert's copy takes as long
+    as its compute over `hide_tokens` tokens (float32 weights: 4 bytes each)."""
+    cfg = load_model_config(model_dir)
+    flop_s = gemm_flops(2048, cfg.hidden_size, cfg.moe.expert_intermediate)
+    return flop_s * 4 / (2 * hide_tokens) / 1e9, flop_s
+
+
+def decode_numbers(trace: Path) -> dict:
+    """From a run's trace: tokens/s of the decode steps at full batch (every sequence in flight decodes;
+    not the steps where prompts are still being admitted or the last sequences are finishing) and the
+    weights link's busy fraction during them."""
+    parsed = parse(trace)
+    steps = [s for s in parsed.slices if s.track == "event loop" and s.args.get("phase") == "decode"]
+    full = max((int(s.args.get("sequences", 0)) for s in steps), default=0)
+    steps = [s for s in steps if int(s.args.get("sequences", 0)) == full]
+    copies = [s for s in parsed.slices if s.track == "copy H2D weights stream" and s.depth == 0]
+    decode_ns = sum(s.end - s.start for s in steps)
+    tokens = sum(int(s.args.get("sequences", 0)) for s in steps)
+    busy = sum(_overlap(c, s) for s in steps for c in copies)
+    return {"decode_steps": len(steps), "decode_tokens": tokens, "decode_s": decode_ns / 1e9,
+            "decode_tok_s": tokens / (decode_ns / 1e9) if decode_ns else 0.0,
+            "link_busy": busy / decode_ns if decode_ns else 0.0}
+
+
+def _overlap(a: Slice, b: Slice) -> int:
+    return max(0, min(a.end, b.end) - max(a.start, b.start))
+
+
+def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: float, prompts: list[list[int]],
+             new_tokens: int, seq_len: int, workdir: Path) -> dict:
+    """One mode's run: its batch (model-based: what fits the budget, at most `batch`), one batch of
+    requests, and the decode numbers from its trace."""
+    from moegen.runtime.config import RuntimeConfig
+    from moegen.runtime.engine import Engine
+    from moegen.runtime.requests import Request
+
+    # Activations for one step that admits the whole batch (every prompt at once, then decode at full
+    # batch) and KV staging for 64 sequences: the rest of the budget goes to expert slots (model-based:
+    # to its KV).
+    prompt_len = max(map(len, prompts))
+    rcfg = RuntimeConfig(batch_size=batch, gpu_memory=budget, sim_link_gbps=link_gbps, max_seq_len=seq_len,
+                         batching=mode, max_step_tokens=batch * prompt_len + seq_len, attn_micro_batch=64)
+    trace = workdir / f"{mode}.pftrace"
+    with Engine.from_model_dir(model_dir, rcfg, trace=trace) as engine:
+        B = engine.runtime.batch_size
+        requests = [Request(prompts[i % len(prompts)], new_tokens, ignore_eos=True) for i in range(B)]
+        for _ in engine.generate(requests):
+            pass
+        counters, placement = engine.backend.counters, engine.runtime.placement
+        streamed = sum(b.nbytes for m, b in placement.blocks.items() if placement.streamed(m))
+        slots = {kind: pool.count for kind, pool in placement.pools.items()}
+        steps = engine.stats.steps
+    numbers = decode_numbers(trace)
+    numbers |= {"mode": mode, "batch": B, "expert_slots": slots.get("expert", 0), "streamed_bytes": streamed,
+                "h2d_weight_bytes_per_step": counters.h2d_weight_bytes / max(steps, 1),
+                "link_bound_tok_s": B * link_gbps * 1e9 / streamed if streamed else float("inf")}
+    return numbers
+
+
+def scenario(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, seq_len: int, hide_tokens: int = 2000,
+             say=print, keep_trace: Path | None = None) -> dict:
+    """Both modes; returns every number for the JSON."""
+    from transformers import AutoTokenizer
+
+    from moegen.bench.vs_transformers import bench_prompts
+
+    work = model_work(model_dir)
+    budget = work.weight_bytes // 3
+    link, expert_flop_s = link_for(model_dir, hide_tokens)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer(t)["input_ids"][:prompt_len] for t in bench_prompts(tokenizer, 64)]
+    say(f"  device budget {budget / 2**20:.0f} MiB (a third of {work.weight_bytes / 2**20:.0f} MiB of float32 "
+        f"weights); simulated link {link:.3f} GB/s (expert GEMM {expert_flop_s / 1e9:.0f} GFLOP/s × 4 B / "
+        f"(2 × {hide_tokens} tokens))")
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="moegen-offload-") as tmp:
+        for mode in ("module", "model"):
+            say(f"  {mode}-based batching ...")
+            runs[mode] = run_mode(model_dir, mode, batch, budget, link, prompts, new_tokens, seq_len, Path(tmp))
+            say(f"    batch {runs[mode]['batch']}: decode {runs[mode]['decode_tok_s']:.1f} tok/s, "
+                f"link busy {100 * runs[mode]['link_busy']:.0f}% of decode")
+        if keep_trace is not None:
+            keep_trace.write_bytes((Path(tmp) / "module.pftrace").read_bytes())
+    module, model = runs["module"], runs["model"]
+    return {
+        "model": str(model_dir), "budget_bytes": budget, "link_gbps": link, "expert_gemm_flop_s": expert_flop_s,
+        "hide_tokens": hide_tokens, "prompt_len": prompt_len, "new_tokens": new_tokens, "seq_len": seq_len,
+        "runs": runs, "ratio": module["decode_tok_s"] / model["decode_tok_s"] if model["decode_tok_s"] else None,
+    }

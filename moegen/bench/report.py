@@ -1,0 +1,34 @@
+"""The tables `moegen bench` prints last: every number beside its peer and its ceiling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def vs_transformers_table(result: dict) -> list[str]:
+    peak = result["matmul_peak_flop_s"]
+    parity = result["parity"]
+    lines = [f"{Path(result['model']).name}: {result['prompts']} prompts of {result['prompt_tokens'][0]}-"
+             f"{result['prompt_tokens'][1]} tokens, {result['new_tokens']} new tokens each, greedy, EOS ignored",
+             f"  {'engine':<36}{'seconds':>9}{'gen tok/s':>11}{'GFLOP/s':>9}{'% peak':>8}"]
+    for run in result["runs"]:
+        lines.append(f"  {run['engine']:<36}{run['seconds']:>9.1f}{run['tok_s']:>11.1f}{run['flop_s'] / 1e9:>9.1f}"
+                     f"{100 * run['flop_s'] / peak:>7.0f}%")
+    lines.append(f"  moegen / best transformers ({result['best_transformers']}): "
+                 f"{result['ratio_to_best_transformers']:.2f}x; parity: {parity['identical']}/{parity['total']} "
+                 f"identical, {parity['near_ties']} near-ties, {len(parity['failures'])} failures")
+    lines += [f"    {failure}" for failure in parity["failures"][:5]]
+    return lines
+
+
+def offload_table(result: dict) -> list[str]:
+    lines = [f"{Path(result['model']).name}, offload regime (cpu backend, SIMULATED link "
+             f"{result['link_gbps']:.3f} GB/s, device budget {result['budget_bytes'] / 2**20:.0f} MiB)",
+             f"  {'batching':<10}{'batch':>7}{'expert slots':>14}{'decode tok/s':>14}{'link bound':>12}"
+             f"{'link busy':>11}"]
+    for mode, run in result["runs"].items():
+        lines.append(f"  {mode:<10}{run['batch']:>7}{run['expert_slots']:>14}{run['decode_tok_s']:>14.1f}"
+                     f"{run['link_bound_tok_s']:>12.1f}{100 * run['link_busy']:>10.0f}%")
+    if result["ratio"] is not None:
+        lines.append(f"  module / model: {result['ratio']:.1f}x in decode tokens/s")
+    return lines
