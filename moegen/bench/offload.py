@@ -50,7 +50,7 @@ def _overlap(a: Slice, b: Slice) -> int:
 
 
 def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: float, prompts: list[list[int]],
-             new_tokens: int, seq_len: int, workdir: Path) -> dict:
+             new_tokens: int, seq_len: int, workdir: Path, expert_slots: int | None = None) -> dict:
     """One mode's run: its batch (model-based: what fits the budget, at most `batch`), one batch of
     requests, and the decode numbers from its trace."""
     from moegen.runtime.config import RuntimeConfig
@@ -62,7 +62,8 @@ def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: flo
     # to its KV).
     prompt_len = max(map(len, prompts))
     rcfg = RuntimeConfig(batch_size=batch, gpu_memory=budget, sim_link_gbps=link_gbps, max_seq_len=seq_len,
-                         batching=mode, max_step_tokens=batch * prompt_len + seq_len, attn_micro_batch=64)
+                         batching=mode, max_step_tokens=batch * prompt_len + seq_len, attn_micro_batch=64,
+                         expert_slots=expert_slots)
     trace = workdir / f"{mode}.pftrace"
     with Engine.from_model_dir(model_dir, rcfg, trace=trace) as engine:
         B = engine.runtime.batch_size

@@ -39,7 +39,7 @@ class ModuleId:
 class CoreWeights:
     """What is always on the device."""
 
-    embed_tokens: Tensor  # [V, H]
+    embed_tokens: Tensor  # [V, H]; in host memory unless tied to lm_head (the lookup runs on the host)
     lm_head: Tensor  # [V, H]
     norm: Tensor  # [H]
     input_layernorm: list[Tensor]  # [H] per layer
@@ -138,22 +138,26 @@ class Placement:
         self.skips: Counter[ModuleId] = Counter()  # copies avoided because routing gave the module no tokens
 
     def _place_core(self, weights: ModelWeights) -> CoreWeights:
-        """Embedding, norms, routers and lm_head always live on the device."""
+        """Norms, routers and lm_head always live on the device. The embedding stays in host memory
+        (a lookup needs T rows, not the V-row table: the rows cross the link, `embed_on_host`),
+        unless it is also the lm_head."""
         def put(t: Tensor | None, what: str, keep_dtype: bool = False) -> Tensor | None:
             if t is None:
                 return None
             return self.backend.place(t, t.dtype if keep_dtype else self.dtype, what,
-                                      "raise --gpu-memory: the embedding, lm_head, norms and routers always live on "
+                                      "raise --gpu-memory: lm_head, norms and routers always live on "
                                       "the device")
 
-        embed = put(weights.embed_tokens, "the embedding")
+        tied = weights.lm_head is weights.embed_tokens
+        embed = put(weights.embed_tokens, "the embedding (tied to lm_head)") if tied else weights.embed_tokens
+        self.embed_on_host = not tied
         routers = [None if lw.moe is None else RouterWeights(
             gate=put(lw.moe.router.gate, "a router"),
             e_score_correction_bias=put(lw.moe.router.e_score_correction_bias, "a router bias", keep_dtype=True))
             for lw in weights.layers]
         return CoreWeights(
             embed_tokens=embed,
-            lm_head=embed if weights.lm_head is weights.embed_tokens else put(weights.lm_head, "lm_head"),
+            lm_head=embed if tied else put(weights.lm_head, "lm_head"),
             norm=put(weights.norm, "norms"),
             input_layernorm=[put(lw.input_layernorm, "norms") for lw in weights.layers],
             post_attention_layernorm=[put(lw.post_attention_layernorm, "norms") for lw in weights.layers],
@@ -273,8 +277,7 @@ class Placement:
 def minimum_device_bytes(weights: ModelWeights, dtype: torch.dtype, expert_slots: int | None) -> int:
     """What any placement needs on the device: the core plus each streamed kind's smallest slot pool."""
     size = torch.empty((), dtype=dtype).element_size()
-    core = weights.embed_tokens.numel() + weights.norm.numel()
-    core += 0 if weights.lm_head is weights.embed_tokens else weights.lm_head.numel()
+    core = weights.lm_head.numel() + weights.norm.numel()  # the embedding stays on the host unless tied
     largest: dict[Kind, int] = {}
     counts: Counter[Kind] = Counter()
     for lw in weights.layers:

@@ -34,14 +34,25 @@ STOP = object()  # put in every queue when the run ends
 
 
 async def embed_task(rt: Runtime) -> None:
+    """Token ids -> the step's residual stream. The lookup runs where the table is: on the host, the
+    rows then crossing the link (the table never occupies the device), or on the device when the
+    table is also the lm_head."""
+    b = rt.backend
     while (step := await rt.queues.embed.get()) is not STOP:
         ids = torch.tensor(step.plan.token_ids, dtype=torch.int64)
-        ids_dev = rt.ids_buffer[: len(ids)]
-        copied = rt.backend.copy(rt.backend.h2d_kv, ids_dev, ids, rt.label("copy token ids", step=step.index))
-        rt.backend.compute.wait_event(copied)
-        rt.backend.compute.submit(lambda s=step, i=ids_dev: (s.to_device(rt.backend.device),
-                                                             s.h.copy_(embed(rt.core, i))),
-                                  rt.label("embed", step=step.index, tokens=step.num_tokens))
+        if rt.placement.embed_on_host:
+            nbytes = step.h.numel() * step.h.element_size()
+            copied = b.submit_copy(b.h2d_kv, lambda s=step, i=ids: s.h.copy_(embed(rt.core, i), non_blocking=True),
+                                   nbytes, rt.label("copy embeddings", step=step.index, bytes=nbytes))
+            b.compute.wait_event(copied)
+            b.compute.submit(lambda s=step: s.to_device(b.device), rt.label("embed", step=step.index,
+                                                                            tokens=step.num_tokens))
+        else:
+            ids_dev = rt.ids_buffer[: len(ids)]
+            copied = b.copy(b.h2d_kv, ids_dev, ids, rt.label("copy token ids", step=step.index))
+            b.compute.wait_event(copied)
+            b.compute.submit(lambda s=step, i=ids_dev: (s.to_device(b.device), s.h.copy_(embed(rt.core, i))),
+                             rt.label("embed", step=step.index, tokens=step.num_tokens))
         for mb in step.micro:
             rt.waiting("attention", sum(mb.q_lens))
             await rt.queues.attn[0].put((step, mb))

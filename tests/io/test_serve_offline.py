@@ -663,3 +663,22 @@ def test_a_broken_chat_template_is_a_per_row_error(model_dir, oracle, tmp_path):
     got = by_id(read_lines(out))
     assert "no_such_filter" in got[0]["error"] and "line 1" in got[0]["error"]
     check_result(got[1], oracle.expected(oracle.prompt_ids(PROMPTS[0]), MAX_NEW))
+
+
+def test_ignore_eos_runs_to_max_tokens_and_token_ids_are_the_completion(model_dir, oracle, tmp_path):
+    """--ignore-eos: every request generates exactly --max-new-tokens; --output-token-ids writes the ids,
+    which are transformers' greedy ids (min_new_tokens keeps it from stopping at EOS either)."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p} for p in PROMPTS])
+    out = tmp_path / "out.jsonl"
+    ok(serve(model_dir, data, out, "--ignore-eos", "--output-token-ids", max_new=12))
+    records = by_id(read_lines(out))
+    for i, prompt in enumerate(PROMPTS):
+        ids = oracle.prompt_ids(prompt)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            want = oracle.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12,
+                                         min_new_tokens=12, pad_token_id=0)[0, len(ids):].tolist()
+        record = records[i]
+        assert set(record) == RESULT_KEYS | {"token_ids"}
+        assert record["token_ids"] == want and record["completion_tokens"] == 12
+        assert record["finish_reason"] == "length" and record["text"] == oracle.decode(want)

@@ -90,8 +90,8 @@ def test_runtime_matches_transformers(family, knobs, oracle):
 
 def resident_bytes(path) -> int:
     """A device budget that holds the core, staging and activations but only part of the modules."""
-    _, engine = run_engine(path, batch_size=4)
-    placed = engine.backend.counters.device_high_water
+    _, engine = run_engine(path, batch_size=4, gpu_memory=2**40)  # a budget, so KV staging is counted too
+    placed = engine.backend.counters.device_bytes
     module_bytes = sum(b.nbytes for b in engine.runtime.placement.blocks.values())
     return placed - module_bytes * 3 // 4
 
@@ -123,3 +123,20 @@ def test_model_batching_takes_the_batch_that_fits_the_budget(family, oracle):
     assert engine.backend.counters.device_high_water <= budget
     assert engine.backend.counters.d2h_bytes < 64 * len(PROMPTS)  # no KV write-back, only sampled ids/counts
     assert_parity(results, runs)
+
+
+def test_tied_embeddings_are_looked_up_on_the_device(tiny_checkpoint):
+    """A checkpoint whose lm_head is its embedding: the table is on the device anyway, so the lookup
+    runs there (untied, the table stays on the host and only the rows cross)."""
+    path = tiny_checkpoint("qwen3_moe", tie_word_embeddings=True)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    runs = []
+    for prompt in PROMPTS:
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+        runs.append((out.sequences[0, len(prompt):].tolist(), [step[0] for step in out.logits]))
+    results, engine = run_engine(path, batch_size=4, gpu_memory=2**40)
+    assert not engine.runtime.placement.embed_on_host
+    assert_parity(results, runs)
+    _, engine = run_engine(tiny_checkpoint("qwen3_moe"), batch_size=4, gpu_memory=2**40)
+    assert engine.runtime.placement.embed_on_host

@@ -1,0 +1,62 @@
+"""`moegen bench`'s pieces on tiny checkpoints: the work count against hand-computed values, the
+transformers scenario end to end (its parity check must pass: the two engines agree), and the
+offload scenario's two modes under one budget and link."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from moegen.bench.flops import model_work
+from moegen.bench.offload import scenario as offload_scenario
+from moegen.cli import main
+
+
+def test_model_work_counts_what_one_token_touches(tiny_checkpoint):
+    for layout in ("per-expert", "fused"):
+        path = tiny_checkpoint("mixtral", layout)
+        c = json.loads((path / "config.json").read_text())
+        H, I, L, E, K = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_local_experts"],
+                         c["num_experts_per_tok"])
+        D = H // c["num_attention_heads"]
+        attention = H * H * 2 + 2 * H * c["num_key_value_heads"] * D  # q, o; k, v
+        work = model_work(path)
+        assert work.layer_params == L * (attention + H * E + K * 3 * H * I)  # + the router; top_k experts
+        assert work.head_params == c["vocab_size"] * H
+        assert work.expert_params == 3 * H * I
+        assert work.score_flops_per_ctx == L * 2 * c["num_attention_heads"] * 2 * D
+        total = L * (attention + H * E + E * 3 * H * I + 2 * H) + 2 * c["vocab_size"] * H + H
+        assert work.weight_bytes == 4 * total
+        # One prompt of 3 tokens, 2 new: 4 tokens run through the layers (positions 1..4 see 1..4 keys).
+        assert work.job_flops([3], 2) == 2 * work.layer_params * 4 + work.score_flops_per_ctx * 10 + 2 * 2 * work.head_params
+
+
+def test_vs_transformers_scenario_end_to_end(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("qwen3_moe")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--scenario", "vs-transformers", "--model", str(path), "--prompts", "6",
+                                       "--new-tokens", "5", "--hf-batch", "4", "--json", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    data = json.loads(out.read_text())
+    run = data["scenarios"]["vs_transformers"][0]
+    assert [r["engine"] for r in run["runs"]] == ["moegen serve-offline (no knobs)", "transformers generate, batch 4"]
+    assert all(r["generated"] == 30 and r["seconds"] > 0 for r in run["runs"])
+    parity = run["parity"]
+    assert parity["total"] == 6 and parity["identical"] + parity["near_ties"] == 6 and not parity["failures"]
+    assert 32 <= run["prompt_tokens"][0] <= run["prompt_tokens"][1] <= 129
+    assert data["matmul_peak_flop_s"] > 1e9 and data["machine"]["cores"] >= 1
+    assert "moegen / best transformers" in result.output
+
+
+def test_offload_scenario_runs_both_modes_under_one_budget_and_link(tiny_checkpoint):
+    path = tiny_checkpoint("mixtral")
+    result = offload_scenario(path, batch=16, prompt_len=2, new_tokens=4, seq_len=32, hide_tokens=50,
+                              say=lambda text: None)
+    module, model = result["runs"]["module"], result["runs"]["model"]
+    assert module["batch"] == 16 and 1 <= model["batch"] <= 16
+    assert result["budget_bytes"] == model_work(path).weight_bytes // 3
+    for run in (module, model):
+        assert run["decode_steps"] >= 1 and run["decode_tokens"] == run["decode_steps"] * run["batch"]
+        assert 0 < run["link_busy"] <= 1 and run["streamed_bytes"] > 0
+    assert result["ratio"] == module["decode_tok_s"] / model["decode_tok_s"]
