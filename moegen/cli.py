@@ -262,6 +262,9 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
 @click.option("--offload-prompt-len", type=click.IntRange(min=1), default=2, show_default=True,
               help="offload: prompt tokens; the whole batch's prompts are admitted in one step, whose activations "
                    "must fit the budget beside two expert slots.")
+@click.option("--offload-expert-slots", type=click.IntRange(min=1), default=None,
+              help="offload: expert slots for both modes [default: what fits; placement may keep some experts "
+                   "resident instead].")
 @click.option("--offload-new-tokens", type=click.IntRange(min=2), default=12, show_default=True,
               help="offload: enough that every admitted sequence is still decoding once the last prompt is in.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -269,7 +272,7 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
 @click.option("--keep-trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="offload: keep the module-based run's trace here.")
 def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
-              offload_new_tokens, json_path, keep_trace):
+              offload_expert_slots, offload_new_tokens, json_path, keep_trace):
     """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
     import orjson
 
@@ -302,7 +305,7 @@ def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, 
         model_dir = cached_checkpoint("mixtral", "bench", "bench")
         say(f"offload regime: {model_dir}")
         result = offload.scenario(model_dir, offload_batch, offload_prompt_len, offload_new_tokens, offload_seq_len,
-                                  say=say, keep_trace=keep_trace)
+                                  say=say, keep_trace=keep_trace, expert_slots=offload_expert_slots)
         out["scenarios"]["offload"] = result
         save()
         tables += report.offload_table(result)

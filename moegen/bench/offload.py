@@ -4,9 +4,13 @@ budget, same simulated link, same prefetcher and kernels.
 The budget is a third of the model's bytes. The link is chosen so that hiding one expert's copy
 behind its compute takes about `hide_tokens` tokens, the ratio of a 24 GB PCIe-4 card:
 `link = expert-GEMM FLOP/s (measured here, large token counts) × bytes per weight / (2 × hide_tokens)`.
-Both modes run one full batch of short prompts whose sequences may grow to `seq_len` tokens (the
-KV each mode reserves per sequence); decode tokens/s and the link's busy fraction come from each
-run's trace (decode steps at full batch).
+The job: sequences of `prompt_len`-token prompts that may each grow to `seq_len` tokens, which is
+the KV each mode reserves per sequence (and so what bounds model-based batching's batch on the
+device). Only the first `new_tokens` of each are generated: what is measured is the decode steps
+at full batch (from each run's trace: tokens/s and the weights link's busy fraction), whose cost
+does not depend on their position at these lengths; running the job to its end would take this
+CPU many minutes per mode. Module-based admits the whole batch's prompts in one step, so its
+activations are sized for that step.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: flo
 
 
 def scenario(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, seq_len: int, hide_tokens: int = 2000,
-             say=print, keep_trace: Path | None = None) -> dict:
+             say=print, keep_trace: Path | None = None, expert_slots: int | None = None) -> dict:
     """Both modes; returns every number for the JSON."""
     from transformers import AutoTokenizer
 
@@ -100,7 +104,8 @@ def scenario(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, seq_
     with tempfile.TemporaryDirectory(prefix="moegen-offload-") as tmp:
         for mode in ("module", "model"):
             say(f"  {mode}-based batching ...")
-            runs[mode] = run_mode(model_dir, mode, batch, budget, link, prompts, new_tokens, seq_len, Path(tmp))
+            runs[mode] = run_mode(model_dir, mode, batch, budget, link, prompts, new_tokens, seq_len, Path(tmp),
+                                  expert_slots)
             say(f"    batch {runs[mode]['batch']}: decode {runs[mode]['decode_tok_s']:.1f} tok/s, "
                 f"link busy {100 * runs[mode]['link_busy']:.0f}% of decode")
         if keep_trace is not None:
@@ -109,5 +114,6 @@ def scenario(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, seq_
     return {
         "model": str(model_dir), "budget_bytes": budget, "link_gbps": link, "expert_gemm_flop_s": expert_flop_s,
         "hide_tokens": hide_tokens, "prompt_len": prompt_len, "new_tokens": new_tokens, "seq_len": seq_len,
+        "expert_slots": expert_slots,
         "runs": runs, "ratio": module["decode_tok_s"] / model["decode_tok_s"] if model["decode_tok_s"] else None,
     }
