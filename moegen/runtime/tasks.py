@@ -109,18 +109,30 @@ async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ti
 
 
 def _stage(host, staged, mb: MicroBatch) -> None:
-    """Each sequence's cached rows, host -> staging row i (one contiguous copy per sequence and tensor)."""
+    """Each sequence's cached rows, host -> staging row i. Within host memory (the cpu backend) one
+    gather per tensor, up to the longest cache (positions past a sequence's own are masked); to a GPU
+    one asynchronous copy per sequence and tensor from pinned memory."""
+    longest = max(mb.past_lens)
     for f in fields(host):
         src, dst = getattr(host, f.name), getattr(staged, f.name)
+        if dst.device == src.device:
+            if longest:
+                dst[: len(mb.rows), :longest] = src[torch.tensor(mb.rows), :longest]  # [b, S', ...]
+            continue
         for i, (row, past) in enumerate(zip(mb.rows, mb.past_lens)):
             if past:
                 dst[i, :past].copy_(src[row, :past], non_blocking=True)
 
 
 def _write_back(host, staged, mb: MicroBatch) -> None:
-    """Each sequence's new entries, staging row i -> its host row."""
+    """Each sequence's new entries, staging row i -> its host row: one scatter per tensor within host
+    memory, else one copy per sequence and tensor."""
     for f in fields(host):
         src, dst = getattr(staged, f.name), getattr(host, f.name)
+        if dst.device == src.device:
+            a = mb.attn  # token t of the micro-batch: staging row a.token_seq[t], position a.positions[t]
+            dst[torch.tensor(mb.rows)[a.token_seq], a.positions] = src[a.token_seq, a.positions]  # [T, ...]
+            continue
         for i, (row, past, q) in enumerate(zip(mb.rows, mb.past_lens, mb.q_lens)):
             dst[row, past: past + q].copy_(src[i, past: past + q], non_blocking=True)
 
