@@ -99,10 +99,24 @@ def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> t
     finally:
         writer.close()
         summary.wall_s = time.perf_counter() - start
-        summary.peak_host_memory_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        summary.peak_host_memory_gib = peak_rss_bytes() / 2**30
         if opts.stats_json:
             opts.stats_json.write_bytes(orjson.dumps(asdict(summary), option=orjson.OPT_INDENT_2))
     return (EXIT_SIGNAL if summary.interrupted else EXIT_OK), summary
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, the high-water mark of this program's own
+    address space (ru_maxrss also counts a parent's memory inherited across fork + exec, so a job
+    started from a large process would report that process's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux (bytes on macOS)
 
 
 def _check_unique_ids(rows, dataset: Path) -> None:

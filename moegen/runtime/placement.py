@@ -2,7 +2,8 @@
 
 Every streamable module (attention[l], mlp[l] — dense MLP or shared expert —, expert[l][e]) is
 one contiguous host block, so its copy is one large transfer. At start-up the placement puts
-the core (embedding, norms, routers, lm_head) and whatever else fits on the device, and sizes a
+the core (norms, routers, lm_head; the embedding only when tied to lm_head) and whatever else fits
+on the device, and sizes a
 slot pool per module type for the rest. A non-resident module is used through a *ticket*: the
 prefetcher fills a free slot on the weights copy stream and records a ready event; the consumer's
 compute waits on it; the consumer returns the slot with its compute's event, which the next copy

@@ -682,3 +682,14 @@ def test_ignore_eos_runs_to_max_tokens_and_token_ids_are_the_completion(model_di
         assert set(record) == RESULT_KEYS | {"token_ids"}
         assert record["token_ids"] == want and record["completion_tokens"] == 12
         assert record["finish_reason"] == "length" and record["text"] == oracle.decode(want)
+
+
+def test_peak_memory_is_the_jobs_own_not_its_parents():
+    """A job started from a process holding 1 GiB must not report that GiB (ru_maxrss is inherited
+    across fork + exec on Linux; the summary's peak host memory is the job's own)."""
+    held = bytearray(2**30)
+    held[:: 4096] = b"\x01" * len(held[:: 4096])  # touch every page, so it is resident
+    probe = "from moegen.serve import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < 0.75 * 2**30, child
+    del held
