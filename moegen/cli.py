@@ -274,42 +274,12 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
 def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
               offload_expert_slots, offload_new_tokens, json_path, keep_trace):
     """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
-    import orjson
+    from moegen.bench.run import BenchOptions, run_bench
 
-    from moegen.bench import offload, report, vs_transformers
-    from moegen.bench.machine import machine, matmul_peak
-    from moegen.checkpoints.demo import cached_checkpoint
-
-    def say(text: str) -> None:
-        click.echo(text, err=True)
-
-    def save() -> None:  # after each scenario, so a later failure loses nothing measured
-        if json_path is not None:
-            json_path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
-
-    out = {"machine": machine(), "matmul_peak_flop_s": matmul_peak(), "scenarios": {}}
-    say(f"moegen bench on {out['machine']['cpu']} ({out['machine']['cores']} cores); float32 matmul peak "
-        f"{out['matmul_peak_flop_s'] / 1e9:.0f} GFLOP/s")
-    tables = []
-    if scenario in ("all", "vs-transformers"):
-        dirs = models or [cached_checkpoint(family, "bench", "bench") for family in ("mixtral", "deepseek_v2")]
-        for model_dir in dirs:
-            say(f"vs transformers: {model_dir}")
-            result = vs_transformers.scenario(Path(model_dir), prompts, new_tokens, tuple(hf_batches),
-                                              out["matmul_peak_flop_s"], say)
-            out["scenarios"].setdefault("vs_transformers", []).append(result)
-            save()
-            tables += report.vs_transformers_table(result)
-            say("\n".join(tables[-6:]))
-    if scenario in ("all", "offload"):
-        model_dir = cached_checkpoint("mixtral", "bench", "bench")
-        say(f"offload regime: {model_dir}")
-        result = offload.scenario(model_dir, offload_batch, offload_prompt_len, offload_new_tokens, offload_seq_len,
-                                  say=say, keep_trace=keep_trace, expert_slots=offload_expert_slots)
-        out["scenarios"]["offload"] = result
-        save()
-        tables += report.offload_table(result)
-    click.echo("\n".join(tables))
+    options = BenchOptions(scenario, [Path(m) for m in models], prompts, new_tokens, tuple(hf_batches), offload_batch,
+                           offload_seq_len, offload_prompt_len, offload_expert_slots, offload_new_tokens, json_path,
+                           keep_trace)
+    click.echo("\n".join(run_bench(options, say=lambda text: click.echo(text, err=True))))
 
 
 @main.group("trace")

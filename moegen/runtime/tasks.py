@@ -249,13 +249,21 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
         await rt.queues.combine[layer].put(("done", step, 0))
 
 
+MLP_TEMP_BYTES = 64 * 2**20  # bound on one [tokens, width] intermediate of a dense MLP launch
+
+
 def _run_mlp(step: Step, w, gate) -> None:
+    """The whole step's tokens, in chunks whose [t, I] intermediates stay under MLP_TEMP_BYTES (a wide
+    dense MLP over an 8k-token prefill step would otherwise hold hundreds of MB of temporaries)."""
     T = step.num_tokens
-    x = step.x[:T]
-    y = mlp(w, x)
-    if gate is not None:
-        y = torch.sigmoid(F.linear(x, gate)) * y
-    step.out[:T] += y
+    width = w.gate_proj.shape[0]
+    chunk = max(256, MLP_TEMP_BYTES // (width * step.x.element_size()))
+    for first in range(0, T, chunk):
+        x = step.x[first: min(first + chunk, T)]  # [t, H]
+        y = mlp(w, x)
+        if gate is not None:
+            y = torch.sigmoid(F.linear(x, gate)) * y
+        step.out[first: first + len(x)] += y
 
 
 async def combine_task(rt: Runtime, layer: int) -> None:

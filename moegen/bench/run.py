@@ -1,0 +1,62 @@
+"""`moegen bench`: the scenarios in order, the JSON saved after each, the tables returned last."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from moegen.bench import offload, report, vs_transformers
+from moegen.bench.machine import machine, matmul_peak
+from moegen.checkpoints.demo import cached_checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    scenario: str  # all, vs-transformers or offload
+    models: list[Path]  # vs-transformers checkpoints; empty: the bench Mixtral- and DeepSeek-V2-Lite-like ones
+    prompts: int  # vs-transformers: prompts of 32-128 tokens
+    new_tokens: int  # vs-transformers: generated per prompt
+    hf_batches: tuple[int, ...]  # transformers batch sizes
+    offload_batch: int  # sequences in flight, module-based (model-based: what fits, at most this)
+    offload_seq_len: int  # tokens of KV each sequence reserves
+    offload_prompt_len: int
+    offload_expert_slots: int | None  # None: what fits
+    offload_new_tokens: int
+    json_path: Path | None  # every raw number, rewritten after each scenario
+    keep_trace: Path | None  # the offload module run's trace
+
+
+def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
+    """Run the chosen scenarios; returns the tables' lines."""
+    out = {"machine": machine(), "matmul_peak_flop_s": matmul_peak(), "scenarios": {}}
+    say(f"moegen bench on {out['machine']['cpu']} ({out['machine']['cores']} cores); float32 matmul peak "
+        f"{out['matmul_peak_flop_s'] / 1e9:.0f} GFLOP/s")
+
+    def save() -> None:  # after each scenario, so a later failure loses nothing measured
+        if o.json_path is not None:
+            o.json_path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+
+    tables: list[str] = []
+    if o.scenario in ("all", "vs-transformers"):
+        for model_dir in o.models or [cached_checkpoint(f, "bench", "bench") for f in ("mixtral", "deepseek_v2")]:
+            say(f"vs transformers: {model_dir}")
+            result = vs_transformers.scenario(model_dir, o.prompts, o.new_tokens, o.hf_batches,
+                                              out["matmul_peak_flop_s"], say)
+            out["scenarios"].setdefault("vs_transformers", []).append(result)
+            save()
+            lines = report.vs_transformers_table(result)
+            say("\n".join(lines))
+            tables += lines
+    if o.scenario in ("all", "offload"):
+        model_dir = cached_checkpoint("mixtral", "bench", "bench")
+        say(f"offload regime: {model_dir}")
+        result = offload.scenario(model_dir, o.offload_batch, o.offload_prompt_len, o.offload_new_tokens,
+                                  o.offload_seq_len, say=say, keep_trace=o.keep_trace,
+                                  expert_slots=o.offload_expert_slots)
+        out["scenarios"]["offload"] = result
+        save()
+        tables += report.offload_table(result)
+    return tables
