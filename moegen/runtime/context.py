@@ -145,12 +145,12 @@ class Runtime:
         self.queued[kind] = self.queued.get(kind, 0) + tokens
         self.backend.recorder.counter(self.queue_tracks[kind], self.queued[kind])
 
-    def mark_unused_copy(self, module, flow: int) -> None:
+    def mark_unused_copy(self, module, flow: int) -> Event:
         """A weight copy nobody used (its expert got no tokens once routed): its flow ends on an empty
         marker queued on the copy stream itself, so it lands right after that copy in the trace."""
         from moegen.trace.recorder import Label
 
-        self.backend.h2d_weights.submit(lambda: None, Label(f"unused {module}", {}, flows_in=(flow,)))
+        return self.backend.h2d_weights.submit(lambda: None, Label(f"unused {module}", {}, flows_in=(flow,)))
 
     @staticmethod
     def mlp_flops(w, tokens: int) -> int:

@@ -151,9 +151,9 @@ class Engine:
             for result in scheduler.finish_step(plan, sampled):
                 emit(result)
         prefetcher.cancel()
-        for module, ticket in rt.placement.unclaimed():  # in a trace, their copies' flows end unused
-            if ticket.flow:
-                rt.mark_unused_copy(module, ticket.flow)
+        for module, ticket in rt.placement.unclaimed():  # in a trace, their copies' flows end unused, and
+            if ticket.flow:  # the markers run before the run ends (closing drops work still queued)
+                await rt.backend.wait(rt.mark_unused_copy(module, ticket.flow))
         for q in all_queues(rt.queues):
             q.put_nowait(STOP)
 
