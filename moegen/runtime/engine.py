@@ -24,6 +24,7 @@ from moegen.runtime.backend import Backend
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.context import EngineStats, Runtime
 from moegen.runtime.cpu_backend import CpuBackend
+from moegen.runtime.host_memory import limit_malloc_arenas
 from moegen.runtime.requests import Request, Result
 from moegen.runtime.scheduler import Scheduler
 from moegen.runtime.tasks import STOP, all_queues, all_tasks, prefetch_task
@@ -35,6 +36,7 @@ class Engine:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, eos_ids: tuple[int, ...],
                  record_intervals: bool = False, trace: Path | None = None, trace_steps: range | None = None):
         self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
+        limit_malloc_arenas()  # before the stream threads: they would each hoard freed activations
         self.backend = make_backend(rcfg, record_intervals)
         self.trace = None
         if trace is not None:
