@@ -47,7 +47,7 @@ def model_work(model_dir: Path) -> ModelWork:
         total += numel
         if not name.startswith("model.layers.") or int(name.split(".")[2]) >= cfg.num_layers:
             head += numel if name.startswith("lm_head.") else 0  # the embedding is a lookup; MTP layers unused
-        elif ".experts." in name or ".experts.gate_up_proj" in name or name.endswith(".experts.down_proj"):
+        elif ".experts." in name:  # per-expert (experts.E.x_proj) and fused (experts.gate_up_proj) names
             index = int(name.split(".")[2])
             routed[index] = routed.get(index, 0) + numel
         elif len(shape) >= 2:  # norms and biases are not matmuls

@@ -112,13 +112,14 @@ def _stage(host, staged, mb: MicroBatch) -> None:
     """Each sequence's cached rows, host -> staging row i. Within host memory (the cpu backend) one
     gather per tensor, up to the longest cache (positions past a sequence's own are masked); to a GPU
     one asynchronous copy per sequence and tensor from pinned memory."""
-    longest = max(mb.past_lens)
-    for f in fields(host):
-        src, dst = getattr(host, f.name), getattr(staged, f.name)
-        if dst.device == src.device:
+    pairs = [(getattr(host, f.name), getattr(staged, f.name)) for f in fields(host)]  # (src, dst)
+    if pairs[0][0].device == pairs[0][1].device:
+        longest, rows = max(mb.past_lens), torch.tensor(mb.rows)
+        for src, dst in pairs:
             if longest:
-                dst[: len(mb.rows), :longest] = src[torch.tensor(mb.rows), :longest]  # [b, S', ...]
-            continue
+                dst[: len(mb.rows), :longest] = src[rows, :longest]  # [b, S', ...]
+        return
+    for src, dst in pairs:
         for i, (row, past) in enumerate(zip(mb.rows, mb.past_lens)):
             if past:
                 dst[i, :past].copy_(src[row, :past], non_blocking=True)
@@ -127,12 +128,14 @@ def _stage(host, staged, mb: MicroBatch) -> None:
 def _write_back(host, staged, mb: MicroBatch) -> None:
     """Each sequence's new entries, staging row i -> its host row: one scatter per tensor within host
     memory, else one copy per sequence and tensor."""
-    for f in fields(host):
-        src, dst = getattr(staged, f.name), getattr(host, f.name)
-        if dst.device == src.device:
-            a = mb.attn  # token t of the micro-batch: staging row a.token_seq[t], position a.positions[t]
-            dst[torch.tensor(mb.rows)[a.token_seq], a.positions] = src[a.token_seq, a.positions]  # [T, ...]
-            continue
+    pairs = [(getattr(staged, f.name), getattr(host, f.name)) for f in fields(host)]  # (src, dst)
+    if pairs[0][0].device == pairs[0][1].device:
+        a = mb.attn  # token t of the micro-batch: staging row a.token_seq[t], position a.positions[t]
+        token_rows = torch.tensor(mb.rows)[a.token_seq]  # [T] host row of each token
+        for src, dst in pairs:
+            dst[token_rows, a.positions] = src[a.token_seq, a.positions]  # [T, ...]
+        return
+    for src, dst in pairs:
         for i, (row, past, q) in enumerate(zip(mb.rows, mb.past_lens, mb.q_lens)):
             dst[row, past: past + q].copy_(src[i, past: past + q], non_blocking=True)
 
