@@ -82,6 +82,9 @@ def runtime_options(fn):
                      help="Most tokens per expert launch [default: all of an expert's tokens]."),
         click.option("--expert-slots", type=click.IntRange(min=1), default=None,
                      help="Experts on the device at once; streams experts through that many slots [default: what fits]."),
+        click.option("--resident-experts", type=click.IntRange(min=0), default=None,
+                     help="Experts kept on the device for the whole run, the first in layer order "
+                          "[default: what fits beside the minimum slots; none with --expert-slots]."),
         click.option("--gpu-memory", default=None, help="Device memory budget, e.g. 512MiB, 24GiB [default: unlimited on cpu]."),
         click.option("--host-kv-memory", default=None, help="Host memory for the KV cache, e.g. 8GiB [default: what B needs]."),
         click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
@@ -92,6 +95,8 @@ def runtime_options(fn):
                      help="module: micro-batched attention, each expert once per layer over the whole batch; "
                           "model: one batch walks the whole model, KV on the device (the baselines' policy)."),
         click.option("--sim-link-gbps", type=float, default=None, help="cpu: simulate a host-device link of this GB/s."),
+        click.option("--no-plan", is_flag=True,
+                     help="Don't plan: every knob you leave unset takes its default (see `moegen plan`)."),
         click.option("--trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Write a Perfetto trace of the run here (e.g. run.pftrace); see `moegen trace`."),
         click.option("--trace-steps", default=None, metavar="A:B", help="Record only steps A..B-1 (with --trace)."),
@@ -99,6 +104,18 @@ def runtime_options(fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def plan_user(knobs: dict) -> frozenset[str] | None:
+    """Pop --no-plan; the knobs the user set on the command line (these are never planned), or None
+    with --no-plan (nothing is planned)."""
+    from click.core import ParameterSource
+
+    if knobs.pop("no_plan"):
+        return None
+    ctx = click.get_current_context()
+    return frozenset(name for name in knobs
+                     if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))
 
 
 def trace_options(knobs: dict) -> tuple[Path | None, range | None]:
@@ -149,6 +166,7 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
     from moegen.generate import SamplingOptions, generate
 
     trace, trace_steps = trace_options(knobs)
+    user = plan_user(knobs)
     try:
         rcfg = runtime_config(knobs)
         options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
@@ -157,7 +175,8 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
         elif not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: no such model directory")
         completions, stats = generate(model_dir, list(prompts), options, engine, rcfg,
-                                      fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps)
+                                      fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps,
+                                      plan_user=user, say=lambda line: click.echo("moegen: " + line, err=True))
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     for c in completions:
@@ -216,6 +235,7 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
     from moegen.serve import RowError, ServeOptions, serve_offline
 
     trace, trace_steps = trace_options(knobs)
+    user = plan_user(knobs)
     try:
         rcfg = runtime_config(knobs)
         dataset = dataset or _default_dataset()
@@ -232,7 +252,7 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
                             output_format=output_format, resume=resume, retry_errors=retry_errors,
                             overwrite=overwrite, on_error=on_error, stats_json=stats_json,
                             fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps,
-                            token_ids=output_token_ids)
+                            token_ids=output_token_ids, plan_user=user)
         code, summary = serve_offline(model_dir, opts, rcfg)
     except (DatasetError, OutputError, RowError, *USER_ERRORS) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -246,8 +266,77 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
     sys.exit(code)
 
 
+@main.command("plan")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--requests", type=click.IntRange(min=1), default=256, show_default=True, help="Requests in the job.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Mean prompt tokens of a request.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens generated per request.")
+@click.option("--recalibrate", is_flag=True, help="Measure the device and this model's modules again first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (knobs, predicted, bound, alternatives).")
+@runtime_options
+def plan_cmd(model_dir, requests, prompt_len, max_new_tokens, recalibrate, as_json, **knobs):
+    """The knobs `serve-offline` would choose for a job on MODEL_DIR, what they predict and why.
+    Knob flags given here are kept, as serve-offline keeps them, and the rest planned around them."""
+    from moegen.models.loader import load_checkpoint
+    from moegen.planner.cost import Workload
+    from moegen.planner.plan import format_plan, plan_run
+
+    trace_options(knobs)
+    user = plan_user(knobs) or frozenset()
+    if knobs["max_seq_len"] is None:
+        knobs["max_seq_len"] = prompt_len + max_new_tokens
+    try:
+        rcfg = runtime_config(knobs)
+        cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
+        workload = Workload(requests, prompt_len, max_new_tokens, rcfg.max_seq_len)
+        plan = plan_run(cfg, weights, rcfg, user, workload, lambda line: click.echo("moegen: " + line, err=True),
+                        recalibrate)
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(plan.to_json(), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        click.echo(format_plan(plan))
+
+
+@main.command("calibrate")
+@click.argument("model_dirs", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="The dtype the MODEL_DIRS' modules are profiled in.")
+def calibrate_cmd(model_dirs, device, dtype):
+    """Measure the device (link, host copies, launch and sync costs) and, for each of MODEL_DIRS, its
+    modules' launch times; cached per machine and device for `plan` and `serve-offline`."""
+    from moegen.planner.calibrate import calibrated, cache_path, save
+    from moegen.models.loader import load_checkpoint
+    from moegen.planner.profile import describe_profile, measure_in_run, measure_profile, signature
+    from moegen.runtime.config import DTYPES, RuntimeConfig
+
+    try:
+        cal = calibrated(device, force=True)
+        m = cal.machine
+        click.echo(f"{device}: host copies {m.memcpy_gbps:.1f} GB/s; module launch {m.launch_s * 1e6:.1f} us; "
+                   f"host sync {m.sync_s * 1e6:.1f} us"
+                   + (f"; pinned H2D {m.link_h2d_gbps:.1f} GB/s, D2H {m.link_d2h_gbps:.1f} GB/s"
+                      if m.link_h2d_gbps else "; no link measured (the cpu backend's link is simulated: exact)"))
+        for model_dir in model_dirs:
+            cfg, weights, _ = load_checkpoint(model_dir, DTYPES[dtype])
+            profile = measure_profile(cfg, weights, device, DTYPES[dtype])
+            profile.in_run = measure_in_run(cfg, weights, RuntimeConfig(device=device, dtype=dtype), profile)
+            cal.profiles[signature(cfg, dtype)] = profile
+            click.echo(f"{model_dir}:\n" + describe_profile(profile, cfg))
+        save(cal)
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"cached in {cache_path(cal.key)}")
+
+
 @main.command("bench")
-@click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload"]), default="all", show_default=True)
+@click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload", "planner"]), default="all",
+              show_default=True, help="all = vs-transformers and offload; planner (alone): the planner's predictions "
+                                      "and choices against measured runs and a grid of hand-set knobs.")
 @click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Checkpoint(s) for vs-transformers (repeatable) [default: the bench Mixtral-like and "
                    "DeepSeek-V2-Lite-like checkpoints, made once in the cache].")

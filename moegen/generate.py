@@ -57,9 +57,11 @@ def load_tokenizer(model_dir: Path):
 
 def generate(model_dir: Path, prompts: list[str], options: SamplingOptions, engine: str = "runtime",
              rcfg: RuntimeConfig | None = None, fit_seq_len: bool = True, trace: Path | None = None,
-             trace_steps: range | None = None) -> tuple[list[Completion], GenerateStats]:
+             trace_steps: range | None = None, plan_user: frozenset[str] | None = None,
+             say=lambda _: None) -> tuple[list[Completion], GenerateStats]:
     """Completions of `prompts` (tokenized as `tokenizer(text)` does), run together. With `fit_seq_len`
-    the runtime's KV rows are sized to the longest prompt + max_new_tokens instead of rcfg.max_seq_len."""
+    the runtime's KV rows are sized to the longest prompt + max_new_tokens instead of rcfg.max_seq_len.
+    With `plan_user` (the knobs the user set) the runtime engine plans every other knob (told to `say`)."""
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r} is not available; choose one of {', '.join(ENGINES)}")
     if options.max_new_tokens < 1:
@@ -78,7 +80,8 @@ def generate(model_dir: Path, prompts: list[str], options: SamplingOptions, engi
     if engine == "reference":
         results, loaded, done = _reference(model_dir, ids, options, eos, rcfg)
     else:
-        results, loaded, done = _runtime(model_dir, ids, options, rcfg, fit_seq_len, trace, trace_steps)
+        results, loaded, done = _runtime(model_dir, ids, options, rcfg, fit_seq_len, trace, trace_steps, plan_user,
+                                         say)
     completions = [
         Completion(i, text, tokenizer.decode(tokens, skip_special_tokens=True), tokens, reason, len(p))
         for i, (text, p, (tokens, reason)) in enumerate(zip(prompts, ids, results))
@@ -99,18 +102,19 @@ def _reference(model_dir, ids, options: SamplingOptions, eos, rcfg):
 
 
 def _runtime(model_dir, ids, options: SamplingOptions, rcfg: RuntimeConfig | None, fit_seq_len: bool,
-             trace: Path | None = None, trace_steps: range | None = None):
-    from moegen.runtime.engine import Engine
+             trace: Path | None = None, trace_steps: range | None = None, plan_user: frozenset[str] | None = None,
+             say=lambda _: None):
+    from moegen.planner.plan import open_engine
 
     rcfg = rcfg or RuntimeConfig()
     if fit_seq_len:
         rcfg = dataclasses.replace(rcfg, max_seq_len=max(map(len, ids)) + options.max_new_tokens)
-    engine = Engine.from_model_dir(model_dir, rcfg, trace=trace, trace_steps=trace_steps)
-    loaded = time.perf_counter()
     requests = [Request(p, options.max_new_tokens, temperature=options.temperature, top_k=options.top_k,
                         top_p=options.top_p, seed=options.seed + i, stop_token_ids=tuple(options.stop_token_ids),
                         ignore_eos=options.ignore_eos, id=i)
                 for i, p in enumerate(ids)]
+    engine, _ = open_engine(model_dir, rcfg, requests, plan_user, say, trace, trace_steps)
+    loaded = time.perf_counter()
     try:
         by_id = {r.id: (r.token_ids, r.finish_reason) for r in engine.generate(requests)}
     finally:

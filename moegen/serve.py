@@ -51,6 +51,7 @@ class ServeOptions:
     trace: Path | None = None  # write a Perfetto trace of the run here
     trace_steps: range | None = None  # only these steps
     token_ids: bool = False  # also write each completion's token ids
+    plan_user: frozenset[str] | None = None  # plan every knob but these (the user's); None: run rcfg as given
 
 
 @dataclass(slots=True)
@@ -68,6 +69,7 @@ class Summary:
     interrupted: bool = False
     steps: int = 0
     notes: list[str] = field(default_factory=list)
+    plan: dict | None = None  # the plan in effect (`moegen plan --json`'s object), when planned
 
 
 def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> tuple[int, Summary]:
@@ -163,12 +165,13 @@ def _requests(rows, todo, tokenizer, opts, context, template, writer, summary):
 
 
 def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary) -> None:
-    from moegen.runtime.engine import Engine
+    from moegen.planner.plan import open_engine
 
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
     if opts.fit_seq_len or rcfg.max_seq_len < longest:
         rcfg = dataclasses.replace(rcfg, max_seq_len=longest)
-    engine = Engine.from_model_dir(model_dir, rcfg, trace=opts.trace, trace_steps=opts.trace_steps)
+    engine, plan = open_engine(model_dir, rcfg, requests, opts.plan_user, _say, opts.trace, opts.trace_steps)
+    summary.plan = None if plan is None else plan.to_json()
     progress = Progress(total=len(requests), live_tokens=lambda: engine.stats.generated_tokens)
     signals = _Signals(engine, progress)
     began = time.perf_counter()
@@ -192,6 +195,10 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
         summary.prefill_tok_s = summary.prompt_tokens / elapsed
         summary.decode_tok_s = summary.generated_tokens / elapsed
         summary.interrupted = signals.count > 0
+
+
+def _say(line: str) -> None:
+    print("moegen: " + line, file=sys.stderr, flush=True)
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

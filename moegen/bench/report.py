@@ -32,3 +32,21 @@ def offload_table(result: dict) -> list[str]:
     if result["ratio"] is not None:
         lines.append(f"  module / model: {result['ratio']:.1f}x in decode tokens/s")
     return lines
+
+
+def planner_table(results: list[dict]) -> list[str]:
+    """Per configuration: the plan's predicted and measured rates, and its job rate against the grid's best."""
+    lines = ["", "planner, cpu backend (measured / predicted; plan's job tok/s / best of the measured grid):",
+             f"  {'configuration':<36}{'decode':>16}{'prefill':>16}{'job':>16}{'vs grid best':>14}"]
+    for r in results:
+        plan = r["runs"][0]
+        cells = [f"{plan['measured'][k]:.0f}/{plan['predicted'][k]:.0f}" for k in ("decode_tok_s", "prefill_tok_s",
+                                                                                    "job_tok_s")]
+        lines.append(f"  {r['config']['name']:<36}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}"
+                     f"{r['plan_vs_grid_best']:>13.0%}")
+    ratios = [run["ratio"][k] for r in results for run in r["runs"] for k in ("decode_tok_s", "prefill_tok_s",
+                                                                                 "job_tok_s") if run["ratio"][k]]
+    within = sum(0.75 <= x <= 1.25 for x in ratios)
+    lines.append(f"  measured/predicted over every run and rate: {min(ratios):.2f}-{max(ratios):.2f}, "
+                 f"{within} of {len(ratios)} within 25%")
+    return lines

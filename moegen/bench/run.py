@@ -8,14 +8,14 @@ from pathlib import Path
 
 import orjson
 
-from moegen.bench import offload, report, vs_transformers
+from moegen.bench import offload, planner, report, vs_transformers
 from moegen.bench.machine import machine, matmul_peak
 from moegen.checkpoints.demo import cached_checkpoint
 
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
-    scenario: str  # all, vs-transformers or offload
+    scenario: str  # all (vs-transformers and offload), vs-transformers, offload or planner
     models: list[Path]  # vs-transformers checkpoints; empty: the bench Mixtral- and DeepSeek-V2-Lite-like ones
     prompts: int  # vs-transformers: prompts of 32-128 tokens
     new_tokens: int  # vs-transformers: generated per prompt
@@ -59,4 +59,9 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
         out["scenarios"]["offload"] = result
         save()
         tables += report.offload_table(result)
+    if o.scenario == "planner":
+        results = planner.scenario(say)
+        out["scenarios"]["planner"] = results
+        save()
+        tables += report.planner_table(results)
     return tables

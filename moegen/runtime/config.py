@@ -27,6 +27,9 @@ class RuntimeConfig:
     """Most tokens in one expert launch; None = all of an expert's tokens in one launch."""
     expert_slots: int | None = None
     """Experts whose weights may be on the device at once (≥ 1; ≥ 2 overlaps copy and compute); None = what fits."""
+    resident_experts: int | None = None
+    """Routed experts kept on the device for the whole run (the first ones in layer order; 0 streams them
+    all); None = what fits beside the minimum slots (none when --expert-slots is set)."""
     gpu_memory: int | None = None
     """Device memory budget in bytes; None = unlimited (cpu) or the device's free memory (cuda)."""
     host_kv_memory: int | None = None
@@ -50,6 +53,8 @@ class RuntimeConfig:
         for name in ("batch_size", "attn_micro_batch", "max_seq_len", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.resident_experts is not None and self.resident_experts < 0:
+            raise ValueError(f"--resident-experts must be at least 0, got {self.resident_experts}")
         for name in ("expert_micro_batch", "expert_slots", "gpu_memory", "host_kv_memory"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -60,7 +60,8 @@ class Runtime:
         # module: KV in host memory, staged per attention micro-batch. model: one batch walks the whole
         # model with its KV on the device, so B is what fits there beside the weight slots.
         self.kv_on_device = rcfg.batching == "model"
-        B = self.batch_size = model_batch_size(cfg, rcfg, weights, backend) if self.kv_on_device else rcfg.batch_size
+        B = self.batch_size = (model_batch_size(cfg, rcfg, weights, backend.budget) if self.kv_on_device
+                                 else rcfg.batch_size)
         self._check_host_kv(dtype)
         # Attention reads the KV where it lives unless it must be staged onto the device: on the cpu
         # backend with no device budget the "device" is host memory, and a staging copy would be waste.
@@ -75,7 +76,7 @@ class Runtime:
         else:
             kv_bytes = 0
         self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens),
-                                   rcfg.expert_slots)
+                                   rcfg.expert_slots, rcfg.resident_experts)
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
         kv_device = backend.device if self.kv_on_device else "cpu"
@@ -136,7 +137,8 @@ class Runtime:
         if self.backend.recorder is None:
             return None
         return self.label(f"attention[{layer}]", flows_in=flows_in, layer=layer, step=step.index,
-                          micro_batch=mb.index, sequences=len(mb.rows), tokens=sum(mb.q_lens))
+                          micro_batch=mb.index, sequences=len(mb.rows), tokens=sum(mb.q_lens),
+                          cached=sum(mb.past_lens), query_sq=sum(q * q for q in mb.q_lens))
 
     def waiting(self, kind: str, tokens: int) -> None:
         """Tokens queued in front of a module type (attention, router, experts): a trace counter."""
@@ -193,13 +195,12 @@ def activation_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, max_step_tokens: int
     return max_step_tokens * (3 * cfg.hidden_size * torch.empty((), dtype=rcfg.torch_dtype).element_size() + 8)
 
 
-def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeights, backend: Backend) -> int:
+def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeights, budget: int | None) -> int:
     """--batching model: the largest B (up to --batch-size) whose device KV and activations fit beside
-    the smallest weight placement."""
-    if backend.budget is None:
+    the smallest weight placement (within the device `budget`, bytes)."""
+    if budget is None:
         return rcfg.batch_size
-    free = backend.budget - backend.counters.device_bytes - minimum_device_bytes(weights, rcfg.torch_dtype,
-                                                                                 rcfg.expert_slots)
+    free = budget - minimum_device_bytes(weights, rcfg.torch_dtype, rcfg.expert_slots)
     per_seq = rcfg.max_seq_len * kv_bytes_per_token(cfg, rcfg.torch_dtype)
     S = rcfg.max_seq_len
     for B in range(rcfg.batch_size, 0, -1):
@@ -208,4 +209,4 @@ def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeight
             return B
     raise DeviceBudgetError(
         f"--batching model: not even one sequence's KV ({per_seq / 2**20:.1f} MiB for --max-seq-len {S}) fits "
-        f"in --gpu-memory {backend.budget / 2**20:.1f} MiB beside the weights; raise --gpu-memory or lower --max-seq-len")
+        f"in --gpu-memory {budget / 2**20:.1f} MiB beside the weights; raise --gpu-memory or lower --max-seq-len")

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moegen.runtime.backend import Backend, Event
+from moegen.runtime.backend import Backend, DeviceBudgetError, Event
 from moegen.models.weights import ModelWeights, RouterWeights, tensors_of
 
 Kind = Literal["attn", "mlp", "expert"]
@@ -126,14 +126,14 @@ class Placement:
     """Decides residency at start-up; hands out tickets; fills slots for the prefetcher."""
 
     def __init__(self, backend: Backend, weights: ModelWeights, dtype: torch.dtype, kv_and_activation_bytes: int,
-                 expert_slots: int | None):
+                 expert_slots: int | None, resident_experts: int | None = None):
         self.backend, self.dtype = backend, dtype
         self.blocks: dict[ModuleId, HostBlock] = _host_blocks(backend, weights, dtype)
         self.core = self._place_core(weights)
         backend.reserve(kv_and_activation_bytes, "KV staging and activations")
         self.resident: dict[ModuleId, Ticket] = {}
         self.pools: dict[Kind, SlotPool] = {}
-        self._plan_residency(expert_slots)
+        self._plan_residency(expert_slots, resident_experts)
         self._tickets: dict[tuple[int, ModuleId], asyncio.Future[Ticket | None]] = {}
         self.fills: Counter[ModuleId] = Counter()  # copies into slots, per module, over the engine's life
         self.skips: Counter[ModuleId] = Counter()  # copies avoided because routing gave the module no tokens
@@ -165,45 +165,19 @@ class Placement:
             routers=routers,
         )
 
-    def _plan_residency(self, expert_slots: int | None) -> None:
-        """Pools at their minimum first, then residents (attention, MLPs, experts) while they fit,
-        then the rest of the budget to more expert slots. --expert-slots streams experts always."""
-        by_kind: dict[Kind, list[ModuleId]] = {"attn": [], "mlp": [], "expert": []}
+    def _plan_residency(self, expert_slots: int | None, resident_experts: int | None) -> None:
+        free = None if self.backend.budget is None else self.backend.budget - self.backend.counters.device_bytes
+        choice = choose_residency({m: b.nbytes for m, b in self.blocks.items()}, free, expert_slots, resident_experts)
+        by_kind: dict[Kind, list[ModuleId]] = {}
         for module in self.blocks:
-            by_kind[module.kind].append(module)
-        budget = self.backend.budget
-        if budget is None and expert_slots is None:
-            for module in self.blocks:
-                self._make_resident(module)
-            return
-        pools = {kind: min(2, len(mods)) for kind, mods in by_kind.items() if mods}
-        if expert_slots is not None and by_kind["expert"]:
-            pools["expert"] = min(expert_slots, len(by_kind["expert"]))
-        for kind, count in pools.items():
+            by_kind.setdefault(module.kind, []).append(module)
+        for kind, count in choice.pools.items():
             self.pools[kind] = self._pool(kind, count, by_kind[kind])
-        free = (budget - self.backend.counters.device_bytes) if budget is not None else None
-        for kind in ("attn", "mlp") + (() if expert_slots is not None else ("expert",)):
-            for module in by_kind[kind]:
-                nbytes = self.blocks[module].nbytes
-                if free is None or nbytes <= free:
-                    self._make_resident(module)
-                    free = None if free is None else free - nbytes
-            if kind in self.pools and all(m in self.resident for m in by_kind[kind]):
-                self._drop_pool(kind)
-        if expert_slots is None and "expert" in self.pools and free is not None:
-            streamed = sum(m not in self.resident for m in by_kind["expert"])
-            slot_bytes = self.pools["expert"].buffers[0].numel() * self.pools["expert"].buffers[0].element_size()
-            count = self.pools["expert"].count + min(streamed - self.pools["expert"].count, free // slot_bytes)
-            if count > self.pools["expert"].count:
-                self._drop_pool("expert")
-                self.pools["expert"] = self._pool("expert", int(count), by_kind["expert"])
+        for module in choice.resident:
+            self._make_resident(module)
 
     def _pool(self, kind: Kind, count: int, modules: list[ModuleId]) -> SlotPool:
         return SlotPool(self.backend, kind, count, max(self.blocks[m].flat.numel() for m in modules), self.dtype)
-
-    def _drop_pool(self, kind: Kind) -> None:
-        pool = self.pools.pop(kind)
-        self.backend.release(sum(b.numel() * b.element_size() for b in pool.buffers))
 
     def _make_resident(self, module: ModuleId) -> None:
         block = self.blocks[module]
@@ -275,6 +249,72 @@ class Placement:
         self._future(step, module).set_result(None)
 
 
+@dataclass(frozen=True, slots=True)
+class Residency:
+    """Which modules live on the device for the whole run, and how many slots each streamed kind gets."""
+
+    resident: tuple[ModuleId, ...]
+    pools: dict[Kind, int]  # slots per kind that has streamed modules
+    device_bytes: int  # what residents and slot pools take
+
+    def streamed(self, kind: Kind, sizes: dict[ModuleId, int]) -> list[ModuleId]:
+        return [m for m in sizes if m.kind == kind and m not in self.resident]
+
+
+def choose_residency(sizes: dict[ModuleId, int], free: int | None, expert_slots: int | None = None,
+                     resident_experts: int | None = None) -> Residency:
+    """The device's share of the streamable modules, from their sizes (bytes) and the budget left
+    (`free`; None = unlimited): every kind's slot pool at its minimum (2, or --expert-slots), then
+    residents, hot ones first (attention and dense/shared MLPs run for every token, an expert for a
+    k/E share), then what is left of the budget to more expert slots. --resident-experts fixes how
+    many experts stay (the first ones in layer order); --expert-slots alone streams every expert.
+    Raises DeviceBudgetError when the asked-for residents don't fit. The runtime's Placement and
+    the planner both place through this, so a plan's device bytes are the run's."""
+    by_kind: dict[Kind, list[ModuleId]] = {}
+    for module in sizes:
+        by_kind.setdefault(module.kind, []).append(module)
+    largest = {kind: max(sizes[m] for m in mods) for kind, mods in by_kind.items()}
+    if free is None and expert_slots is None and resident_experts is None:
+        return Residency(tuple(sizes), {}, sum(sizes.values()))
+    pools = {kind: min(2, len(mods)) for kind, mods in by_kind.items()}
+    if expert_slots is not None and "expert" in pools:
+        pools["expert"] = min(expert_slots, len(by_kind["expert"]))
+    left = None if free is None else free - sum(pools[k] * largest[k] for k in pools)
+    if left is not None and left < 0:
+        need = sum(pools[k] * largest[k] for k in pools)
+        raise DeviceBudgetError(
+            f"the weight slots ({', '.join(f'{n} {k}' for k, n in pools.items())}) need {need / 2**20:.1f} MiB of "
+            f"device memory, {free / 2**20:.1f} MiB are left beside lm_head, norms, routers, KV staging and "
+            "activations; raise --gpu-memory, or lower --expert-slots, --attn-micro-batch or --max-seq-len")
+    resident: list[ModuleId] = []
+    for kind in ("attn", "mlp", "expert"):
+        mods = by_kind.get(kind, [])
+        if kind == "expert" and (resident_experts is not None or expert_slots is not None):
+            asked = mods[: resident_experts or 0]
+            need = sum(sizes[m] for m in asked)
+            if left is not None and need > left:
+                raise DeviceBudgetError(
+                    f"--resident-experts {len(asked)} needs {need / 2**20:.1f} MiB of device memory, {left / 2**20:.1f} "
+                    "MiB are left beside the core, slots and other residents; lower --resident-experts or raise "
+                    "--gpu-memory")
+            resident += asked
+            left = None if left is None else left - need
+        else:
+            for module in mods:
+                if left is None or sizes[module] <= left:
+                    resident.append(module)
+                    left = None if left is None else left - sizes[module]
+        if mods and all(m in resident for m in mods):  # nothing of this kind streams: its pool goes
+            left = None if left is None else left + pools.pop(kind) * largest[kind]
+    streamed = sum(m not in resident for m in by_kind.get("expert", []))
+    if expert_slots is None and "expert" in pools and left is not None and streamed > pools["expert"]:
+        pools["expert"] += int(max(0, min(streamed - pools["expert"], left // largest["expert"])))
+    if "expert" in pools and streamed:
+        pools["expert"] = min(pools["expert"], streamed)
+    used = sum(sizes[m] for m in resident) + sum(pools[k] * largest[k] for k in pools)
+    return Residency(tuple(resident), pools, used)
+
+
 def minimum_device_bytes(weights: ModelWeights, dtype: torch.dtype, expert_slots: int | None) -> int:
     """What any placement needs on the device: the core plus each streamed kind's smallest slot pool."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -303,9 +343,8 @@ def _numel(unit) -> int:
     return sum(t.numel() for t in tensors_of(unit))
 
 
-def _host_blocks(backend: Backend, weights: ModelWeights, dtype: torch.dtype) -> dict[ModuleId, HostBlock]:
-    """Every streamable module packed into one host arena, allocated once (pinned on cuda, where the
-    pinned allocator would round each small allocation up to a power of two)."""
+def _units(weights: ModelWeights) -> dict[ModuleId, tuple[object, dict | None]]:
+    """Every streamable module: its weights dataclass and extra tensors (a shared expert's gate)."""
     units: dict[ModuleId, tuple[object, dict | None]] = {}
     for layer, lw in enumerate(weights.layers):
         units[ModuleId("attn", layer)] = (lw.attn, None)
@@ -316,7 +355,34 @@ def _host_blocks(backend: Backend, weights: ModelWeights, dtype: torch.dtype) ->
         if lw.moe is not None:
             for e, expert in enumerate(lw.moe.experts):
                 units[ModuleId("expert", layer, e)] = (expert, None)
-    sizes = {m: sum(t.numel() for t in _named_tensors(*u).values()) for m, u in units.items()}
+    return units
+
+
+def module_numels(weights: ModelWeights) -> dict[ModuleId, int]:
+    """Elements of each streamable module's host block (its bytes: times the runtime dtype's size)."""
+    return {m: sum(t.numel() for t in _named_tensors(*u).values()) for m, u in _units(weights).items()}
+
+
+def core_device_bytes(weights: ModelWeights, dtype: torch.dtype) -> int:
+    """What `_place_core` puts on the device: lm_head (or the tied embedding), norms, routers (their
+    score-correction bias in its own dtype)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    numel = weights.lm_head.numel() + weights.norm.numel()
+    extra = 0
+    for lw in weights.layers:
+        numel += lw.input_layernorm.numel() + lw.post_attention_layernorm.numel()
+        if lw.moe is not None:
+            numel += lw.moe.router.gate.numel()
+            bias = lw.moe.router.e_score_correction_bias
+            extra += 0 if bias is None else bias.numel() * bias.element_size()
+    return numel * size + extra
+
+
+def _host_blocks(backend: Backend, weights: ModelWeights, dtype: torch.dtype) -> dict[ModuleId, HostBlock]:
+    """Every streamable module packed into one host arena, allocated once (pinned on cuda, where the
+    pinned allocator would round each small allocation up to a power of two)."""
+    units = _units(weights)
+    sizes = module_numels(weights)
     arena = backend.host_empty((sum(sizes.values()),), dtype)
     blocks, off = {}, 0
     for module, (unit, extra) in units.items():

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from moegen.config import MLAConfig
 from moegen.models.attention import gqa_attention
@@ -145,13 +146,16 @@ def _kv_bytes(kv, positions: int) -> int:
 
 
 def _attend(rt: Runtime, layer: int, step: Step, mb: MicroBatch, w, staged) -> None:
-    cfg = rt.cfg
-    h = step.h[mb.tokens]
-    x = rms_norm(h, rt.core.input_layernorm[layer], cfg.rms_norm_eps)
+    attention_launch(rt.cfg, layer, rt.core.input_layernorm[layer], rt.rope, w, step.h[mb.tokens], mb.attn, staged)
+
+
+def attention_launch(cfg, layer: int, norm: Tensor, rope, w, h: Tensor, batch, kv) -> None:
+    """One attention launch over a micro-batch's tokens h [t, H] (updated in place, residual added)."""
+    x = rms_norm(h, norm, cfg.rms_norm_eps)
     if isinstance(cfg.attention, MLAConfig):
-        h += mla_attention(w, cfg.attention, rt.rope, x, mb.attn, staged)
+        h += mla_attention(w, cfg.attention, rope, x, batch, kv)
     else:
-        h += gqa_attention(w, cfg.attention, rt.rope, x, mb.attn, staged, cfg.sliding_windows[layer])
+        h += gqa_attention(w, cfg.attention, rope, x, batch, kv, cfg.sliding_windows[layer])
 
 
 async def router_task(rt: Runtime, layer: int) -> None:
@@ -191,16 +195,24 @@ async def router_task(rt: Runtime, layer: int) -> None:
 
 def _route(rt: Runtime, layer: int, step: Step) -> None:
     T = step.num_tokens
-    step.x[:T] = rms_norm(step.h[:T], rt.core.post_attention_layernorm[layer], rt.cfg.rms_norm_eps)
-    step.out[:T].zero_()
-    router = rt.core.routers[layer]
+    routed = route_launch(step.h[:T], step.x[:T], step.out[:T], rt.core.post_attention_layernorm[layer],
+                          rt.cfg.rms_norm_eps, rt.core.routers[layer], rt.cfg.moe.router)
+    if routed is not None:
+        r = step.routing[layer]
+        r.order, r.weights, r.counts = routed
+
+
+def route_launch(h: Tensor, x: Tensor, out: Tensor, norm: Tensor, eps: float, router, cfg
+                 ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The router's launch over a step's T tokens: x = norm(h), out zeroed for the experts' sums, and
+    (MoE layers) the token-slot picks sorted by expert [T*K], combine weights [T, K], tokens per expert [E]."""
+    x.copy_(rms_norm(h, norm, eps))
+    out.zero_()
     if router is None:
-        return
-    r = route(router, rt.cfg.moe.router, step.x[:T])
+        return None
+    r = route(router, cfg, x)
     flat = r.experts.flatten()  # [T*K]
-    step.routing[layer].order = flat.argsort(stable=True)
-    step.routing[layer].weights = r.weights
-    step.routing[layer].counts = torch.bincount(flat, minlength=rt.cfg.moe.router.num_experts)
+    return flat.argsort(stable=True), r.weights, torch.bincount(flat, minlength=cfg.num_experts)
 
 
 async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
@@ -227,13 +239,20 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
 
 
 def _run_expert(rt: Runtime, layer: int, step: Step, w, start: int, count: int) -> None:
-    routing, k = step.routing[layer], rt.cfg.moe.router.top_k
-    cap = rt.rcfg.expert_micro_batch or count
-    for first in range(start, start + count, cap):
-        picks = routing.order[first: min(first + cap, start + count)]  # [t] token-slot picks
-        tokens = picks // k
-        y = mlp(w, step.x[tokens]) * routing.weights[tokens, picks % k, None].to(step.x.dtype)  # [t, H]
-        step.out.index_add_(0, tokens, y)
+    routing = step.routing[layer]
+    expert_launch(w, step.x, step.out, routing.order[start: start + count], routing.weights,
+                  rt.cfg.moe.router.top_k, rt.rcfg.expert_micro_batch)
+
+
+def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: int, cap: int | None) -> None:
+    """One expert over its token-slot picks [t] (token * K + choice), in launches of at most `cap`
+    tokens: out[token] += weight * mlp(x[token])."""
+    cap = cap or len(picks)
+    for first in range(0, len(picks), cap):
+        chunk = picks[first: first + cap]  # [t]
+        tokens = chunk // k
+        y = mlp(w, x[tokens]) * weights[tokens, chunk % k, None].to(x.dtype)  # [t, H]
+        out.index_add_(0, tokens, y)
 
 
 async def mlp_task(rt: Runtime, layer: int) -> None:
@@ -244,7 +263,7 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
         if ticket.ready is not None:
             rt.backend.compute.wait_event(ticket.ready)
         done = rt.backend.compute.submit(
-            lambda s=step, t=ticket: _run_mlp(s, t.weights, t.gate),
+            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate),
             rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens,
                      flops=rt.mlp_flops(ticket.weights, step.num_tokens),
                      flows_in=(ticket.flow,) if ticket.flow else ()))
@@ -255,18 +274,18 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
 MLP_TEMP_BYTES = 64 * 2**20  # bound on one [tokens, width] intermediate of a dense MLP launch
 
 
-def _run_mlp(step: Step, w, gate) -> None:
-    """The whole step's tokens, in chunks whose [t, I] intermediates stay under MLP_TEMP_BYTES (a wide
-    dense MLP over an 8k-token prefill step would otherwise hold hundreds of MB of temporaries)."""
-    T = step.num_tokens
+def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None) -> None:
+    """out += mlp(x) over a step's tokens, in chunks whose [t, I] intermediates stay under MLP_TEMP_BYTES
+    (a wide dense MLP over an 8k-token prefill step would otherwise hold hundreds of MB of temporaries)."""
+    T = len(x)
     width = w.gate_proj.shape[0]
-    chunk = max(256, MLP_TEMP_BYTES // (width * step.x.element_size()))
+    chunk = max(256, MLP_TEMP_BYTES // (width * x.element_size()))
     for first in range(0, T, chunk):
-        x = step.x[first: min(first + chunk, T)]  # [t, H]
-        y = mlp(w, x)
+        part = x[first: min(first + chunk, T)]  # [t, H]
+        y = mlp(w, part)
         if gate is not None:
-            y = torch.sigmoid(F.linear(x, gate)) * y
-        step.out[first: first + len(x)] += y
+            y = torch.sigmoid(F.linear(part, gate)) * y
+        out[first: first + len(part)] += y
 
 
 async def combine_task(rt: Runtime, layer: int) -> None:

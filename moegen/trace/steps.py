@@ -40,5 +40,19 @@ class StepTracer:
                             ("host memory: weights + KV", host_bytes)):
             self.recorder.counter(self.counters[name], value)
 
+    def record_plan(self, plan: dict) -> None:
+        """The plan in effect, as one slice on a "plan" track at the run's start: its knobs, and its
+        predicted step times and compute seconds per module type (`trace summarize` compares them)."""
+        pred = plan["predicted"]
+        args = {f"knob {k}": ("auto" if v is None else v) for k, v in plan["knobs"].items()}
+        args |= {"decode_step_s": pred["decode_step_s"], "prefill_step_s": pred["prefill_step_s"],
+                 "prefill_tok_s": pred["prefill_tok_s"], "decode_tok_s": pred["decode_tok_s"],
+                 "decode_sequences": plan["placement"]["decode_sequences"]}
+        args |= {f"decode {kind}_s": s for kind, s in pred["decode_modules"].items()}
+        now = time.time_ns()
+        was, self.recorder.enabled = self.recorder.enabled, True
+        self.recorder.slice(self.recorder.track("plan"), Label("plan", args), now, now + 1000)
+        self.recorder.enabled = was
+
     def close(self) -> None:
         self.recorder.close()

@@ -147,6 +147,7 @@ def summarize(path: Path) -> dict:
         "link_gbps": link_gbps,
         "flops": flops / compute_s if compute_s else 0.0,
         "bound": _bound(fractions),
+        "plan": _versus_plan(t),
     }
 
 
@@ -188,6 +189,37 @@ def _modules(top: list[Slice], wall: int) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["s"]))
 
 
+def _versus_plan(t: ParsedTrace) -> dict | None:
+    """Measured against the plan recorded in the trace (None if none): the full decode steps' time and
+    compute seconds per module type per step, and the prefill steps' tokens/s."""
+    plan = next((s.args for s in t.slices if s.track == "plan"), None)
+    if plan is None:
+        return None
+    steps = [s for s in t.slices if s.track == "event loop"]
+    full = [s for s in steps if s.args.get("phase") == "decode"
+            and int(s.args.get("sequences", 0)) == int(plan.get("decode_sequences", -1))]
+    prefill = [s for s in steps if s.args.get("phase") == "prefill"]
+    out: dict = {"decode_steps": len(full), "prefill_steps": len(prefill), "modules": {}}
+    if full:
+        step_s = sum(s.end - s.start for s in full) / len(full) / 1e9
+        out["decode_step_s"] = {"predicted": plan["decode_step_s"], "measured": step_s}
+        out["decode_tok_s"] = {"predicted": plan["decode_tok_s"], "measured": int(plan["decode_sequences"]) / step_s}
+        windows = [(s.start, s.end) for s in full]
+        per_kind: dict[str, float] = defaultdict(float)
+        for sl in t.slices:
+            if "compute" in sl.track and sl.depth == 0 and any(a <= sl.start < b for a, b in windows):
+                per_kind[sl.name.split("[")[0].split(" ")[0]] += (sl.end - sl.start) / 1e9 / len(full)
+        for key, predicted in plan.items():
+            if key.startswith("decode ") and key.endswith("_s"):
+                kind = key[len("decode "): -2]
+                out["modules"][kind] = {"predicted": predicted, "measured": per_kind.get(kind, 0.0)}
+    if prefill:
+        tokens = sum(int(s.args.get("prefill_tokens", 0)) for s in prefill)
+        out["prefill_tok_s"] = {"predicted": plan["prefill_tok_s"],
+                                "measured": tokens / (sum(s.end - s.start for s in prefill) / 1e9)}
+    return out
+
+
 def _bound(fractions: dict[str, float]) -> str:
     compute = max((v for k, v in fractions.items() if "compute" in k), default=0.0)
     link = max((v for k, v in fractions.items() if "copy" in k and "H2D" in k), default=0.0)
@@ -204,7 +236,25 @@ def format_summary(s: dict) -> str:
     lines.append(f"compute bubbles inside steps: {b['count']} totalling {b['total_s']:.3f}s")
     lines += [f"  {g['s'] * 1e3:8.2f} ms before {g['before']}" for g in b["largest"][:5]]
     lines.append(f"link {s['link_gbps']:.2f} GB/s while copying; compute {s['flops'] / 1e9:.1f} GFLOP/s while busy")
+    if s.get("plan"):
+        lines += _format_plan(s["plan"])
     lines.append("modules (compute time):")
     lines += [f"  {k:<16} {v['s']:8.3f}s {v['share_of_wall']:6.1%} of wall, {v['launches']} launches, "
               f"{v['tokens']} tokens" for k, v in s["modules"].items()]
     return "\n".join(lines)
+
+
+def _format_plan(v: dict) -> list[str]:
+    def cmp(name: str, pair: dict, unit: str = "", scale: float = 1.0) -> str:
+        ratio = pair["measured"] / pair["predicted"] if pair["predicted"] else float("inf")
+        return (f"  {name:<24} predicted {pair['predicted'] * scale:10.2f}{unit}  measured "
+                f"{pair['measured'] * scale:10.2f}{unit}  ({ratio:.2f}x)")
+
+    lines = [f"against the plan ({v['decode_steps']} full decode steps, {v['prefill_steps']} prefill steps):"]
+    for key, unit, scale in (("decode_tok_s", " tok/s", 1.0), ("decode_step_s", " ms", 1e3),
+                             ("prefill_tok_s", " tok/s", 1.0)):
+        if key in v:
+            lines.append(cmp(key.replace("_", " "), v[key], unit, scale))
+    for kind, pair in v["modules"].items():
+        lines.append(cmp(f"{kind} per decode step", pair, " ms", 1e3))
+    return lines

@@ -4,6 +4,7 @@ synthetic trace written here, independently of moegen's recorder, with hand-comp
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +16,7 @@ from moegen.models.loader import load_checkpoint
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.engine import Engine
 from moegen.runtime.requests import Request
-from moegen.trace.summarize import TraceFileError, summarize
+from moegen.trace.summarize import TraceFileError, format_summary, summarize
 
 PROMPTS = [[1, 5, 9, 12], [1] + list(range(300, 320)), [1, 42], [1, 7, 7, 100]]
 
@@ -105,11 +106,11 @@ def test_no_trace_no_recorder(mixtral, tmp_path):
 # -- summarize, on a trace written here by hand -------------------------------------------------
 
 
-def synthetic(path):
-    """Known layout (ms): step [0, 40); compute [0,10) and [20,30); H2D weights copy [5,25) of 2e6 bytes;
-    D2H copy [30,32). Two compute slices of 1e9 FLOPs each."""
+def hand_trace(tracks: list[str]):
+    """(trace, sl): an empty trace with these tracks, and sl(track, name, start_ms, end_ms, **args) to add
+    a slice (int, float and str args)."""
     trace = Trace()
-    uuid = {"event loop": 2, "compute stream": 3, "copy H2D weights stream": 4, "copy D2H stream": 5}
+    uuid = {name: i + 1 for i, name in enumerate(tracks)}
     for name, u in uuid.items():
         p = trace.packet.add()
         p.track_descriptor.uuid, p.track_descriptor.name = u, name
@@ -121,11 +122,19 @@ def synthetic(path):
         b.track_event.type, b.track_event.track_uuid, b.track_event.name = TrackEvent.TYPE_SLICE_BEGIN, uuid[track], name
         for k, v in args.items():
             a = b.track_event.debug_annotations.add()
-            a.name, a.int_value = k, v
+            a.name = k
+            setattr(a, {int: "int_value", float: "double_value", str: "string_value"}[type(v)], v)
         e = trace.packet.add()
         e.timestamp = end * ms
         e.track_event.type, e.track_event.track_uuid = TrackEvent.TYPE_SLICE_END, uuid[track]
 
+    return trace, sl
+
+
+def synthetic(path):
+    """Known layout (ms): step [0, 40); compute [0,10) and [20,30); H2D weights copy [5,25) of 2e6 bytes;
+    D2H copy [30,32). Two compute slices of 1e9 FLOPs each."""
+    trace, sl = hand_trace(["event loop", "compute stream", "copy H2D weights stream", "copy D2H stream"])
     sl("event loop", "step 0", 0, 40)
     sl("compute stream", "expert[0][0]", 0, 10, flops=10**9, tokens=5)
     sl("copy H2D weights stream", "copy expert[0][1]", 5, 25, bytes=2 * 10**6)
@@ -150,7 +159,37 @@ def test_summarize_numbers_by_hand(tmp_path):
     assert s["flops"] == pytest.approx(2e9 / 0.020)
     assert s["modules"]["expert"]["s"] == pytest.approx(0.010) and s["modules"]["attention"]["launches"] == 1
     assert s["bound"] == "compute"  # compute and link both 50% busy: not link-bound
-    assert set(s) == {"wall_s", "streams", "overlap", "bubbles", "modules", "link_gbps", "flops", "bound"}
+    assert set(s) == {"wall_s", "streams", "overlap", "bubbles", "modules", "link_gbps", "flops", "bound", "plan"}
+    assert s["plan"] is None  # no plan was recorded
+
+
+def test_summarize_sets_a_run_against_its_plan(tmp_path):
+    """A hand-made trace with a plan slice: the full decode steps (4 sequences) are 20 ms each and
+    hold 6 + 4 ms of expert and 4 ms of attention compute; a 2-sequence decode step and its attention
+    are not full steps; the prefill step runs 20 prompt tokens in 10 ms."""
+    trace, sl = hand_trace(["plan", "event loop", "compute stream"])
+    sl("plan", "plan", 0, 0, decode_sequences=4, decode_step_s=0.025, decode_tok_s=160.0, prefill_tok_s=1000.0,
+       prefill_step_s=0.02, **{"decode expert_s": 0.004, "decode attention_s": 0.004})
+    sl("event loop", "step 0 (prefill)", 0, 10, phase="prefill", sequences=4, prefill_tokens=20)
+    sl("event loop", "step 1 (decode)", 10, 30, phase="decode", sequences=4)
+    sl("event loop", "step 2 (decode)", 30, 50, phase="decode", sequences=4)
+    sl("event loop", "step 3 (decode)", 50, 60, phase="decode", sequences=2)
+    sl("compute stream", "expert[0][0]", 10, 16, tokens=4)
+    sl("compute stream", "attention[0]", 16, 20, tokens=4)
+    sl("compute stream", "expert[0][1]", 30, 34, tokens=4)
+    sl("compute stream", "attention[0]", 50, 55, tokens=2)
+    path = tmp_path / "planned.pftrace"
+    path.write_bytes(trace.SerializeToString())
+    v = summarize(path)["plan"]
+    assert v["decode_steps"] == 2 and v["prefill_steps"] == 1
+    assert v["decode_step_s"] == {"predicted": 0.025, "measured": pytest.approx(0.020)}
+    assert v["decode_tok_s"] == {"predicted": 160.0, "measured": pytest.approx(4 / 0.020)}
+    assert v["prefill_tok_s"] == {"predicted": 1000.0, "measured": pytest.approx(20 / 0.010)}
+    assert v["modules"]["expert"] == {"predicted": 0.004, "measured": pytest.approx((0.006 + 0.004) / 2)}
+    assert v["modules"]["attention"] == {"predicted": 0.004, "measured": pytest.approx(0.004 / 2)}
+    text = format_summary(summarize(path))
+    assert "against the plan (2 full decode steps, 1 prefill steps)" in text
+    assert re.search(r"expert per decode step\s+predicted\s+4\.00 ms\s+measured\s+5\.00 ms\s+\(1\.25x\)", text), text
 
 
 def test_summarize_cli_json_and_errors(tmp_path):

@@ -1,0 +1,233 @@
+"""Calibration: what this machine's device does, measured once and cached per machine and device.
+
+Two parts, one cache file per (device, machine):
+- the machine: host->device and device->host bandwidth (pinned buffers; a simulated link on the
+  cpu backend is known exactly and never measured), host memcpy bandwidth, and the host's cost of a
+  module launch and of a host sync through the event loop;
+- per model shape (a `Profile`): the time of each module's launch at the shapes that matter, measured
+  by running the runtime's own launch functions on one layer's real weights: an expert, the dense
+  and shared MLPs, the router over T tokens; attention over b sequences of context c (decode) and b
+  prompts of q tokens (prefill); lm_head + sampling over b sequences.
+
+The file is discarded when moegen's, torch's or the cache format's version differs, or the device
+or CPU is another (its key is in the file name and re-checked inside).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import orjson
+import torch
+
+CACHE_FORMAT = 1
+TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)  # tokens per launch measured for MLPs, routers and the head
+DECODE = ((1, 16), (1, 1024), (16, 16), (16, 256), (16, 1024), (64, 16), (64, 256), (64, 1024), (256, 16),
+          (256, 256))  # (sequences, context) of decode attention launches
+PREFILL = ((1, 16), (1, 256), (4, 64), (16, 16), (16, 64), (4, 512))  # (prompts, tokens each)
+BUDGET_S = 0.1  # most seconds spent repeating one measurement (the best repeat counts)
+
+
+@dataclass(slots=True)
+class Curve:
+    """Seconds of one launch vs its size, from measured points: log-log interpolation inside,
+    proportional beyond the largest point, the smallest point's time below it."""
+
+    points: list[tuple[float, float]]  # (size, seconds), sizes increasing
+
+    def __call__(self, size: float) -> float:
+        pts = self.points
+        if size <= pts[0][0]:
+            return pts[0][1]
+        if size >= pts[-1][0]:
+            return pts[-1][1] * size / pts[-1][0]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if size <= x1:
+                f = math.log(size / x0) / math.log(x1 / x0)
+                return math.exp(math.log(y0) + f * math.log(y1 / y0))
+        raise AssertionError("unreachable")
+
+
+@dataclass(slots=True)
+class Linear:
+    """seconds = coefficients · features, fitted to measured launches (least squares, relative error)."""
+
+    coefficients: list[float]
+
+    def __call__(self, *features: float) -> float:
+        return max(0.0, sum(c * f for c, f in zip(self.coefficients, (1.0, *features))))
+
+
+@dataclass(slots=True)
+class Machine:
+    link_h2d_gbps: float | None  # pinned host -> device, GB/s (1e9 bytes); None on the cpu backend
+    link_d2h_gbps: float | None
+    memcpy_gbps: float  # a large copy within host memory
+    launch_s: float  # the event loop's cost of one module launch (queue hop + submit)
+    sync_s: float  # a host sync: device event -> waiter -> the loop resumes a task
+
+
+@dataclass(slots=True)
+class Profile:
+    """One model shape's module launch times on this device."""
+
+    expert: Curve | None  # tokens -> seconds, one routed expert
+    mlps: dict[str, Curve]  # "dense" / "shared": tokens -> seconds
+    router: Curve  # tokens -> seconds (norm, routing, sort, counts)
+    attn_decode: Linear  # (sequences, sequences x context) -> seconds
+    attn_prefill: Linear  # (tokens, sum of q^2) -> seconds
+    head: Curve  # sequences -> seconds (final norm, lm_head, greedy pick)
+    combine: Curve  # tokens -> seconds (the residual add)
+    in_run: dict[str, float] = field(default_factory=dict)  # module type -> seconds a launch takes in a real run
+    # beyond its time alone (the event loop's thread shares the cores: small launches pay most)
+
+
+@dataclass(slots=True)
+class Calibration:
+    key: dict  # device, machine and versions this was measured on
+    machine: Machine
+    profiles: dict[str, Profile] = field(default_factory=dict)  # by model shape signature
+
+
+def device_key(device: str) -> dict:
+    """What a calibration is only valid for."""
+    key = {"format": CACHE_FORMAT, "device": device, "moegen": version("moegen"), "torch": torch.__version__,
+           "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           "grid": orjson.loads(orjson.dumps([TOKENS, DECODE, PREFILL]))}  # as JSON holds it, for comparing
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        key |= {"gpu": props.name, "gpu_bytes": props.total_memory}
+    return key
+
+
+def cache_path(key: dict) -> Path:
+    from moegen.checkpoints.demo import cache_dir
+
+    digest = hashlib.sha256(orjson.dumps(key, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return cache_dir() / "calibration" / f"{key['device']}-{digest}.json"
+
+
+def load(device: str) -> Calibration | None:
+    """The cached calibration for this device and machine, or None (none yet, or made by another
+    version, device or machine)."""
+    key = device_key(device)
+    path = cache_path(key)
+    try:
+        raw = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if raw.get("key") != key:
+        return None
+    return Calibration(key, Machine(**raw["machine"]),
+                       {sig: _profile(p) for sig, p in raw.get("profiles", {}).items()})
+
+
+def save(cal: Calibration) -> Path:
+    path = cache_path(cal.key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(asdict(cal), option=orjson.OPT_INDENT_2))
+    tmp.replace(path)
+    return path
+
+
+def _profile(raw: dict) -> Profile:
+    curve = lambda pts: Curve([tuple(p) for p in pts["points"]])  # noqa: E731
+    return Profile(expert=curve(raw["expert"]) if raw["expert"] else None,
+                   mlps={k: curve(v) for k, v in raw["mlps"].items()}, router=curve(raw["router"]),
+                   attn_decode=Linear(raw["attn_decode"]["coefficients"]),
+                   attn_prefill=Linear(raw["attn_prefill"]["coefficients"]),
+                   head=curve(raw["head"]), combine=curve(raw["combine"]), in_run=raw.get("in_run", {}))
+
+
+def calibrated(device: str, force: bool = False, say: Callable[[str], None] = lambda _: None) -> Calibration:
+    """The cached calibration, measuring the machine first when there is none (or `force`)."""
+    cal = None if force else load(device)
+    if cal is None:
+        say(f"calibrating the {device} device (cached for later runs) ...")
+        cal = Calibration(device_key(device), measure_machine(device))
+        save(cal)
+    return cal
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+def timed(fn: Callable[[], object], device: str, budget_s: float = BUDGET_S) -> float:
+    """Best seconds of `fn` over up to 20 repeats within `budget_s` (at least two, after a warm-up run)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    best, spent = math.inf, 0.0
+    runs = 0
+    while runs < 2 or (spent < budget_s and runs < 20):
+        start = time.perf_counter()
+        fn()
+        sync()
+        took = time.perf_counter() - start
+        best, spent, runs = min(best, took), spent + took, runs + 1
+    return best
+
+
+def measure_machine(device: str) -> Machine:
+    n = 64 * 2**20
+    src = torch.empty(n, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    memcpy = n / timed(lambda: dst.copy_(src), "cpu") / 1e9
+    h2d = d2h = None
+    if device == "cuda":
+        pinned = torch.empty(4 * n, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(4 * n, dtype=torch.uint8, device="cuda")
+        h2d = 4 * n / timed(lambda: dev.copy_(pinned, non_blocking=True), device) / 1e9
+        d2h = 4 * n / timed(lambda: pinned.copy_(dev, non_blocking=True), device) / 1e9
+    launch, sync = _loop_costs(device)
+    return Machine(link_h2d_gbps=h2d, link_d2h_gbps=d2h, memcpy_gbps=memcpy, launch_s=launch, sync_s=sync)
+
+
+def _loop_costs(device: str, n: int = 400) -> tuple[float, float]:
+    """(seconds per module launch: a queue hop plus a stream submit, nothing waited on; seconds per host
+    sync: submit, then resume on the work's event) on the runtime's own backend and event loop."""
+    import uvloop
+
+    from moegen.runtime.config import RuntimeConfig
+    from moegen.runtime.engine import make_backend
+
+    backend = make_backend(RuntimeConfig(device=device))
+
+    async def launches() -> float:
+        q: asyncio.Queue = asyncio.Queue()
+        start = time.perf_counter()
+        for _ in range(n):
+            await q.put(1)
+            await q.get()
+            backend.compute.submit(lambda: None)
+        await backend.wait(backend.compute.submit(lambda: None))
+        return (time.perf_counter() - start) / n
+
+    async def syncs() -> float:
+        start = time.perf_counter()
+        for _ in range(n // 4):
+            await backend.wait(backend.compute.submit(lambda: None))
+        return (time.perf_counter() - start) / (n // 4)
+
+    try:
+        return min(uvloop.run(launches()) for _ in range(3)), min(uvloop.run(syncs()) for _ in range(3))
+    finally:
+        backend.close()

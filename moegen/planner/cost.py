@@ -1,0 +1,263 @@
+"""The cost model: a runtime config made concrete for a model (`Setting`: the batch, residents, slot
+pools and memory it would really take), and the predicted time of its steps.
+
+A step is simulated as the runtime runs it, on three resources: the compute stream (in launch
+order), the weights copy stream (the prefetcher's walk, each copy waiting for a free slot of its
+kind: the slot frees when the compute that used it ends) and the KV copy stream (one staging copy
+per attention micro-batch). Per layer: attention weights -> micro-batches (KV staged in, attend)
+-> router -> host sync for the expert counts -> MLP, experts (each waiting for its weights) ->
+combine; then lm_head and the host sync on the sampled ids. Two steps run back to back and the
+second is timed, so the prefetcher's walk into the next step counts. Launch times come from the
+calibrated `Profile`, copy times from the link (the simulated one on the cpu backend, exactly).
+
+Routing is taken as uniform: T tokens spread their T*K picks evenly over the E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from moegen.config import ModelConfig
+from moegen.models.kv_cache import kv_bytes_per_token
+from moegen.models.weights import ModelWeights
+from moegen.planner.calibrate import Machine, Profile
+from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.context import activation_bytes, model_batch_size
+from moegen.runtime.placement import ModuleId, Residency, choose_residency, core_device_bytes, module_numels
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    requests: int
+    prompt_len: float  # mean prompt tokens
+    new_tokens: float  # mean tokens generated per request
+    max_seq_len: int  # longest prompt + completion: the KV row size
+
+
+@dataclass(slots=True)
+class ModelFacts:
+    """What the cost model reads of a loaded model (sizes in the runtime dtype)."""
+
+    cfg: ModelConfig
+    weights: ModelWeights
+    sizes: dict[ModuleId, int]  # bytes of each streamable module's host block
+    core_bytes: int  # lm_head, norms, routers: always on the device
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype) -> ModelFacts:
+        size = torch.empty((), dtype=dtype).element_size()
+        sizes = {m: n * size for m, n in module_numels(weights).items()}
+        return cls(cfg, weights, sizes, core_device_bytes(weights, dtype))
+
+    @property
+    def arena_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+
+@dataclass(slots=True)
+class Setting:
+    """What a run with `rcfg` would be: the runtime's own sizing rules applied without allocating."""
+
+    rcfg: RuntimeConfig
+    batch: int  # B (--batching model: what fits the device)
+    micro: int  # sequences per attention launch
+    stage_kv: bool  # KV staged onto the device per micro-batch
+    max_step_tokens: int
+    residency: Residency
+    device_bytes: int | None  # what it reserves on the device (None: no device budget to hold to)
+    budget: int | None  # the device budget it was sized against
+    host_bytes: int  # weight arena + host KV cache
+    link_gbps: float | None  # host -> device copies (None: nothing is copied)
+
+
+def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: int | None) -> Setting:
+    """Size a run like `Runtime.__init__` does; raises DeviceBudgetError where it would."""
+    cfg, dtype, S = facts.cfg, rcfg.torch_dtype, rcfg.max_seq_len
+    model_mode = rcfg.batching == "model"
+    B = model_batch_size(cfg, rcfg, facts.weights, budget) if model_mode else rcfg.batch_size
+    stage = not model_mode and not (rcfg.device == "cpu" and budget is None)
+    micro = B if model_mode else min(rcfg.attn_micro_batch, B)
+    max_step = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
+    per_token = kv_bytes_per_token(cfg, dtype)
+    kv = B * S * per_token if model_mode else (2 * micro * S * per_token // cfg.num_layers if stage else 0)
+    reserved = facts.core_bytes + kv + activation_bytes(cfg, rcfg, max_step)
+    if budget is not None and reserved > budget:
+        from moegen.runtime.backend import DeviceBudgetError
+
+        raise DeviceBudgetError(
+            f"lm_head, norms and routers, KV staging and activations need {reserved / 2**20:.1f} MiB, over "
+            f"--gpu-memory {budget / 2**20:.1f} MiB; raise --gpu-memory, or lower --max-seq-len, --max-step-tokens or "
+            "--attn-micro-batch")
+    residency = choose_residency(facts.sizes, None if budget is None else budget - reserved, rcfg.expert_slots,
+                                 rcfg.resident_experts)
+    streams = any(residency.pools.values())
+    link = rcfg.sim_link_gbps or (machine.link_h2d_gbps if rcfg.device == "cuda" else machine.memcpy_gbps)
+    return Setting(rcfg, B, micro, stage, max_step, residency,
+                   reserved + residency.device_bytes if budget is not None else None, budget,
+                   facts.arena_bytes + (0 if model_mode else B * S * per_token),
+                   link if (streams or stage) else None)
+
+
+@dataclass(slots=True)
+class StepTime:
+    seconds: float
+    compute_s: float  # compute stream busy
+    link_s: float  # the busiest host -> device link busy (cuda: one link for weights and KV; the cpu backend
+    # simulates one per copy stream)
+    modules: dict[str, float]  # compute seconds per module type (the trace's names: attention, expert, ...)
+
+    @property
+    def bound(self) -> str:
+        return "link" if self.link_s >= self.compute_s else "compute"
+
+
+def step_time(facts: ModelFacts, s: Setting, p: Profile, m: Machine, decode: int, context: float,
+              prompts: int = 0, prompt_len: int = 0) -> StepTime:
+    """A step of `decode` sequences with `context` cached tokens each plus `prompts` new prompts of
+    `prompt_len` tokens, in steady state (the second of two identical steps)."""
+    sim = _Sim(facts, s, p, m)
+    sim.step(decode, context, prompts, prompt_len)
+    first = sim.end
+    c0, l0, by_kind = sim.compute_busy, sim.link_busy, dict(sim.modules)
+    sim.step(decode, context, prompts, prompt_len)
+    return StepTime(sim.end - first, sim.compute_busy - c0, sim.link_busy - l0,
+                    {k: v - by_kind.get(k, 0.0) for k, v in sim.modules.items()})
+
+
+class _Sim:
+    """Resource clocks (seconds) for simulated steps."""
+
+    def __init__(self, facts: ModelFacts, s: Setting, p: Profile, m: Machine):
+        self.f, self.s, self.p, self.m = facts, s, p, m
+        self.compute = self.weights = self.kv = self.end = 0.0
+        self.compute_busy = 0.0
+        self.busy = {"weights": 0.0, "kv": 0.0}  # per link
+        self.shared_link = s.rcfg.device == "cuda"  # weights and KV copies cross one PCIe link
+        self.modules: dict[str, float] = {}
+        self.slots = {kind: deque([0.0] * n) for kind, n in s.residency.pools.items()}
+        self.resident = set(s.residency.resident)
+        self.bytes_per_s = None if s.link_gbps is None else s.link_gbps * 1e9
+        cfg = facts.cfg
+        self.kv_token_layer = kv_bytes_per_token(cfg, s.rcfg.torch_dtype) // cfg.num_layers
+
+    def launch(self, kind: str, seconds: float, ready: float = 0.0) -> float:
+        seconds += self.p.in_run.get(kind, 0.0)
+        start = max(self.compute, ready)
+        self.compute = start + seconds + self.m.launch_s
+        self.compute_busy += seconds
+        self.modules[kind] = self.modules.get(kind, 0.0) + seconds
+        return self.compute
+
+    def copy_weights(self, module: ModuleId) -> float:
+        """When `module`'s weights are on the device for the next compute that uses it."""
+        if module in self.resident:
+            return 0.0
+        start = max(self.weights, self.slots[module.kind].popleft())
+        took = self.f.sizes[module] / self.bytes_per_s
+        self.weights = start + took
+        self.busy["weights"] += took
+        if self.shared_link:
+            self.kv = max(self.kv, self.weights)
+        return self.weights
+
+    def used(self, module: ModuleId, end: float) -> None:
+        if module not in self.resident:
+            self.slots[module.kind].append(end)
+
+    def copy_kv(self, nbytes: float, after: float = 0.0) -> float:
+        if not nbytes or self.bytes_per_s is None:
+            return after
+        took = max(nbytes / self.bytes_per_s, nbytes / (self.m.memcpy_gbps * 1e9))
+        self.kv = max(self.kv, after) + took
+        self.busy["weights" if self.shared_link else "kv"] += took
+        if self.shared_link:
+            self.weights = max(self.weights, self.kv)
+        return self.kv
+
+    @property
+    def link_busy(self) -> float:
+        return max(self.busy.values())
+
+    def step(self, decode: int, context: float, prompts: int, prompt_len: int) -> None:
+        f, s, p, m = self.f, self.s, self.p, self.m
+        cfg = f.cfg
+        T = decode + prompts * prompt_len
+        start = self.end
+        elem = s.rcfg.torch_dtype.itemsize
+        h_ready = self.copy_kv(T * cfg.hidden_size * elem, start)  # the embedding rows cross the link
+        self.launch("embed", p.combine(T), h_ready)
+        groups = _groups(decode, s.micro) + _groups(prompts, s.micro)
+        for layer in range(cfg.num_layers):
+            attn = ModuleId("attn", layer)
+            ready = self.copy_weights(attn)
+            for i, b in enumerate(groups):
+                is_decode = i < len(_groups(decode, s.micro))
+                ctx = context if is_decode else 0
+                kv_ready = self.copy_kv(b * ctx * self.kv_token_layer if s.stage_kv else 0, start)
+                took = (p.attn_decode(b, b * ctx) if is_decode
+                        else p.attn_prefill(b * prompt_len, b * prompt_len ** 2))
+                end = self.launch("attention", took, max(ready, kv_ready))
+            self.used(attn, end)
+            routed = self.launch("router", p.router(T))
+            mlp = ModuleId("mlp", layer)
+            if mlp in f.sizes:
+                curve = p.mlps["shared" if cfg.moe_layers[layer] else "dense"]
+                self.used(mlp, self.launch("mlp", curve(T), self.copy_weights(mlp)))
+            if cfg.moe_layers[layer]:
+                for e, n in enumerate(_spread(T * cfg.moe.router.top_k, cfg.moe.router.num_experts)):
+                    if not n:
+                        continue
+                    module = ModuleId("expert", layer, e)
+                    ready = max(self.copy_weights(module), routed + m.sync_s)
+                    self.used(module, self.launch("expert", _capped(p.expert, n, s.rcfg.expert_micro_batch), ready))
+            self.launch("combine", p.combine(T))
+        self.end = self.launch("lm_head", p.head(decode + prompts)) + m.sync_s
+
+
+def _groups(n: int, size: int) -> list[int]:
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+def _spread(picks: int, experts: int) -> list[int]:
+    """`picks` token-expert picks spread evenly over the experts."""
+    base, extra = divmod(picks, experts)
+    return [base + (e < extra) for e in range(experts)]
+
+
+def _capped(curve, n: int, cap: int | None) -> float:
+    if not cap or n <= cap:
+        return curve(n)
+    full, rest = divmod(n, cap)
+    return full * curve(cap) + (curve(rest) if rest else 0.0)
+
+
+@dataclass(slots=True)
+class Prediction:
+    prefill_tok_s: float  # prompt tokens per second of a prefill step
+    decode_tok_s: float  # generated tokens per second of a full decode step
+    job_s: float  # prefill and decode of the whole workload
+    job_tok_s: float  # generated tokens over job_s
+    prefill: StepTime
+    decode: StepTime
+
+
+def predict(facts: ModelFacts, s: Setting, p: Profile, m: Machine, w: Workload) -> Prediction:
+    """The whole job: its prompts admitted max_step_tokens at a time, then waves of B sequences
+    decoding (with uniform request lengths all of a wave finish together)."""
+    B = min(s.batch, w.requests)
+    P = max(1, round(w.prompt_len))
+    per_step = max(1, min(B, s.max_step_tokens // P))
+    prefill = step_time(facts, s, p, m, 0, 0, per_step, P)
+    context = w.prompt_len + w.new_tokens / 2
+    decode = step_time(facts, s, p, m, B, context)
+    full, rest = divmod(w.requests, B)
+    decode_s = w.new_tokens * (full * decode.seconds
+                               + (step_time(facts, s, p, m, rest, context).seconds if rest else 0.0))
+    prefill_s = math.ceil(w.requests / per_step) * prefill.seconds
+    job_s = prefill_s + decode_s
+    return Prediction(per_step * P / prefill.seconds, B / decode.seconds, job_s,
+                      w.requests * w.new_tokens / job_s, prefill, decode)

@@ -1,0 +1,112 @@
+"""Planning a run: calibration (cached) + the model's profile (cached) + the search, and how a plan reads.
+
+    plan = plan_run(cfg, weights, rcfg, user_knobs, workload)
+    engine = Engine(cfg, weights, plan.rcfg, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from moegen.config import ModelConfig
+from moegen.models.weights import ModelWeights
+from moegen.planner.calibrate import calibrated, save
+from moegen.planner.cost import ModelFacts, Workload
+from moegen.planner.profile import measure_in_run, measure_profile, signature
+from moegen.planner.search import PLANNED, Plan, host_kv_limit, search
+from moegen.runtime.config import RuntimeConfig
+
+
+def plan_run(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, user: frozenset[str], workload: Workload,
+             say: Callable[[str], None] = lambda _: None, recalibrate: bool = False) -> Plan:
+    """The plan for running `workload` on this model: the knobs in `user` stay as set in `rcfg`."""
+    cal = calibrated(rcfg.device, recalibrate, say)
+    sig = signature(cfg, rcfg.dtype)
+    if sig not in cal.profiles or recalibrate:
+        say("profiling this model's modules on the device (cached for later runs) ...")
+        profile = measure_profile(cfg, weights, rcfg.device, rcfg.torch_dtype, say)
+        profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
+        cal.profiles[sig] = profile
+        save(cal)
+    facts = ModelFacts.of(cfg, weights, rcfg.torch_dtype)
+    return search(facts, rcfg, user, cal.machine, cal.profiles[sig], workload, device_budget(rcfg),
+                  host_kv_limit(rcfg))
+
+
+def device_budget(rcfg: RuntimeConfig) -> int | None:
+    """The device budget the run will hold to: --gpu-memory, or on cuda what the backend would take."""
+    if rcfg.gpu_memory is not None or rcfg.device == "cpu":
+        return rcfg.gpu_memory
+    import torch
+
+    from moegen.runtime.cuda_backend import CudaBackend
+
+    free, _ = torch.cuda.mem_get_info()
+    return max(0, free - CudaBackend.MARGIN)
+
+
+def format_plan(plan: Plan, alternatives: bool = True) -> str:
+    """The plan in words: knobs (planned or set), prediction, bounds, limits, runners-up."""
+    best, w = plan.best, plan.workload
+    p, s = best.predicted, best.setting
+    knobs = []
+    for name in PLANNED:
+        value = getattr(plan.rcfg, name)
+        shown = {None: "auto"}.get(value, value) if name != "expert_micro_batch" else (value or "all tokens")
+        knobs.append(f"{name}={shown}{' (yours)' if name in plan.user else ''}")
+    link = f"{s.link_gbps:g} GB/s link" if s.link_gbps else "no link in use"
+    lines = [
+        f"workload: {w.requests} requests, {w.prompt_len:.0f} prompt + {w.new_tokens:.0f} new tokens on average, "
+        f"rows of {w.max_seq_len} tokens",
+        "knobs: " + " ".join(knobs),
+        f"runs as: B={s.batch}, attention launches of {s.micro} sequences"
+        + (f", KV staged per launch" if s.stage_kv else "")
+        + f", {len(s.residency.resident)} modules resident, slots {dict(s.residency.pools) or 'none'}, {link}",
+        f"predicted: prefill {p.prefill_tok_s:.1f} tok/s, decode {p.decode_tok_s:.1f} tok/s; the job "
+        f"{p.job_s:.1f}s, {p.job_tok_s:.1f} generated tok/s",
+        f"bound: prefill by {p.prefill.bound} ({_busy(p.prefill)}), decode by {p.decode.bound} ({_busy(p.decode)})",
+        "memory: " + (f"device {s.device_bytes / 2**20:.1f} of {s.budget / 2**20:.1f} MiB, "
+                      if s.device_bytes is not None else "device unbudgeted, ")
+        + f"host {s.host_bytes / 2**30:.2f} GiB (weights + KV)",
+    ] + [f"limit: {text}" for text in plan.limits]
+    if plan.alternatives and alternatives:
+        lines.append(f"runners-up (of {plan.considered} fitting configs):")
+        for c in plan.alternatives:
+            a = c.summary()
+            lines.append(f"  B={a['batch']} attention {c.setting.micro} slots {a['expert_slots']} resident experts "
+                         f"{a['resident_experts']}: {a['job_tok_s']:.1f} tok/s "
+                         f"({a['job_tok_s'] / p.job_tok_s:.0%} of the plan)")
+    return "\n".join(lines)
+
+
+def _busy(t) -> str:
+    return f"step {t.seconds * 1e3:.1f} ms: compute {t.compute_s / t.seconds:.0%}, link {t.link_s / t.seconds:.0%}"
+
+
+def workload_of(requests, max_seq_len: int) -> Workload:
+    """The workload of a list of runtime Requests (their max_new_tokens: EOS may end some earlier)."""
+    n = len(requests)
+    return Workload(n, sum(len(r.prompt_ids) for r in requests) / n, sum(r.max_new_tokens for r in requests) / n,
+                    max_seq_len)
+
+
+def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] | None,
+                say: Callable[[str], None], trace=None, trace_steps=None):
+    """(engine, plan) for running `requests` on the checkpoint in `model_dir`. With `user` (the knobs the
+    user set), every other knob is planned, the plan printed through `say` and recorded in the trace;
+    `user` None runs `rcfg` as it is (plan None)."""
+    from moegen.models.hf_config import generation_eos_ids
+    from moegen.models.loader import load_checkpoint
+    from moegen.runtime.engine import Engine
+
+    cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
+    plan = None
+    if user is not None:
+        plan = plan_run(cfg, weights, rcfg, user, workload_of(requests, rcfg.max_seq_len), say)
+        rcfg = plan.rcfg
+        for line in format_plan(plan, alternatives=False).splitlines():
+            say("plan: " + line)
+    engine = Engine(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), trace=trace, trace_steps=trace_steps)
+    if plan is not None and engine.trace is not None:
+        engine.trace.record_plan(plan.to_json())
+    return engine, plan

@@ -1,0 +1,204 @@
+"""A model shape's module launch times on this device: the runtime's own launch functions run on
+one layer's real weights, at the token counts and contexts the planner asks about.
+
+Letters: T tokens, H hidden, K top-k, b sequences, c cached context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+import torch
+
+from moegen.config import ModelConfig
+from moegen.models.batch import AttnBatch
+from moegen.models.kv_cache import layer_kv
+from moegen.models.reference import lm_head
+from moegen.models.rope import Rope
+from moegen.models.weights import ModelWeights
+from moegen.planner.calibrate import DECODE, PREFILL, TOKENS, Curve, Linear, Profile, timed
+from moegen.runtime.tasks import attention_launch, expert_launch, mlp_launch, route_launch
+
+SLOW_S = 0.08  # once a launch takes this long, larger sizes are extrapolated (time grows in proportion)
+
+
+def signature(cfg: ModelConfig, dtype: str) -> str:
+    """Which profile a model uses: everything about its shape (the config) and the dtype."""
+    return hashlib.sha256(f"{cfg!r}|{dtype}".encode()).hexdigest()[:16]
+
+
+def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype: torch.dtype,
+                    say: Callable[[str], None] = lambda _: None) -> Profile:
+    began = time.perf_counter()
+    dev = torch.device(device)
+    moe = next((lw for lw in weights.layers if lw.moe is not None), None)
+    dense = next((lw for lw in weights.layers if lw.mlp is not None), None)
+    H, T = cfg.hidden_size, max(TOKENS)
+    h, x, out = (torch.randn(T, H, dtype=dtype, device=dev) for _ in range(3))
+
+    def on(unit):
+        return _to(unit, dev, dtype)
+
+    profile = Profile(
+        expert=None if moe is None else _expert_curve(on(moe.moe.experts[0]), x, out, cfg.moe.router.top_k, device),
+        mlps={},
+        router=_curve(lambda t: route_launch(h[:t], x[:t], out[:t], on(weights.layers[0].post_attention_layernorm),
+                                             cfg.rms_norm_eps, None if moe is None else on(moe.moe.router),
+                                             cfg.moe.router), TOKENS, device),
+        attn_decode=_attention(cfg, weights, dev, dtype, device, decode=True),
+        attn_prefill=_attention(cfg, weights, dev, dtype, device, decode=False),
+        head=_head_curve(cfg, weights, dev, dtype, device),
+        combine=_curve(lambda t: h[:t].add_(out[:t]), TOKENS, device),
+    )
+    if dense is not None:
+        w = on(dense.mlp)
+        profile.mlps["dense"] = _curve(lambda t: mlp_launch(x[:t], out[:t], w, None), TOKENS, device)
+    if moe is not None and moe.moe.shared is not None:
+        w, gate = on(moe.moe.shared), on(moe.moe.shared_expert_gate)
+        profile.mlps["shared"] = _curve(lambda t: mlp_launch(x[:t], out[:t], w, gate), TOKENS, device)
+    say(f"profiled the model's modules on {device} in {time.perf_counter() - began:.1f}s")
+    return profile
+
+
+def _to(unit, device: torch.device, dtype: torch.dtype):
+    """A copy of a weights dataclass (or tensor) on `device` in `dtype`."""
+    if unit is None or isinstance(unit, torch.Tensor):
+        return None if unit is None else unit.to(device, dtype)
+    return type(unit)(**{f: _to(getattr(unit, f), device, dtype) for f in unit.__slots__})
+
+
+def _curve(launch: Callable[[int], object], sizes, device: str) -> Curve:
+    points = []
+    for n in sizes:
+        seconds = timed(lambda: launch(n), device)
+        points.append((float(n), seconds))
+        if seconds > SLOW_S:
+            break
+    return Curve(points)
+
+
+def _expert_curve(w, x, out, k: int, device: str) -> Curve:
+    weights = torch.ones(len(x), k, dtype=torch.float32, device=x.device) / k  # [T, K]
+    picks = torch.arange(len(x), device=x.device) * k  # [T] token t's first choice
+    return _curve(lambda t: expert_launch(w, x, out, picks[:t], weights, k, None), TOKENS, device)
+
+
+def _attention(cfg: ModelConfig, weights: ModelWeights, dev: torch.device, dtype: torch.dtype, device: str,
+               decode: bool) -> Linear:
+    """decode: seconds ~ a + p*b + q*b*c over DECODE's (b, c); prefill: ~ a + p*T + r*sum(q^2) over PREFILL."""
+    layer = 0
+    w = _to(weights.layers[layer].attn, dev, dtype)
+    norm = _to(weights.layers[layer].input_layernorm, dev, dtype)
+    rope = Rope(cfg.attention.rope, device=dev)
+    rows, times = [], []
+    for b, n in (DECODE if decode else PREFILL):
+        past, q = (n, 1) if decode else (0, n)
+        kv = layer_kv(cfg.attention, b, past + q, dtype, dev)
+        batch = AttnBatch.build(slots=list(range(b)), past_lens=[past] * b, q_lens=[q] * b, device=dev)
+        h = torch.randn(b * q, cfg.hidden_size, dtype=dtype, device=dev)
+        times.append(timed(lambda: attention_launch(cfg, layer, norm, rope, w, h, batch, kv), device))
+        rows.append([1.0, float(b), float(b * n)] if decode else [1.0, float(b * q), float(b * q * q)])
+    return Linear(_fit(rows, times))
+
+
+def _fit(rows: list[list[float]], times: list[float]) -> list[float]:
+    """Least squares on relative error, coefficients kept non-negative (a time never shrinks as work grows)."""
+    A = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor(times, dtype=torch.float64)
+    scale = 1 / y
+    keep = list(range(A.shape[1]))
+    while True:
+        coef = torch.linalg.lstsq(A[:, keep] * scale[:, None], y * scale).solution
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(coef.argmin()))  # drop the feature that would need a negative cost
+    out = [0.0] * A.shape[1]
+    for i, c in zip(keep, coef.tolist()):
+        out[i] = max(c, 0.0)
+    return out
+
+
+def _head_curve(cfg: ModelConfig, weights: ModelWeights, dev: torch.device, dtype: torch.dtype, device: str) -> Curve:
+    head = ModelWeights(embed_tokens=None, layers=[], norm=weights.norm.to(dev, dtype),
+                        lm_head=weights.lm_head.to(dev, dtype))
+    h = torch.randn(max(TOKENS), cfg.hidden_size, dtype=dtype, device=dev)
+    return _curve(lambda b: lm_head(head, cfg, h[:b]).argmax(-1), TOKENS, device)
+
+
+def describe_profile(p: Profile, cfg: ModelConfig) -> str:
+    """The profile in numbers a user can check: launch times and achieved FLOP/s at a few sizes."""
+    lines = []
+    if p.expert is not None:
+        flops = 6 * cfg.hidden_size * cfg.moe.expert_intermediate
+        lines.append("  expert: " + ", ".join(f"{int(n)} tok {t * 1e3:.2f} ms ({flops * n / t / 1e9:.0f} GFLOP/s)"
+                                              for n, t in p.expert.points))
+    for name, curve in p.mlps.items():
+        lines.append(f"  {name} MLP: " + ", ".join(f"{int(n)} tok {t * 1e3:.2f} ms" for n, t in curve.points))
+    lines.append("  router: " + ", ".join(f"{int(n)} tok {t * 1e3:.2f} ms" for n, t in p.router.points))
+    a, per_seq, per_ctx = p.attn_decode.coefficients
+    lines.append(f"  attention decode: {a * 1e3:.3f} ms + {per_seq * 1e6:.2f} us per sequence + "
+                 f"{per_ctx * 1e9:.1f} ns per cached token")
+    a, per_tok, per_sq = p.attn_prefill.coefficients
+    lines.append(f"  attention prefill: {a * 1e3:.3f} ms + {per_tok * 1e6:.2f} us per token + "
+                 f"{per_sq * 1e9:.2f} ns x prompt length^2")
+    lines.append("  lm_head: " + ", ".join(f"{int(n)} seq {t * 1e3:.2f} ms" for n, t in p.head.points))
+    if p.in_run:
+        lines.append("  in a run, each launch takes longer by: " + ", ".join(
+            f"{kind} {s * 1e3:.3f} ms" for kind, s in sorted(p.in_run.items())))
+    return "\n".join(lines)
+
+
+def measure_in_run(cfg: ModelConfig, weights: ModelWeights, rcfg, profile: Profile, sequences: int = 64,
+                   prompt_len: int = 16, new_tokens: int = 6) -> dict[str, float]:
+    """Per module type, the median time a launch takes in a real run beyond what `profile` says it takes
+    alone: a short traced run of the engine (random prompts, EOS ignored), each compute slice set
+    against the profile at its own size."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from moegen.runtime.engine import Engine
+    from moegen.runtime.requests import Request
+    from moegen.trace.summarize import parse
+
+    gen = torch.Generator().manual_seed(0)
+    requests = [Request(torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist(), new_tokens,
+                        ignore_eos=True) for _ in range(sequences)]
+    run = dataclasses.replace(rcfg, batch_size=sequences, attn_micro_batch=sequences, expert_micro_batch=None,
+                              max_seq_len=prompt_len + new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "in-run.pftrace"
+        with Engine(cfg, weights, run, (), trace=trace) as engine:
+            for _ in engine.generate(requests):
+                pass
+        slices = [s for s in parse(trace).slices if "compute" in s.track and s.depth == 0]
+    extra: dict[str, list[float]] = {}
+    for s in slices:
+        kind = s.name.split("[")[0].split(" ")[0]
+        alone = _alone(profile, cfg, kind, s.name, s.args)
+        if alone is not None:
+            extra.setdefault(kind, []).append((s.end - s.start) / 1e9 - alone)
+    return {kind: max(0.0, sorted(v)[len(v) // 2]) for kind, v in extra.items()}
+
+
+def _alone(p: Profile, cfg: ModelConfig, kind: str, name: str, args: dict) -> float | None:
+    tokens = int(args.get("tokens", 0))
+    if kind == "expert" and p.expert is not None:
+        return p.expert(tokens)
+    if kind == "mlp":
+        layer = int(args.get("layer", 0))
+        return p.mlps["shared" if cfg.moe_layers[layer] else "dense"](tokens)
+    if kind == "router":
+        return p.router(tokens)
+    if kind == "combine":
+        return p.combine(tokens)
+    if kind == "attention":
+        b = int(args.get("sequences", 1))
+        if tokens == b:
+            return p.attn_decode(b, int(args.get("cached", 0)))
+        return p.attn_prefill(tokens, int(args.get("query_sq", tokens * tokens)))
+    if kind == "lm_head":
+        return p.head(int(args.get("sequences", 1)))
+    return None

@@ -1,0 +1,178 @@
+"""The search: every batch knob the user left unset, chosen for the best predicted job throughput
+within both memory budgets.
+
+Knobs searched: B (powers of two up to the number of requests, and that number, within host
+memory), the attention micro-batch (B, B/2, ... within the device's KV staging), how many experts
+stay resident (the rest stream through every slot the budget leaves), and under a device budget
+the step's token budget (its default, or the least that admits any prompt: activations are sized
+by it). Knobs the user set are
+fixed; the rest are planned around them. The expert micro-batch cap is kept off (one launch per
+expert is never slower in the model) unless the user sets it. The runtime has no CPU share of
+attention, so none is searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from moegen.planner.calibrate import Machine, Profile
+from moegen.planner.cost import ModelFacts, Prediction, Setting, Workload, predict, setting
+from moegen.runtime.backend import DeviceBudgetError
+from moegen.runtime.config import RuntimeConfig
+
+PLANNED = ("batch_size", "attn_micro_batch", "expert_micro_batch", "expert_slots", "resident_experts",
+           "max_step_tokens")
+HOST_SHARE = 0.7  # of the host memory available when planning, what the KV cache may take
+
+
+@dataclass(slots=True)
+class Candidate:
+    rcfg: RuntimeConfig
+    setting: Setting
+    predicted: Prediction
+
+    def knobs(self) -> dict:
+        return {name: getattr(self.rcfg, name) for name in PLANNED}
+
+    def summary(self) -> dict:
+        s, p = self.setting, self.predicted
+        return {"knobs": self.knobs(), "batch": s.batch, "expert_slots": s.residency.pools.get("expert", 0),
+                "resident_experts": sum(m.kind == "expert" for m in s.residency.resident),
+                "prefill_tok_s": p.prefill_tok_s, "decode_tok_s": p.decode_tok_s, "job_tok_s": p.job_tok_s,
+                "job_s": p.job_s}
+
+
+@dataclass(slots=True)
+class Plan:
+    rcfg: RuntimeConfig  # the config in effect: the user's knobs and the planned ones
+    user: tuple[str, ...]  # knobs the user set (never changed)
+    workload: Workload
+    best: Candidate
+    alternatives: list[Candidate]  # the runners-up, best first
+    limits: list[str] = field(default_factory=list)  # what cut the search short, in words
+    considered: int = 0
+
+    @property
+    def bound(self) -> dict[str, str]:
+        p = self.best.predicted
+        return {"prefill": p.prefill.bound, "decode": p.decode.bound}
+
+    def to_json(self) -> dict:
+        p, s = self.best.predicted, self.best.setting
+        return {
+            "knobs": self.best.knobs(), "user_knobs": list(self.user),
+            "workload": dataclasses.asdict(self.workload),
+            "predicted": {"prefill_tok_s": p.prefill_tok_s, "decode_tok_s": p.decode_tok_s, "job_s": p.job_s,
+                          "job_tok_s": p.job_tok_s, "decode_step_s": p.decode.seconds,
+                          "prefill_step_s": p.prefill.seconds, "decode_modules": p.decode.modules,
+                          "prefill_modules": p.prefill.modules,
+                          "decode_busy": {"compute": p.decode.compute_s / p.decode.seconds,
+                                          "link": p.decode.link_s / p.decode.seconds}},
+            "bound": self.bound, "limits": self.limits,
+            "memory": {"device_bytes": s.device_bytes, "device_budget": s.budget, "host_bytes": s.host_bytes},
+            "placement": {"batch": s.batch, "decode_sequences": min(s.batch, self.workload.requests), "attn_micro_batch": s.micro, "expert_slots": s.residency.pools.get("expert", 0),
+                          "resident_modules": len(s.residency.resident), "link_gbps": s.link_gbps},
+            "alternatives": [c.summary() for c in self.alternatives], "considered": self.considered,
+        }
+
+
+def host_kv_limit(rcfg: RuntimeConfig) -> int:
+    """Bytes the host KV cache may take: --host-kv-memory, else a share of the memory available now."""
+    if rcfg.host_kv_memory is not None:
+        return rcfg.host_kv_memory
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return int(available * HOST_SHARE)
+
+
+def search(facts: ModelFacts, rcfg: RuntimeConfig, user: frozenset[str], machine: Machine, profile: Profile,
+           workload: Workload, budget: int | None, host_kv: int) -> Plan:
+    """The best predicted config that keeps the user's knobs and fits both budgets. Raises the
+    runtime's own error when nothing fits (the knob it names is the one to change)."""
+    candidates, last_error, limits = [], None, []
+    host_cap = _batch_sizes(rcfg, user, workload, facts, host_kv, limits)
+    for B in host_cap:
+        for micro in _micro_batches(B, rcfg, user):
+            for resident in _resident_counts(facts, rcfg, user, budget):
+                for step_tokens in _step_tokens(B, rcfg, user, budget):
+                    c = dataclasses.replace(rcfg, batch_size=B, attn_micro_batch=micro, resident_experts=resident,
+                                            max_step_tokens=step_tokens)
+                    try:
+                        s = setting(facts, c, machine, budget)
+                    except DeviceBudgetError as exc:
+                        last_error = exc
+                        continue
+                    candidates.append(Candidate(c, s, predict(facts, s, profile, machine, workload)))
+    if not candidates:
+        raise last_error or ValueError("no batch size fits the host memory for the KV cache; lower --max-seq-len "
+                                       "or raise --host-kv-memory")
+    candidates.sort(key=lambda c: -c.predicted.job_tok_s)
+    best = candidates[0]
+    if budget is not None and best.setting.device_bytes is not None:
+        left = budget - best.setting.device_bytes
+        if best.predicted.decode.bound == "link" and left < min(facts.sizes.values(), default=0):
+            limits.append(f"device memory: {left / 2**20:.1f} MiB left, so every streamed module crosses the link "
+                          "each step")
+    return Plan(best.rcfg, tuple(sorted(user & set(PLANNED))), workload, best, _distinct(candidates[1:], best),
+                limits, len(candidates))
+
+
+def _batch_sizes(rcfg: RuntimeConfig, user: frozenset[str], w: Workload, facts: ModelFacts, host_kv: int,
+                 limits: list[str]) -> list[int]:
+    if "batch_size" in user or rcfg.batching == "model":
+        return [rcfg.batch_size] if "batch_size" in user else [max(rcfg.batch_size, w.requests)]
+    from moegen.models.kv_cache import kv_bytes_per_token
+
+    per_seq = w.max_seq_len * kv_bytes_per_token(facts.cfg, rcfg.torch_dtype)
+    most = max(1, min(w.requests, host_kv // per_seq))
+    if most < w.requests:
+        limits.append(f"host memory: the KV cache of {host_kv / 2**30:.2f} GiB holds {most} sequences of "
+                      f"{w.max_seq_len} tokens ({w.requests} requests)")
+    sizes = {most} | {2**i for i in range(3, 20) if 2**i < most}
+    return sorted(sizes, reverse=True)
+
+
+def _micro_batches(B: int, rcfg: RuntimeConfig, user: frozenset[str]) -> list[int]:
+    if "attn_micro_batch" in user:
+        return [rcfg.attn_micro_batch]
+    return sorted({max(1, B >> i) for i in range(6)}, reverse=True)
+
+
+def _step_tokens(B: int, rcfg: RuntimeConfig, user: frozenset[str], budget: int | None) -> list[int]:
+    """The step's token budget as set, and (under a device budget) its floor: B - 1 decode tokens plus
+    one longest prompt, which frees activation memory for a larger B or more slots."""
+    if "max_step_tokens" in user or budget is None:
+        return [rcfg.max_step_tokens]
+    return sorted({rcfg.max_step_tokens, B - 1 + rcfg.max_seq_len}, reverse=True)
+
+
+def _resident_counts(facts: ModelFacts, rcfg: RuntimeConfig, user: frozenset[str], budget: int | None) -> list:
+    if "resident_experts" in user:
+        return [rcfg.resident_experts]
+    if budget is None or rcfg.batching == "model":
+        return [None]  # everything fits (cpu without a budget), or the baseline policy as it is
+    experts = sum(m.kind == "expert" for m in facts.sizes)
+    counts = {0, experts} | {2**i for i in range(20) if 2**i < experts} | {experts * i // 8 for i in range(1, 8)}
+    return [None] + sorted(counts)
+
+
+def _distinct(rest: list[Candidate], best: Candidate, n: int = 5) -> list[Candidate]:
+    """Runners-up that differ from the best and each other in what the run would do."""
+    seen, out = {_shape(best)}, []
+    for c in rest:
+        if _shape(c) not in seen:
+            seen.add(_shape(c))
+            out.append(c)
+        if len(out) == n:
+            break
+    return out
+
+
+def _shape(c: Candidate) -> tuple:
+    s = c.setting
+    return s.batch, s.micro, s.residency.pools.get("expert", 0), len(s.residency.resident)

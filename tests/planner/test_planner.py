@@ -1,0 +1,209 @@
+"""The planner: plans fit both memory budgets (checked against the runtime built from them), the
+user's knobs are never changed, the cost model's critical path matches hand-derived timelines, and
+the calibration cache is dropped when the device, machine or versions change."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import orjson
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moegen.cli import main
+from moegen.models.loader import load_checkpoint
+from moegen.planner import calibrate
+from moegen.planner.calibrate import Calibration, Curve, Linear, Machine, Profile
+from moegen.planner.cost import ModelFacts, Workload, setting, step_time
+from moegen.planner.search import PLANNED, search
+from moegen.runtime.backend import DeviceBudgetError
+from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.engine import Engine
+from moegen.runtime.placement import minimum_device_bytes
+
+MS = 1e-3
+
+
+def flat_profile(seconds: float = MS) -> Profile:
+    """Every launch takes `seconds`, whatever its size."""
+    c = Curve([(1.0, seconds), (1e9, seconds)])
+    return Profile(expert=c, mlps={"dense": c, "shared": c}, router=c, attn_decode=Linear([seconds, 0, 0]),
+                   attn_prefill=Linear([seconds, 0, 0]), head=c, combine=c)
+
+
+MACHINE = Machine(link_h2d_gbps=None, link_d2h_gbps=None, memcpy_gbps=1e6, launch_s=0.0, sync_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint):
+    """(cfg, weights) of tiny checkpoints of several shapes."""
+    made = [tiny_checkpoint("mixtral"), tiny_checkpoint("deepseek_v2"), tiny_checkpoint("qwen2_moe"),
+            tiny_checkpoint("olmoe")]
+    return [load_checkpoint(path)[:2] for path in made]
+
+
+# -- curves ---------------------------------------------------------------------------------------
+
+
+def test_curve_interpolates_in_log_space_and_extrapolates_in_proportion():
+    c = Curve([(1.0, 1.0), (100.0, 10.0)])
+    assert c(10.0) == pytest.approx(10 ** 0.5)  # halfway in log size, halfway in log time
+    assert c(0.5) == 1.0  # below the smallest size: its time
+    assert c(300.0) == pytest.approx(30.0)  # beyond: in proportion to the size
+    assert Linear([1.0, 2.0, 0.5])(3, 4) == pytest.approx(1 + 6 + 2)
+
+
+# -- the cost model against timelines worked out by hand ------------------------------------------
+
+
+def test_step_time_without_a_link_is_the_sum_of_launches(models):
+    cfg, weights = models[0]  # mixtral tiny: every layer MoE, no shared expert
+    facts = ModelFacts.of(cfg, weights, torch.float32)
+    s = setting(facts, RuntimeConfig(batch_size=8, attn_micro_batch=4, max_seq_len=32), MACHINE, None)
+    E, L = cfg.moe.router.num_experts, cfg.num_layers
+    t = step_time(facts, s, flat_profile(), MACHINE, decode=8, context=10)
+    # embed, per layer 2 attention micro-batches + router + E experts (8 tokens x top-k cover all) + combine, head
+    launches = 1 + L * (2 + 1 + E + 1) + 1
+    assert t.seconds == pytest.approx(launches * MS)
+    assert t.link_s == 0 and t.bound == "compute"
+    assert t.modules["expert"] == pytest.approx(L * E * MS)
+
+
+def test_streamed_experts_wait_for_their_copies(models):
+    """One expert slot: each copy waits for the previous expert's compute, so copy and compute
+    alternate (copy + compute per expert). Two slots: the copies run back to back behind compute,
+    and the link bounds the step (one copy per expert)."""
+    cfg, weights = models[0]
+    facts = ModelFacts.of(cfg, weights, torch.float32)
+    expert_bytes = next(b for m, b in facts.sizes.items() if m.kind == "expert")
+    copy_s = 10 * MS
+    link = expert_bytes / copy_s / 1e9
+    E, L = cfg.moe.router.num_experts, cfg.num_layers
+    base = RuntimeConfig(batch_size=8, attn_micro_batch=8, max_seq_len=32, gpu_memory=2**40, sim_link_gbps=link)
+    times = {}
+    for slots in (1, 2):
+        s = setting(facts, dataclasses.replace(base, expert_slots=slots), MACHINE, 2**40)
+        assert s.residency.pools == {"expert": slots}
+        times[slots] = step_time(facts, s, flat_profile(), MACHINE, decode=8, context=10)
+    experts = L * E
+    # each expert: its copy (10 ms) then its compute (1 ms); the rest of the step hides nowhere
+    assert times[1].seconds == pytest.approx(experts * (copy_s + MS), rel=0.1)
+    # the link is busy with every expert's copy; compute hides behind it
+    assert times[2].seconds == pytest.approx(experts * copy_s, rel=0.1)
+    # the weights link carries every expert once (the cpu backend's KV copies have a link of their own)
+    assert times[2].bound == "link" and times[2].link_s == pytest.approx(experts * copy_s)
+
+
+# -- the search -----------------------------------------------------------------------------------
+
+
+workloads = st.builds(Workload, requests=st.integers(1, 600), prompt_len=st.integers(1, 40),
+                      new_tokens=st.integers(1, 40), max_seq_len=st.just(96))
+user_knobs = st.fixed_dictionaries({}, optional={
+    "batch_size": st.integers(1, 64), "attn_micro_batch": st.integers(1, 64),
+    "expert_micro_batch": st.integers(1, 64), "expert_slots": st.integers(1, 8),
+    "resident_experts": st.integers(0, 4), "max_step_tokens": st.integers(1, 2000)})
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=st.integers(0, 3), share=st.floats(0.0, 1.5), workload=workloads, knobs=user_knobs,
+       link=st.sampled_from([None, 0.05, 5.0]))
+def test_plans_fit_both_budgets_and_keep_the_users_knobs(models, index, share, workload, knobs, link):
+    cfg, weights = models[index]
+    floor = minimum_device_bytes(weights, torch.float32, None)
+    budget = int(floor * (1 + share)) + 2**16
+    host_kv = 2**20  # 1 MiB of host KV: a few dozen sequences of these tiny models at most
+    rcfg = RuntimeConfig(max_seq_len=workload.max_seq_len, gpu_memory=budget, sim_link_gbps=link, **knobs)
+    facts = ModelFacts.of(cfg, weights, torch.float32)
+    try:
+        plan = search(facts, rcfg, frozenset(knobs), MACHINE, flat_profile(), workload, budget, host_kv)
+    except (DeviceBudgetError, ValueError):
+        return  # nothing fits: an error naming the knob, never a plan that doesn't fit
+    assert plan.user == tuple(sorted(knobs))
+    for name, value in knobs.items():  # the user's knobs, exactly as given
+        assert getattr(plan.rcfg, name) == value
+    for c in [plan.best] + plan.alternatives:
+        assert c.setting.device_bytes <= budget
+        assert c.setting.host_bytes - facts.arena_bytes <= max(host_kv, 0) or "batch_size" in knobs
+        for name, value in knobs.items():
+            assert getattr(c.rcfg, name) == value
+    # the runtime built from the plan takes exactly the device and host memory the plan says
+    with Engine(cfg, weights, plan.rcfg, ()) as engine:
+        counters = engine.backend.counters
+        assert counters.device_high_water <= budget
+        assert counters.device_bytes == plan.best.setting.device_bytes
+        assert engine.runtime.host_bytes == plan.best.setting.host_bytes
+        assert engine.runtime.batch_size == plan.best.setting.batch
+
+
+def test_offload_plan_prefers_a_larger_batch_when_the_link_bounds(models):
+    """Under a tight budget and a slow link the step is link-bound, so the plan takes the largest
+    batch the host allows (each copied byte serves more tokens)."""
+    cfg, weights = models[0]
+    facts = ModelFacts.of(cfg, weights, torch.float32)
+    budget = minimum_device_bytes(weights, torch.float32, None) + 2**20  # B=512's activations: with a small step
+    rcfg = RuntimeConfig(max_seq_len=32, gpu_memory=budget, sim_link_gbps=0.01)
+    plan = search(facts, rcfg, frozenset(), MACHINE, flat_profile(), Workload(512, 8, 16, 32), budget, 2**40)
+    assert plan.best.setting.batch == 512
+    assert plan.rcfg.max_step_tokens == 512 - 1 + 32  # the default step's activations would not fit
+    assert plan.best.predicted.decode.bound == "link"
+    assert all(c.predicted.job_tok_s <= plan.best.predicted.job_tok_s for c in plan.alternatives)
+
+
+# -- calibration cache ----------------------------------------------------------------------------
+
+
+def test_calibration_cache_is_dropped_for_another_version_machine_or_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEGEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="Fake GPU 80GB", total_memory=80 * 2**30))
+    cal = Calibration(calibrate.device_key("cpu"), MACHINE, {"model": flat_profile()})
+    calibrate.save(cal)
+    loaded = calibrate.load("cpu")
+    assert loaded is not None and loaded.machine == MACHINE
+    assert loaded.profiles["model"].expert(5.0) == pytest.approx(MS)
+    assert calibrate.load("cuda") is None  # another device
+    calibrate.save(Calibration(calibrate.device_key("cuda"), MACHINE))
+    assert calibrate.load("cuda") is not None and calibrate.load("cpu") is not None
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="Other GPU", total_memory=24 * 2**30))
+    assert calibrate.load("cuda") is None  # another GPU
+    monkeypatch.setattr(calibrate, "_cpu_name", lambda: "Another CPU")
+    assert calibrate.load("cpu") is None  # another machine
+    monkeypatch.undo()
+    monkeypatch.setenv("MOEGEN_CACHE", str(tmp_path))
+    assert calibrate.load("cpu") is not None
+    monkeypatch.setattr(calibrate, "version", lambda package: "0.0.0.other")
+    assert calibrate.load("cpu") is None  # another moegen
+    monkeypatch.setattr(calibrate, "version", lambda package: __import__("importlib.metadata").metadata.version(package))
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert calibrate.load("cpu") is None  # another torch
+    path = calibrate.cache_path(calibrate.device_key("cpu"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"{not json")
+    assert calibrate.load("cpu") is None  # a damaged file is measured again, not an error
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_plan_json_keeps_the_users_knobs(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEGEN_CACHE", str(tmp_path / "cache"))
+    path = tiny_checkpoint("mixtral")
+    result = CliRunner().invoke(main, ["plan", str(path), "--requests", "40", "--prompt-len", "6",
+                                       "--max-new-tokens", "4", "--batch-size", "7", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = orjson.loads(result.stdout)
+    assert set(plan["knobs"]) == set(PLANNED) and plan["knobs"]["batch_size"] == 7
+    assert plan["user_knobs"] == ["batch_size"]
+    assert plan["predicted"]["prefill_tok_s"] > 0 and plan["predicted"]["decode_tok_s"] > 0
+    assert set(plan["bound"]) == {"prefill", "decode"} and isinstance(plan["alternatives"], list)
+    assert all(a["knobs"]["batch_size"] == 7 for a in plan["alternatives"])
+    # calibrated once, then read from the cache
+    assert list((tmp_path / "cache" / "calibration").glob("cpu-*.json"))
+    text = CliRunner().invoke(main, ["plan", str(path), "--requests", "40", "--prompt-len", "6"])
+    assert text.exit_code == 0 and "calibrating" not in text.stderr and "knobs:" in text.stdout
