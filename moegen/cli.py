@@ -283,8 +283,10 @@ def plan_cmd(model_dir, requests, prompt_len, max_new_tokens, recalibrate, as_js
     from moegen.planner.cost import Workload
     from moegen.planner.plan import format_plan, plan_run
 
-    trace_options(knobs)
-    user = plan_user(knobs) or frozenset()
+    trace, _ = trace_options(knobs)
+    if knobs["no_plan"] or trace is not None:
+        raise click.UsageError("--no-plan and --trace apply to serve-offline and generate; `moegen plan` only plans")
+    user = plan_user(knobs)
     if knobs["max_seq_len"] is None:
         knobs["max_seq_len"] = prompt_len + max_new_tokens
     try:

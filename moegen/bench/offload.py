@@ -10,7 +10,9 @@ device). Only the first `new_tokens` of each are generated: what is measured is 
 at full batch (from each run's trace: tokens/s and the weights link's busy fraction), whose cost
 does not depend on their position at these lengths; running the job to its end would take this
 CPU many minutes per mode. Module-based admits the whole batch's prompts in one step, so its
-activations are sized for that step.
+activations are sized for that step; which experts stay resident and how many slots stream the
+rest is left to the planner, as `serve-offline` leaves it (model-based keeps the baselines' policy:
+the least weight placement, the rest of the budget to its KV).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: flo
              new_tokens: int, seq_len: int, workdir: Path, expert_slots: int | None = None) -> dict:
     """One mode's run: its batch (model-based: what fits the budget, at most `batch`), one batch of
     requests, and the decode numbers from its trace."""
+    from moegen.models.hf_config import generation_eos_ids
+    from moegen.models.loader import load_checkpoint
+    from moegen.planner.cost import Workload
+    from moegen.planner.plan import plan_run
     from moegen.runtime.config import RuntimeConfig
     from moegen.runtime.engine import Engine
     from moegen.runtime.requests import Request
@@ -65,11 +71,15 @@ def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: flo
     # batch) and KV staging for 64 sequences: the rest of the budget goes to expert slots (model-based:
     # to its KV).
     prompt_len = max(map(len, prompts))
+    set_here = {"batch_size", "attn_micro_batch", "max_step_tokens"} | ({"expert_slots"} if expert_slots else set())
     rcfg = RuntimeConfig(batch_size=batch, gpu_memory=budget, sim_link_gbps=link_gbps, max_seq_len=seq_len,
                          batching=mode, max_step_tokens=batch * prompt_len + seq_len, attn_micro_batch=64,
                          expert_slots=expert_slots)
+    cfg, weights, _ = load_checkpoint(model_dir)
+    if mode == "module":  # as serve-offline runs it: the knobs set here stay, the planner chooses the rest
+        rcfg = plan_run(cfg, weights, rcfg, frozenset(set_here), Workload(batch, prompt_len, new_tokens, seq_len)).rcfg
     trace = workdir / f"{mode}.pftrace"
-    with Engine.from_model_dir(model_dir, rcfg, trace=trace) as engine:
+    with Engine(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), trace=trace) as engine:
         B = engine.runtime.batch_size
         requests = [Request(prompts[i % len(prompts)], new_tokens, ignore_eos=True) for i in range(B)]
         for _ in engine.generate(requests):
@@ -80,6 +90,8 @@ def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: flo
         steps = engine.stats.steps
     numbers = decode_numbers(trace)
     numbers |= {"mode": mode, "batch": B, "expert_slots": slots.get("expert", 0), "streamed_bytes": streamed,
+                "resident_experts": sum(m.kind == "expert" for m in placement.resident),
+                "knobs": {k: getattr(rcfg, k) for k in ("expert_slots", "resident_experts", "attn_micro_batch")},
                 "h2d_weight_bytes_per_step": counters.h2d_weight_bytes / max(steps, 1),
                 "link_bound_tok_s": B * link_gbps * 1e9 / streamed if streamed else float("inf")}
     return numbers

@@ -24,10 +24,8 @@ import torch
 from moegen.bench.offload import decode_numbers
 from moegen.checkpoints.demo import cached_checkpoint
 from moegen.models.loader import load_checkpoint
-from moegen.planner.calibrate import load
 from moegen.planner.cost import ModelFacts, Workload, predict, setting
-from moegen.planner.plan import plan_run
-from moegen.planner.profile import signature
+from moegen.planner.plan import calibration_for, plan_run
 from moegen.planner.search import PLANNED
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
@@ -68,8 +66,7 @@ def run_config(c: Config, say: Callable[[str], None]) -> dict:
     plan = plan_run(cfg, weights, base, frozenset(), workload, say)
     say(f"  plan: {', '.join(f'{k}={v}' for k, v in plan.best.knobs().items())}; predicted job "
         f"{plan.best.predicted.job_tok_s:.1f} tok/s")
-    cal = load("cpu")  # what the plan was made from (plan_run calibrated and cached it)
-    profile = cal.profiles[signature(cfg, "float32")]
+    cal, profile = calibration_for(cfg, weights, base)  # what the plan was made from (cached)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, cfg.vocab_size, (c.prompt_len,), generator=gen).tolist() for _ in range(c.requests)]
     runs = [_measure(cfg, weights, plan.rcfg, prompts, c.new_tokens, plan.best.predicted, "plan")]
@@ -94,9 +91,22 @@ def run_config(c: Config, say: Callable[[str], None]) -> dict:
         runs.append(run)
         say(f"    grid {run['knobs']}: {_line(run)}")
     best_grid = max((r for r in runs if r["kind"] == "grid"), key=lambda r: r["measured"]["job_tok_s"])
+    # This machine's speed drifts by 10-15% between runs: the plan and the grid's best run once more
+    # each, back to back, and each keeps its better measurement.
+    again = {}
+    for kind, run in (("plan", runs[0]), ("grid", best_grid)):
+        rcfg = dataclasses.replace(base, **run["knobs"])
+        again[kind] = _measure(cfg, weights, rcfg, prompts, c.new_tokens, plan.best.predicted if kind == "plan"
+                               else predict(facts, setting(facts, rcfg, cal.machine, budget), profile, cal.machine,
+                                            workload), kind + " again")
+        runs.append(again[kind])
+        say(f"    {kind} again: {_line(again[kind])}")
+    plan_best = max(runs[0]["measured"]["job_tok_s"], again["plan"]["measured"]["job_tok_s"])
+    grid_best = max(best_grid["measured"]["job_tok_s"], again["grid"]["measured"]["job_tok_s"])
     return {"config": dataclasses.asdict(c), "model": str(model_dir), "budget_bytes": budget,
-            "plan": {k: getattr(plan.rcfg, k) for k in PLANNED}, "runs": runs,
-            "plan_vs_grid_best": runs[0]["measured"]["job_tok_s"] / best_grid["measured"]["job_tok_s"],
+            "plan": {k: getattr(plan.rcfg, k) for k in PLANNED}, "bound": plan.bound,
+            "decode_busy": plan.to_json()["predicted"]["decode_busy"], "runs": runs,
+            "plan_job_tok_s": plan_best, "grid_best_job_tok_s": grid_best, "plan_vs_grid_best": plan_best / grid_best,
             "grid_best": best_grid["knobs"]}
 
 

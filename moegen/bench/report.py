@@ -24,11 +24,11 @@ def vs_transformers_table(result: dict) -> list[str]:
 def offload_table(result: dict) -> list[str]:
     lines = [f"{Path(result['model']).name}, offload regime (cpu backend, SIMULATED link "
              f"{result['link_gbps']:.3f} GB/s, device budget {result['budget_bytes'] / 2**20:.0f} MiB)",
-             f"  {'batching':<10}{'batch':>7}{'expert slots':>14}{'decode tok/s':>14}{'link bound':>12}"
+             f"  {'batching':<10}{'batch':>7}{'expert slots':>14}{'resident':>10}{'decode tok/s':>14}{'link bound':>12}"
              f"{'link busy':>11}"]
     for mode, run in result["runs"].items():
-        lines.append(f"  {mode:<10}{run['batch']:>7}{run['expert_slots']:>14}{run['decode_tok_s']:>14.1f}"
-                     f"{run['link_bound_tok_s']:>12.1f}{100 * run['link_busy']:>10.0f}%")
+        lines.append(f"  {mode:<10}{run['batch']:>7}{run['expert_slots']:>14}{run.get('resident_experts', 0):>10}"
+                     f"{run['decode_tok_s']:>14.1f}{run['link_bound_tok_s']:>12.1f}{100 * run['link_busy']:>10.0f}%")
     if result["ratio"] is not None:
         lines.append(f"  module / model: {result['ratio']:.1f}x in decode tokens/s")
     return lines
@@ -37,12 +37,12 @@ def offload_table(result: dict) -> list[str]:
 def planner_table(results: list[dict]) -> list[str]:
     """Per configuration: the plan's predicted and measured rates, and its job rate against the grid's best."""
     lines = ["", "planner, cpu backend (measured / predicted; plan's job tok/s / best of the measured grid):",
-             f"  {'configuration':<36}{'decode':>16}{'prefill':>16}{'job':>16}{'vs grid best':>14}"]
+             f"  {'configuration':<36}{'decode bound':>14}{'decode':>16}{'prefill':>16}{'job':>16}{'vs grid best':>14}"]
     for r in results:
         plan = r["runs"][0]
         cells = [f"{plan['measured'][k]:.0f}/{plan['predicted'][k]:.0f}" for k in ("decode_tok_s", "prefill_tok_s",
                                                                                     "job_tok_s")]
-        lines.append(f"  {r['config']['name']:<36}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}"
+        lines.append(f"  {r['config']['name']:<36}{r['bound']['decode']:>14}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}"
                      f"{r['plan_vs_grid_best']:>13.0%}")
     ratios = [run["ratio"][k] for r in results for run in r["runs"] for k in ("decode_tok_s", "prefill_tok_s",
                                                                                  "job_tok_s") if run["ratio"][k]]

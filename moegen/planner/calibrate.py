@@ -104,6 +104,9 @@ def device_key(device: str) -> dict:
            "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
            "grid": orjson.loads(orjson.dumps([TOKENS, DECODE, PREFILL]))}  # as JSON holds it, for comparing
     if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); "
+                             "run on a machine with a GPU and a CUDA build of torch, or use --device cpu")
         props = torch.cuda.get_device_properties(0)
         key |= {"gpu": props.name, "gpu_bytes": props.total_memory}
     return key

@@ -246,8 +246,9 @@ class Prediction:
 
 
 def predict(facts: ModelFacts, s: Setting, p: Profile, m: Machine, w: Workload) -> Prediction:
-    """The whole job: its prompts admitted max_step_tokens at a time, then waves of B sequences
-    decoding (with uniform request lengths all of a wave finish together)."""
+    """The whole job: its prompts admitted max_step_tokens at a time (each prompt's step samples its
+    first token), then waves of B sequences decoding the rest (with uniform request lengths all of a
+    wave finish together)."""
     B = min(s.batch, w.requests)
     P = max(1, round(w.prompt_len))
     per_step = max(1, min(B, s.max_step_tokens // P))
@@ -255,8 +256,8 @@ def predict(facts: ModelFacts, s: Setting, p: Profile, m: Machine, w: Workload) 
     context = w.prompt_len + w.new_tokens / 2
     decode = step_time(facts, s, p, m, B, context)
     full, rest = divmod(w.requests, B)
-    decode_s = w.new_tokens * (full * decode.seconds
-                               + (step_time(facts, s, p, m, rest, context).seconds if rest else 0.0))
+    steps = max(0.0, w.new_tokens - 1)  # a request's first token is sampled in its prefill step
+    decode_s = steps * (full * decode.seconds + (step_time(facts, s, p, m, rest, context).seconds if rest else 0.0))
     prefill_s = math.ceil(w.requests / per_step) * prefill.seconds
     job_s = prefill_s + decode_s
     return Prediction(per_step * P / prefill.seconds, B / decode.seconds, job_s,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from moegen.config import ModelConfig
 from moegen.models.weights import ModelWeights
-from moegen.planner.calibrate import calibrated, save
+from moegen.planner.calibrate import Calibration, Profile, calibrated, save
 from moegen.planner.cost import ModelFacts, Workload
 from moegen.planner.profile import measure_in_run, measure_profile, signature
 from moegen.planner.search import PLANNED, Plan, host_kv_limit, search
@@ -20,17 +20,23 @@ from moegen.runtime.config import RuntimeConfig
 def plan_run(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, user: frozenset[str], workload: Workload,
              say: Callable[[str], None] = lambda _: None, recalibrate: bool = False) -> Plan:
     """The plan for running `workload` on this model: the knobs in `user` stay as set in `rcfg`."""
+    cal, profile = calibration_for(cfg, weights, rcfg, say, recalibrate)
+    facts = ModelFacts.of(cfg, weights, rcfg.torch_dtype)
+    return search(facts, rcfg, user, cal.machine, profile, workload, device_budget(rcfg), host_kv_limit(rcfg))
+
+
+def calibration_for(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig,
+                    say: Callable[[str], None] = lambda _: None, recalibrate: bool = False) -> tuple[Calibration, Profile]:
+    """The device's calibration and this model's profile on it, measured and cached when missing."""
     cal = calibrated(rcfg.device, recalibrate, say)
     sig = signature(cfg, rcfg.dtype)
-    if sig not in cal.profiles or recalibrate:
+    if sig not in cal.profiles:
         say("profiling this model's modules on the device (cached for later runs) ...")
         profile = measure_profile(cfg, weights, rcfg.device, rcfg.torch_dtype, say)
         profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
         cal.profiles[sig] = profile
         save(cal)
-    facts = ModelFacts.of(cfg, weights, rcfg.torch_dtype)
-    return search(facts, rcfg, user, cal.machine, cal.profiles[sig], workload, device_budget(rcfg),
-                  host_kv_limit(rcfg))
+    return cal, cal.profiles[sig]
 
 
 def device_budget(rcfg: RuntimeConfig) -> int | None:

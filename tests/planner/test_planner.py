@@ -159,6 +159,7 @@ def test_offload_plan_prefers_a_larger_batch_when_the_link_bounds(models):
 
 def test_calibration_cache_is_dropped_for_another_version_machine_or_device(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEGEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: SimpleNamespace(name="Fake GPU 80GB", total_memory=80 * 2**30))
     cal = Calibration(calibrate.device_key("cpu"), MACHINE, {"model": flat_profile()})
@@ -207,3 +208,47 @@ def test_plan_json_keeps_the_users_knobs(tiny_checkpoint, tmp_path, monkeypatch)
     assert list((tmp_path / "cache" / "calibration").glob("cpu-*.json"))
     text = CliRunner().invoke(main, ["plan", str(path), "--requests", "40", "--prompt-len", "6"])
     assert text.exit_code == 0 and "calibrating" not in text.stderr and "knobs:" in text.stdout
+    assert "batch_size=" in text.stdout and "predicted: prefill" in text.stdout and "bound:" in text.stdout
+
+
+def test_plan_errors_name_the_input_and_the_fix(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEGEN_CACHE", str(tmp_path / "cache"))
+    path = str(tiny_checkpoint("mixtral"))
+    tight = CliRunner().invoke(main, ["plan", path, "--gpu-memory", "10KiB"])
+    assert tight.exit_code != 0 and "--gpu-memory" in tight.stderr and "Traceback" not in tight.output
+    wrong = CliRunner().invoke(main, ["plan", path, "--no-plan"])
+    assert wrong.exit_code != 0 and "only plans" in wrong.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cuda = CliRunner().invoke(main, ["plan", path, "--device", "cuda"])
+    assert cuda.exit_code != 0 and "--device cuda" in cuda.stderr and "Traceback" not in cuda.output
+
+
+def test_serve_offline_plans_around_the_users_knobs_and_records_the_plan(tiny_checkpoint, tmp_path):
+    from moegen.trace.summarize import summarize
+
+    path = tiny_checkpoint("deepseek_v2")
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_text("".join(orjson.dumps({"prompt": f"row {i} says hello"}).decode() + "\n" for i in range(12)))
+
+    def serve(name, *flags):
+        stats, out = tmp_path / f"{name}.json", tmp_path / f"{name}.jsonl"
+        result = CliRunner().invoke(main, ["serve-offline", str(path), "--dataset", str(dataset), "--output", str(out),
+                                           "--max-new-tokens", "5", "--ignore-eos", "--stats-json", str(stats),
+                                           *flags])
+        assert result.exit_code == 0, result.output
+        return orjson.loads(stats.read_bytes()), result.stderr, [orjson.loads(x) for x in out.read_bytes().splitlines()]
+
+    trace = tmp_path / "run.pftrace"
+    stats, err, results = serve("planned", "--attn-micro-batch", "3", "--trace", str(trace))
+    plan = stats["plan"]
+    assert plan["knobs"]["attn_micro_batch"] == 3 and plan["user_knobs"] == ["attn_micro_batch"]
+    assert plan["workload"] == {"requests": 12, "prompt_len": pytest.approx(plan["workload"]["prompt_len"]),
+                                "new_tokens": 5, "max_seq_len": plan["workload"]["max_seq_len"]}
+    assert "moegen: plan: knobs:" in err and "attn_micro_batch=3 (yours)" in err
+    versus = summarize(trace)["plan"]
+    assert versus is not None and versus["decode_tok_s"]["predicted"] == pytest.approx(plan["predicted"]["decode_tok_s"])
+    assert versus["decode_steps"] >= 1 and versus["modules"]["attention"]["measured"] > 0
+    unplanned, err, plain = serve("unplanned", "--no-plan")
+    assert unplanned["plan"] is None and "plan:" not in err
+    by_id = lambda rows: {r["id"]: r["text"] for r in rows}  # noqa: E731
+    assert by_id(results) == by_id(plain)  # greedy tokens don't depend on the knobs
