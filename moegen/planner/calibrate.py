@@ -74,6 +74,8 @@ class Machine:
     memcpy_gbps: float  # a large copy within host memory
     launch_s: float  # the event loop's cost of one module launch (queue hop + submit)
     sync_s: float  # a host sync: device event -> waiter -> the loop resumes a task
+    copy_cost_s_per_byte: float = 0.0  # cpu backend: compute time lost per byte a copy thread moves (its
+    # memcpy takes a core and memory bandwidth from the compute threads); 0 on cuda (copy engines)
 
 
 @dataclass(slots=True)
@@ -201,7 +203,44 @@ def measure_machine(device: str) -> Machine:
         h2d = 4 * n / timed(lambda: dev.copy_(pinned, non_blocking=True), device) / 1e9
         d2h = 4 * n / timed(lambda: pinned.copy_(dev, non_blocking=True), device) / 1e9
     launch, sync = _loop_costs(device)
-    return Machine(link_h2d_gbps=h2d, link_d2h_gbps=d2h, memcpy_gbps=memcpy, launch_s=launch, sync_s=sync)
+    return Machine(link_h2d_gbps=h2d, link_d2h_gbps=d2h, memcpy_gbps=memcpy, launch_s=launch, sync_s=sync,
+                   copy_cost_s_per_byte=_copy_cost(src, dst) if device == "cpu" else 0.0)
+
+
+def _copy_cost(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """Seconds of compute lost per byte copied by another thread: small MLP launches (the kind a
+    decode step is made of) timed alone, then beside a thread copying host memory without pause."""
+    import threading
+
+    import torch.nn.functional as F
+
+    g, u, d = torch.randn(2816, 1024), torch.randn(2816, 1024), torch.randn(1024, 2816)
+    x = torch.randn(64, 1024)
+
+    def launches() -> float:
+        start = time.perf_counter()
+        for _ in range(12):
+            F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        return time.perf_counter() - start
+
+    launches()
+    alone = min(launches() for _ in range(3))
+    stop, copied = threading.Event(), [0]
+
+    def copier() -> None:
+        while not stop.is_set():
+            dst.copy_(src)
+            copied[0] += src.numel()
+
+    thread = threading.Thread(target=copier, daemon=True)
+    thread.start()
+    time.sleep(0.02)
+    before = copied[0]
+    beside = launches()
+    moved = copied[0] - before
+    stop.set()
+    thread.join()
+    return max(0.0, beside - alone) / moved if moved else 0.0
 
 
 def _loop_costs(device: str, n: int = 400) -> tuple[float, float]:

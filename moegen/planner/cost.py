@@ -8,7 +8,9 @@ per attention micro-batch). Per layer: attention weights -> micro-batches (KV st
 -> router -> host sync for the expert counts -> MLP, experts (each waiting for its weights) ->
 combine; then lm_head and the host sync on the sampled ids. Two steps run back to back and the
 second is timed, so the prefetcher's walk into the next step counts. Launch times come from the
-calibrated `Profile`, copy times from the link (the simulated one on the cpu backend, exactly).
+calibrated `Profile`, copy times from the link (the simulated one on the cpu backend, exactly); on
+the cpu backend a copy is also a real memcpy on a core the compute threads share, so each copied
+byte adds the calibrated compute time it costs to the next launch.
 
 Routing is taken as uniform: T tokens spread their T*K picks evenly over the E experts.
 """
@@ -137,6 +139,7 @@ class _Sim:
         self.compute_busy = 0.0
         self.busy = {"weights": 0.0, "kv": 0.0}  # per link
         self.shared_link = s.rcfg.device == "cuda"  # weights and KV copies cross one PCIe link
+        self.copy_cost = 0.0  # compute seconds the copies so far take from the next launch (cpu backend)
         self.modules: dict[str, float] = {}
         self.slots = {kind: deque([0.0] * n) for kind, n in s.residency.pools.items()}
         self.resident = set(s.residency.resident)
@@ -145,7 +148,8 @@ class _Sim:
         self.kv_token_layer = kv_bytes_per_token(cfg, s.rcfg.torch_dtype) // cfg.num_layers
 
     def launch(self, kind: str, seconds: float, ready: float = 0.0) -> float:
-        seconds += self.p.in_run.get(kind, 0.0)
+        seconds += self.p.in_run.get(kind, 0.0) + self.copy_cost
+        self.copy_cost = 0.0
         start = max(self.compute, ready)
         self.compute = start + seconds + self.m.launch_s
         self.compute_busy += seconds
@@ -158,6 +162,7 @@ class _Sim:
             return 0.0
         start = max(self.weights, self.slots[module.kind].popleft())
         took = self.f.sizes[module] / self.bytes_per_s
+        self.copy_cost += self.f.sizes[module] * self.m.copy_cost_s_per_byte
         self.weights = start + took
         self.busy["weights"] += took
         if self.shared_link:
@@ -172,6 +177,7 @@ class _Sim:
         if not nbytes or self.bytes_per_s is None:
             return after
         took = max(nbytes / self.bytes_per_s, nbytes / (self.m.memcpy_gbps * 1e9))
+        self.copy_cost += nbytes * self.m.copy_cost_s_per_byte
         self.kv = max(self.kv, after) + took
         self.busy["weights" if self.shared_link else "kv"] += took
         if self.shared_link:
