@@ -126,9 +126,6 @@ class Backend(ABC):
         c.device_bytes += nbytes
         c.device_high_water = max(c.device_high_water, c.device_bytes)
 
-    def release(self, nbytes: int) -> None:
-        self.counters.device_bytes -= nbytes
-
     def copy(self, stream: Stream, dst: Tensor, src: Tensor, label=None) -> Event:
         """dst.copy_(src) on `stream` (non_blocking), counted by direction."""
         return self.submit_copy(stream, lambda: dst.copy_(src, non_blocking=True), src.numel() * src.element_size(),

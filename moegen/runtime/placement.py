@@ -257,9 +257,6 @@ class Residency:
     pools: dict[Kind, int]  # slots per kind that has streamed modules
     device_bytes: int  # what residents and slot pools take
 
-    def streamed(self, kind: Kind, sizes: dict[ModuleId, int]) -> list[ModuleId]:
-        return [m for m in sizes if m.kind == kind and m not in self.resident]
-
 
 def choose_residency(sizes: dict[ModuleId, int], free: int | None, expert_slots: int | None = None,
                      resident_experts: int | None = None) -> Residency:

@@ -5,6 +5,7 @@ the calibration cache is dropped when the device, machine or versions change."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from types import SimpleNamespace
 
 import orjson
@@ -40,9 +41,20 @@ MACHINE = Machine(link_h2d_gbps=None, link_d2h_gbps=None, memcpy_gbps=1e6, launc
 
 @pytest.fixture(scope="module")
 def models(tiny_checkpoint):
-    """(cfg, weights) of tiny checkpoints of several shapes."""
+    """(cfg, weights) of tiny checkpoints: four families as made, then four of random shapes (seeded:
+    layers, experts, top-k, expert width)."""
     made = [tiny_checkpoint("mixtral"), tiny_checkpoint("deepseek_v2"), tiny_checkpoint("qwen2_moe"),
             tiny_checkpoint("olmoe")]
+    rng = random.Random(7)
+    experts_key = {"mixtral": "num_local_experts", "deepseek_v2": "n_routed_experts", "qwen2_moe": "num_experts",
+                   "olmoe": "num_experts"}
+    width_key = {"mixtral": "intermediate_size", "deepseek_v2": "moe_intermediate_size",
+                 "qwen2_moe": "moe_intermediate_size", "olmoe": "intermediate_size"}
+    for family in experts_key:
+        experts = rng.choice([4, 8, 16, 32])
+        made.append(tiny_checkpoint(family, **{"num_hidden_layers": rng.randint(2, 4), experts_key[family]: experts,
+                                               "num_experts_per_tok": rng.randint(1, min(4, experts)),
+                                               width_key[family]: rng.choice([16, 48, 96])}))
     return [load_checkpoint(path)[:2] for path in made]
 
 
@@ -109,8 +121,8 @@ user_knobs = st.fixed_dictionaries({}, optional={
     "resident_experts": st.integers(0, 4), "max_step_tokens": st.integers(1, 2000)})
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(index=st.integers(0, 3), share=st.floats(0.0, 1.5), workload=workloads, knobs=user_knobs,
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=st.integers(0, 7), share=st.floats(0.0, 1.5), workload=workloads, knobs=user_knobs,
        link=st.sampled_from([None, 0.05, 5.0]))
 def test_plans_fit_both_budgets_and_keep_the_users_knobs(models, index, share, workload, knobs, link):
     cfg, weights = models[index]
