@@ -27,3 +27,25 @@ def test_staged_micro_batches_read_their_staging_rows_as_a_view():
     assert staged[0].attn.first_slot == 0 and staged[0].attn.slots.tolist() == [0, 1, 2]
     assert unstaged[0].attn.first_slot == 100 and unstaged[0].attn.slots.tolist() == [100, 101, 102]
     assert micro_batches(plan([1, 1]), size=8, staged=False)[0].rows == [100, 101]
+
+
+def test_small_cpu_launches_run_on_one_thread_and_restore_the_count():
+    import pytest
+    import torch
+
+    from moegen.runtime.tasks import SMALL_LAUNCH_FLOPS, host_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.zeros(4, 8)
+        with host_threads(x, SMALL_LAUNCH_FLOPS / 2):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with host_threads(x, SMALL_LAUNCH_FLOPS * 2):
+            assert torch.get_num_threads() == 2  # a large launch keeps every thread
+        with pytest.raises(RuntimeError), host_threads(x, 1.0):
+            raise RuntimeError("a failing launch")
+        assert torch.get_num_threads() == 2  # restored after a failure too
+    finally:
+        torch.set_num_threads(before)
