@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 import torch
 
-CACHE_FORMAT = 2  # raised whenever what is measured changes meaning (2: small cpu launches run on one thread)
+CACHE_FORMAT = 3  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread)
 TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)  # tokens per launch measured for MLPs, routers and the head
 DECODE = ((1, 16), (1, 1024), (16, 16), (16, 256), (16, 1024), (64, 16), (64, 256), (64, 1024), (256, 16),
           (256, 256))  # (sequences, context) of decode attention launches

@@ -34,21 +34,25 @@ if TYPE_CHECKING:
 
 STOP = object()  # put in every queue when the run ends
 
-# Below this many FLOPs a launch on the cpu backend runs on one thread. On 2 cores the event loop's
-# thread shares the cores with the compute thread's OpenMP team, and every parallel op of a 2-thread
-# launch waits for a descheduled team member: a DeepSeek-V2-Lite-like expert over 12-24 tokens took
-# 1.4 ms in a run on 2 threads against 0.7 ms on one (0.35-0.45 ms alone either way), while one
-# over 256 tokens (6e8 FLOPs) is 1.8x faster on two. Serve-offline, 128 prompts x 32 tokens, two
-# runs each: DeepSeek-V2-Lite-like 265-289 -> 321-348 decode tok/s, Mixtral-like 244-259 -> 257-267.
+# A launch on the cpu backend below both sizes runs on one intra-op thread. On 2 cores the event
+# loop's thread shares the cores with the compute thread's OpenMP team, and every parallel op of a
+# 2-thread launch waits for a descheduled team member: a DeepSeek-V2-Lite-like expert (4.9 MB of
+# weights) over 12-24 tokens took 1.4 ms in a run on 2 threads against 0.7 ms on one (0.35-0.45 ms
+# alone either way), while over 256 tokens (6e8 FLOPs) it is 1.8x faster on two. A launch reading
+# more weights than SMALL_LAUNCH_BYTES is bound by memory bandwidth, which one thread can't fill
+# (a Mixtral-like expert, 25 MB, over 16 tokens: 2.7 ms on two threads, 4.6 ms on one).
+# Serve-offline, 128 prompts x 32 tokens, two runs each: DeepSeek-V2-Lite-like 265-289 -> 321-348
+# decode tok/s.
 SMALL_LAUNCH_FLOPS = 2e8
+SMALL_LAUNCH_BYTES = 8 * 2**20
 
 
 @contextmanager
-def host_threads(x: Tensor, flops: float):
+def host_threads(x: Tensor, flops: float, weight_bytes: int):
     """Run the enclosed launch on one intra-op thread when it is small and on the cpu (see
     SMALL_LAUNCH_FLOPS); the thread count is restored after. Only the compute stream's thread launches."""
     n = torch.get_num_threads()
-    if x.device.type != "cpu" or flops >= SMALL_LAUNCH_FLOPS or n == 1:
+    if x.device.type != "cpu" or flops >= SMALL_LAUNCH_FLOPS or weight_bytes >= SMALL_LAUNCH_BYTES or n == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -230,7 +234,8 @@ def route_launch(h: Tensor, x: Tensor, out: Tensor, norm: Tensor, eps: float, ro
                  ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The router's launch over a step's T tokens: x = norm(h), out zeroed for the experts' sums, and
     (MoE layers) the token-slot picks sorted by expert [T*K], combine weights [T, K], tokens per expert [E]."""
-    with host_threads(x, 2 * len(x) * (router.gate.numel() if router is not None else x.shape[1])):
+    gate = router.gate.numel() if router is not None else x.shape[1]
+    with host_threads(x, 2 * len(x) * gate, gate * x.element_size()):
         x.copy_(rms_norm(h, norm, eps))
         out.zero_()
         if router is None:
@@ -273,7 +278,8 @@ def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: 
     """One expert over its token-slot picks [t] (token * K + choice), in launches of at most `cap`
     tokens: out[token] += weight * mlp(x[token])."""
     cap = cap or len(picks)
-    with host_threads(x, 2 * min(cap, len(picks)) * (w.gate_proj.numel() * 3)):
+    params = w.gate_proj.numel() + w.up_proj.numel() + w.down_proj.numel()
+    with host_threads(x, 2 * min(cap, len(picks)) * params, params * x.element_size()):
         for first in range(0, len(picks), cap):
             chunk = picks[first: first + cap]  # [t]
             tokens = chunk // k

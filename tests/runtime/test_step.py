@@ -33,18 +33,20 @@ def test_small_cpu_launches_run_on_one_thread_and_restore_the_count():
     import pytest
     import torch
 
-    from moegen.runtime.tasks import SMALL_LAUNCH_FLOPS, host_threads
+    from moegen.runtime.tasks import SMALL_LAUNCH_BYTES, SMALL_LAUNCH_FLOPS, host_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         x = torch.zeros(4, 8)
-        with host_threads(x, SMALL_LAUNCH_FLOPS / 2):
+        with host_threads(x, SMALL_LAUNCH_FLOPS / 2, 1000):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with host_threads(x, SMALL_LAUNCH_FLOPS * 2):
+        with host_threads(x, SMALL_LAUNCH_FLOPS * 2, 1000):
             assert torch.get_num_threads() == 2  # a large launch keeps every thread
-        with pytest.raises(RuntimeError), host_threads(x, 1.0):
+        with host_threads(x, 1.0, SMALL_LAUNCH_BYTES * 2):
+            assert torch.get_num_threads() == 2  # so does one reading many weights (memory-bound)
+        with pytest.raises(RuntimeError), host_threads(x, 1.0, 1000):
             raise RuntimeError("a failing launch")
         assert torch.get_num_threads() == 2  # restored after a failure too
     finally:
