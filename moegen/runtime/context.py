@@ -178,6 +178,9 @@ class Runtime:
             counters=torch.tensor([len(s.result.token_ids) for s in seqs], dtype=torch.int64),
             greedy_only=all(s.request.temperature == 0 for s in seqs),
         )
+        hot = [i for i, s in enumerate(seqs) if s.request.temperature > 0]
+        if 0 < len(hot) < len(seqs):
+            sampling.rows = torch.tensor(hot, dtype=torch.int64)
         loop = asyncio.get_running_loop()
         return Step(
             plan=plan,

@@ -54,24 +54,36 @@ class SamplingParams:
     seeds: Tensor  # [B] int64
     counters: Tensor  # [B] int64: index of the token being drawn
     greedy_only: bool  # known on the host: no row samples, so skip the sampling work
+    rows: Tensor | None = None  # [R] int64, host: the rows that sample when only some do (None: all may)
 
 
 def sample(logits: Tensor, p: SamplingParams) -> Tensor:
-    """logits [B, V] float32 -> next ids [B] int64."""
+    """logits [B, V] float32 -> next ids [B] int64. The sort over the vocabulary runs only for the
+    rows that sample (a row's draw depends on its own logits, seed and counter alone)."""
     greedy_ids = logits.argmax(dim=-1)
     if p.greedy_only:
         return greedy_ids
+    if p.rows is None:
+        sampled = _draw(logits, p.temperature, p.top_k, p.top_p, uniform(p.seeds, p.counters))
+        return torch.where(p.temperature > 0, sampled, greedy_ids)
+    rows = p.rows.to(logits.device)
+    out = greedy_ids.clone()
+    out[rows] = _draw(logits[rows], p.temperature[rows], p.top_k[rows], p.top_p[rows],
+                      uniform(p.seeds[p.rows], p.counters[p.rows]))
+    return out
+
+
+def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor) -> Tensor:
+    """[R, V] logits, each row's temperature, top-k, top-p and uniform draw u [R] -> sampled ids [R]."""
     V = logits.shape[-1]
-    scaled = logits / p.temperature.clamp_min(1e-6)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [R, V]
     ranks = torch.arange(V, device=logits.device)[None, :]
-    keep = ranks < torch.where(p.top_k > 0, p.top_k, V)[:, None]
+    keep = ranks < torch.where(top_k > 0, top_k, V)[:, None]
     probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     before = probs.cumsum(-1) - probs  # mass strictly above each token
-    keep &= (before < p.top_p[:, None]) | (ranks == 0)  # top-p: smallest prefix reaching p
+    keep &= (before < top_p[:, None]) | (ranks == 0)  # top-p: smallest prefix reaching p
     probs = probs.masked_fill(~keep, 0.0)
-    cdf = probs.double().cumsum(-1)  # [B, V]
-    u = uniform(p.seeds, p.counters).to(logits.device) * cdf[:, -1]
-    pick = torch.searchsorted(cdf, u[:, None]).clamp_max(V - 1)  # [B, 1]
-    sampled = order.gather(1, pick)[:, 0]
-    return torch.where(p.temperature > 0, sampled, greedy_ids)
+    cdf = probs.double().cumsum(-1)  # [R, V]
+    pick = torch.searchsorted(cdf, (u.to(logits.device) * cdf[:, -1])[:, None]).clamp_max(V - 1)  # [R, 1]
+    return order.gather(1, pick)[:, 0]

@@ -48,6 +48,16 @@ def test_same_seed_same_tokens_whatever_the_batch(tiny_checkpoint):
     assert greedy != runs[0]  # temperature 0.9 did sample
 
 
+def test_sampling_rows_among_greedy_ones_draw_as_they_do_alone(tiny_checkpoint):
+    """A step whose batch mixes greedy and sampling rows sorts only the sampling rows' logits: each
+    row still gets the tokens it gets in a batch of one."""
+    path = tiny_checkpoint("qwen3_moe")
+    mixed = [Request(p, 10, temperature=0.9 if i % 2 else 0.0, top_p=0.8, seed=i, id=i) for i, p in enumerate(PROMPTS)]
+    together = run(path, mixed, batch_size=len(mixed))[0]
+    alone = {r.id: run(path, [r], batch_size=1)[0][r.id] for r in mixed}
+    assert together == alone
+
+
 def test_top_k_1_is_greedy(tiny_checkpoint):
     path = tiny_checkpoint("mixtral")
     greedy = run(path, [Request(p, 8) for p in PROMPTS])[0]
