@@ -47,8 +47,7 @@ def device_budget(rcfg: RuntimeConfig) -> int | None:
 
     from moegen.runtime.cuda_backend import CudaBackend
 
-    free, _ = torch.cuda.mem_get_info()
-    return max(0, free - CudaBackend.MARGIN)
+    return CudaBackend.default_budget(torch.device("cuda", 0))
 
 
 def format_plan(plan: Plan, alternatives: bool = True) -> str:

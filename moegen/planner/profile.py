@@ -163,7 +163,7 @@ def measure_in_run(cfg: ModelConfig, weights: ModelWeights, rcfg, profile: Profi
 
     from moegen.runtime.engine import Engine
     from moegen.runtime.requests import Request
-    from moegen.trace.summarize import parse
+    from moegen.trace.summarize import module_kind, parse
 
     gen = torch.Generator().manual_seed(0)
     requests = [Request(torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist(), new_tokens,
@@ -181,7 +181,7 @@ def measure_in_run(cfg: ModelConfig, weights: ModelWeights, rcfg, profile: Profi
                     pass
             extra: dict[str, list[float]] = {}
             for s in parse(trace).slices:
-                kind = s.name.split("[")[0].split(" ")[0]
+                kind = module_kind(s.name)
                 alone = _alone(profile, cfg, kind, s.args) if "compute" in s.track and s.depth == 0 else None
                 if alone is not None:
                     extra.setdefault(kind, []).append((s.end - s.start) / 1e9 - alone)

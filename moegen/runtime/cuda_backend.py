@@ -103,14 +103,19 @@ class CudaBackend(Backend):
 
     MARGIN = 2**30
 
+    @classmethod
+    def default_budget(cls, device: torch.device) -> int:
+        """The budget when --gpu-memory is unset: the device's free memory less MARGIN."""
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(0, free - cls.MARGIN)
+
     def __init__(self, budget: int | None = None, index: int = 0):
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda: torch sees no CUDA device here; use --device cpu")
         self.name = "cuda"
         self.device = torch.device("cuda", index)
         self.counters = Counters()
-        free, _total = torch.cuda.mem_get_info(self.device)
-        self.budget = budget if budget is not None else max(0, free - self.MARGIN)
+        self.budget = budget if budget is not None else self.default_budget(self.device)
         self.timed: list[TimedWork] = []  # traced work not yet written (its events may still be pending)
         self.clock: DeviceClock | None = None
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (

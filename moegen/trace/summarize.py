@@ -172,13 +172,18 @@ def _next_name(starts: dict, ts: int) -> str:
     return starts[min(later)].name if later else "?"
 
 
+def module_kind(name: str) -> str:
+    """A compute slice's module type: "expert[3][7]" -> "expert", "lm_head + sample" -> "lm_head"."""
+    return name.split("[")[0].split(" ")[0]
+
+
 def _modules(top: list[Slice], wall: int) -> dict:
     """Compute time per module type (attention, router, expert, mlp, combine, embed, lm_head)."""
     out: dict[str, dict] = {}
     for s in top:
         if "compute" not in s.track:
             continue
-        kind = s.name.split("[")[0].split(" ")[0]
+        kind = module_kind(s.name)
         entry = out.setdefault(kind, {"s": 0.0, "launches": 0, "tokens": 0, "flops": 0})
         entry["s"] += (s.end - s.start) / 1e9
         entry["launches"] += 1
@@ -208,7 +213,7 @@ def _versus_plan(t: ParsedTrace) -> dict | None:
         per_kind: dict[str, float] = defaultdict(float)
         for sl in t.slices:
             if "compute" in sl.track and sl.depth == 0 and any(a <= sl.start < b for a, b in windows):
-                per_kind[sl.name.split("[")[0].split(" ")[0]] += (sl.end - sl.start) / 1e9 / len(full)
+                per_kind[module_kind(sl.name)] += (sl.end - sl.start) / 1e9 / len(full)
         for key, predicted in plan.items():
             if key.startswith("decode ") and key.endswith("_s"):
                 kind = key[len("decode "): -2]
