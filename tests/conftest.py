@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from moegen.checkpoints.make import make_model
+from moegen.runtime.cpu_backend import LANES_ENV
 
 # Tiny models: one intra-op thread is fastest, and immune to a busy second core.
 torch.set_num_threads(1)
+# ... but keep the cpu compute stream's lanes, which a user's 2-core run gets by default (one
+# intra-op thread alone would turn them off): every engine test runs expert launches side by side.
+os.environ.setdefault(LANES_ENV, "2")
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,9 @@ from pathlib import Path
 import orjson
 import torch
 
-CACHE_FORMAT = 3  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread)
+from moegen.runtime.cpu_backend import cpu_lanes
+
+CACHE_FORMAT = 4  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread; 4: lanes)
 TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)  # tokens per launch measured for MLPs, routers and the head
 DECODE = ((1, 16), (1, 1024), (16, 16), (16, 256), (16, 1024), (64, 16), (64, 256), (64, 1024), (256, 16),
           (256, 256))  # (sequences, context) of decode attention launches
@@ -105,6 +107,8 @@ def device_key(device: str) -> dict:
     key = {"format": CACHE_FORMAT, "device": device, "moegen": version("moegen"), "torch": torch.__version__,
            "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
            "grid": orjson.loads(orjson.dumps([TOKENS, DECODE, PREFILL]))}  # as JSON holds it, for comparing
+    if device == "cpu":
+        key["lanes"] = cpu_lanes()
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -20,7 +21,9 @@ from moegen.models.reference import lm_head
 from moegen.models.rope import Rope
 from moegen.models.weights import ModelWeights
 from moegen.planner.calibrate import DECODE, PREFILL, TOKENS, Curve, Linear, Profile, timed
-from moegen.runtime.tasks import attention_launch, expert_launch, mlp_launch, route_launch
+from moegen.runtime.backend import Counters
+from moegen.runtime.cpu_backend import CpuStream, cpu_lanes
+from moegen.runtime.tasks import LANE_FLOPS, attention_launch, expert_launch, mlp_launch, route_launch
 
 SLOW_S = 0.08  # once a launch takes this long, larger sizes are extrapolated (time grows in proportion)
 
@@ -42,25 +45,59 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
     def on(unit):
         return _to(unit, dev, dtype)
 
-    profile = Profile(
-        expert=None if moe is None else _expert_curve(on(moe.moe.experts[0]), x, out, cfg.moe.router.top_k, device),
-        mlps={},
-        router=_curve(lambda t: route_launch(h[:t], x[:t], out[:t], on(weights.layers[0].post_attention_layernorm),
-                                             cfg.rms_norm_eps, None if moe is None else on(moe.moe.router),
-                                             cfg.moe.router), TOKENS, device),
-        attn_decode=_attention(cfg, weights, dev, dtype, device, decode=True),
-        attn_prefill=_attention(cfg, weights, dev, dtype, device, decode=False),
-        head=_head_curve(cfg, weights, dev, dtype, device),
-        combine=_curve(lambda t: h[:t].add_(out[:t]), TOKENS, device),
-    )
-    if dense is not None:
-        w = on(dense.mlp)
-        profile.mlps["dense"] = _curve(lambda t: mlp_launch(x[:t], out[:t], w, None), TOKENS, device)
-    if moe is not None and moe.moe.shared is not None:
-        w, gate = on(moe.moe.shared), on(moe.moe.shared_expert_gate)
-        profile.mlps["shared"] = _curve(lambda t: mlp_launch(x[:t], out[:t], w, gate), TOKENS, device)
+    lanes = CpuStream("profile", Counters(), lanes=cpu_lanes()) if device == "cpu" else None
+    lock = threading.Lock()
+    try:
+        experts = [] if moe is None else [on(w) for w in moe.moe.experts[: 2 * (lanes.lanes if lanes else 1)]]
+        weights_k = torch.ones(T, cfg.moe.router.top_k, dtype=torch.float32, device=dev) / cfg.moe.router.top_k  # [T, K]
+        picks = torch.arange(T, device=dev) * cfg.moe.router.top_k  # [T] token t's first choice
+        profile = Profile(
+            expert=None if moe is None else _launch_curve(
+                lambda t, i: expert_launch(experts[i % len(experts)], x, out, picks[:t], weights_k,
+                                           cfg.moe.router.top_k, None, lock), _params(experts[0]), device, lanes),
+            mlps={},
+            router=_curve(lambda t: route_launch(h[:t], x[:t], out[:t], on(weights.layers[0].post_attention_layernorm),
+                                                 cfg.rms_norm_eps, None if moe is None else on(moe.moe.router),
+                                                 cfg.moe.router), TOKENS, device),
+            attn_decode=_attention(cfg, weights, dev, dtype, device, decode=True),
+            attn_prefill=_attention(cfg, weights, dev, dtype, device, decode=False),
+            head=_head_curve(cfg, weights, dev, dtype, device),
+            combine=_curve(lambda t: h[:t].add_(out[:t]), TOKENS, device),
+        )
+        for name, unit, gate in (("dense", dense and dense.mlp, None),
+                                 ("shared", moe and moe.moe.shared, moe and moe.moe.shared_expert_gate)):
+            if unit is not None:
+                w, g = on(unit), on(gate)
+                profile.mlps[name] = _launch_curve(lambda t, _, w=w, g=g: mlp_launch(x[:t], out[:t], w, g, lock),
+                                                   _params(w), device, lanes)
+    finally:
+        if lanes is not None:
+            lanes.close()
     say(f"profiled the model's modules on {device} in {time.perf_counter() - began:.1f}s")
     return profile
+
+
+def _params(w) -> int:
+    return w.gate_proj.numel() + w.up_proj.numel() + w.down_proj.numel()
+
+
+def _launch_curve(launch: Callable[[int, int], object], params: int, device: str, lanes: CpuStream | None) -> Curve:
+    """Seconds per launch of an expert or MLP (`params` weights; `launch(t, i)`: the i-th of a group
+    over t tokens), run as the runtime submits it: under tasks.LANE_FLOPS, a group side by side on
+    the cpu compute stream's lanes (the group's time per launch), else alone on this thread."""
+
+    def share(t: int) -> int:
+        return 1 if lanes is None or lanes.lanes == 1 or 2 * t * params >= LANE_FLOPS else 2 * lanes.lanes
+
+    def group(t: int) -> None:
+        if share(t) == 1:
+            launch(t, 0)
+            return
+        events = [lanes.submit(lambda i=i: launch(t, i), concurrent=True) for i in range(share(t))]
+        for event in events:
+            event.block()
+
+    return _curve(group, TOKENS, device, share)
 
 
 def _to(unit, device: torch.device, dtype: torch.dtype):
@@ -70,20 +107,15 @@ def _to(unit, device: torch.device, dtype: torch.dtype):
     return type(unit)(**{f: _to(getattr(unit, f), device, dtype) for f in unit.__slots__})
 
 
-def _curve(launch: Callable[[int], object], sizes, device: str) -> Curve:
+def _curve(launch: Callable[[int], object], sizes, device: str, share: Callable[[int], int] = lambda _: 1) -> Curve:
+    """Seconds per launch at each size; `launch(n)` runs `share(n)` launches at once (lanes)."""
     points = []
     for n in sizes:
-        seconds = timed(lambda: launch(n), device)
+        seconds = timed(lambda: launch(n), device) / share(n)
         points.append((float(n), seconds))
         if seconds > SLOW_S:
             break
     return Curve(points)
-
-
-def _expert_curve(w, x, out, k: int, device: str) -> Curve:
-    weights = torch.ones(len(x), k, dtype=torch.float32, device=x.device) / k  # [T, K]
-    picks = torch.arange(len(x), device=x.device) * k  # [T] token t's first choice
-    return _curve(lambda t: expert_launch(w, x, out, picks[:t], weights, k, None), TOKENS, device)
 
 
 def _attention(cfg: ModelConfig, weights: ModelWeights, dev: torch.device, dtype: torch.dtype, device: str,
@@ -163,7 +195,7 @@ def measure_in_run(cfg: ModelConfig, weights: ModelWeights, rcfg, profile: Profi
 
     from moegen.runtime.engine import Engine
     from moegen.runtime.requests import Request
-    from moegen.trace.summarize import module_kind, parse
+    from moegen.trace.summarize import parse
 
     gen = torch.Generator().manual_seed(0)
     requests = [Request(torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist(), new_tokens,
@@ -180,14 +212,42 @@ def measure_in_run(cfg: ModelConfig, weights: ModelWeights, rcfg, profile: Profi
                 for _ in engine.generate(requests):
                     pass
             extra: dict[str, list[float]] = {}
-            for s in parse(trace).slices:
-                kind = module_kind(s.name)
-                alone = _alone(profile, cfg, kind, s.args) if "compute" in s.track and s.depth == 0 else None
-                if alone is not None:
-                    extra.setdefault(kind, []).append((s.end - s.start) / 1e9 - alone)
+            for kind, seconds, alone in _launch_times(parse(trace).slices, profile, cfg):
+                extra.setdefault(kind, []).append(seconds - alone)
             for kind, v in extra.items():
                 medians[kind] = min(medians.get(kind, math.inf), max(0.0, sorted(v)[len(v) // 2]))
     return medians
+
+
+def _launch_times(slices, profile: Profile, cfg: ModelConfig) -> list[tuple[str, float, float]]:
+    """(module type, seconds in the run, seconds alone per the profile) of each compute launch. Launches
+    that ran side by side on lanes are taken by group (overlapping slices): the group's time, shared
+    out in proportion to the launches' profiled times."""
+    from moegen.trace.summarize import module_kind, stream_of
+
+    out, lanes = [], []
+    for s in slices:
+        if "compute" not in s.track or s.depth != 0:
+            continue
+        kind = module_kind(s.name)
+        alone = _alone(profile, cfg, kind, s.args)
+        if alone is None:
+            continue
+        if stream_of(s.track) != s.track:
+            lanes.append((s.start, s.end, kind, alone))
+        else:
+            out.append((kind, (s.end - s.start) / 1e9, alone))
+    lanes.sort()
+    group: list = []
+    for item in lanes + [None]:
+        if group and (item is None or item[0] >= max(g[1] for g in group)):
+            took = (max(g[1] for g in group) - group[0][0]) / 1e9
+            total = sum(g[3] for g in group) or 1.0
+            out += [(g[2], took * g[3] / total, g[3]) for g in group]
+            group = []
+        if item is not None:
+            group.append(item)
+    return out
 
 
 def _alone(p: Profile, cfg: ModelConfig, kind: str, args: dict) -> float | None:

@@ -55,11 +55,15 @@ class Stream(ABC):
     """Runs submitted work in submission order."""
 
     name: str
+    lanes: int = 1  # items that may run side by side (the cpu compute stream's lanes)
+    lane_tracks: list[int]  # trace track uuid of each lane, when lanes > 1
 
     @abstractmethod
-    def submit(self, fn: Callable[[], object], label=None) -> Event:
+    def submit(self, fn: Callable[[], object], label=None, concurrent: bool = False) -> Event:
         """Queue `fn` (a whole module launch or copy, never a single op); the event marks its end.
-        `label` (a trace Label) names its slice when a trace is being recorded."""
+        `label` (a trace Label) names its slice when a trace is being recorded. `concurrent`: `fn`
+        commutes with the concurrent items submitted right before and after it, which may then run
+        side by side where the stream has lanes (elsewhere the flag changes nothing)."""
 
     @abstractmethod
     def wait_event(self, event: Event) -> None:
@@ -89,6 +93,8 @@ class Backend(ABC):
         self.recorder = recorder
         for stream in self.streams:
             stream.track = recorder.track(f"{stream.name} stream")
+            if stream.lanes > 1:
+                stream.lane_tracks = [recorder.track(f"{stream.name} stream lane {i + 1}") for i in range(stream.lanes)]
 
     def write_timings(self) -> None:
         """Write the trace slices of work whose device timings are in (cuda; the cpu backend's workers

@@ -2,6 +2,8 @@
 thread-safe flags that also resolve asyncio futures.
 
 torch releases the GIL inside ops, so the copy thread and the compute thread really overlap.
+The compute stream also has lanes: launches submitted as `concurrent` run side by side on lane
+threads that share the intra-op threads between them (see `cpu_lanes`).
 The "device" is a separate, budgeted set of buffers in host memory: a module that isn't
 resident is copied into a slot by the copy worker (a real memcpy, throttled to the simulated
 link bandwidth when one is set), so offload and overlap are real code paths without a GPU.
@@ -10,6 +12,7 @@ link bandwidth when one is set), so offload and overlap are real code paths with
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -65,22 +68,68 @@ class CpuEvent(Event):
         return fut
 
 
-class CpuStream(Stream):
-    """A worker thread; work items run in submission order."""
+LANES_ENV = "MOEGEN_CPU_LANES"
 
-    def __init__(self, name: str, counters: Counters, record: bool = False, backend=None):
+
+def cpu_lanes() -> int:
+    """Lanes of the cpu compute stream: 2 when torch has at least 2 intra-op threads (each lane then
+    runs with half of them), or what MOEGEN_CPU_LANES says (1 turns lanes off).
+
+    Why: on 2 cores a Mixtral-like expert over 64 tokens runs at 93-129 GFLOP/s on a 2-thread
+    OpenMP team but two experts side by side on one thread each reach 130-135 (an OpenMP team
+    splits a small GEMM poorly and its idle member spins against the event loop's thread); in
+    serve-offline, 256 prompts x 64 new tokens, the decode step went 384 -> 330 ms. Large launches
+    (an 8k-token prefill step's experts, 2k tokens each) were slower side by side in a run (5.4 ->
+    6.0 s per step: the lanes' shares of a layer's tokens are uneven), so only launches under
+    LANE_FLOPS are submitted as concurrent."""
+    raw = os.environ.get(LANES_ENV)
+    if raw is None:
+        return 2 if torch.get_num_threads() >= 2 else 1
+    try:
+        lanes = int(raw)
+    except ValueError:
+        lanes = 0
+    if lanes < 1:
+        raise ValueError(f"{LANES_ENV}={raw!r}: expected a whole number of lanes >= 1 (1 turns lanes off)")
+    return lanes
+
+
+class CpuStream(Stream):
+    """A worker thread; work items run in submission order.
+
+    With lanes > 1, consecutive items submitted as `concurrent` are handed to `lanes` lane threads
+    (each with intra-op threads / lanes torch threads) and run side by side, each free lane taking
+    the next; any other item first waits until all of them have ended. So the stream's order holds
+    between groups, and inside a group the items must commute (the runtime's expert and MLP
+    launches of a layer: each adds into the step's output under its lock). An item's event marks
+    its own end; a later non-concurrent item's event marks the end of everything before it."""
+
+    def __init__(self, name: str, counters: Counters, record: bool = False, backend=None, lanes: int = 1):
         self.name = name
         self.backend = backend  # its recorder, when tracing
         self.track = 0  # trace track uuid
+        self.lanes = lanes
+        self.lane_tracks: list[int] = []  # trace track uuid of each lane, set by Backend.trace_to
         self._counters = counters
         self.intervals: list[tuple[float, float]] | None = [] if record else None  # (start, end) of each item
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lane_queue: queue.SimpleQueue = queue.SimpleQueue()
+        threads = torch.get_num_threads()
+        started = threading.Barrier(lanes + 1 if lanes > 1 else 1)
+        self._lane_threads = [threading.Thread(target=self._lane, args=(i, max(1, threads // lanes), started),
+                                               name=f"moegen-{name}-lane{i + 1}", daemon=True)
+                              for i in range(lanes if lanes > 1 else 0)]
+        for thread in self._lane_threads:
+            thread.start()
+        started.wait()
+        # torch.set_num_threads also sets the count every thread started later begins with: put it back
+        torch.set_num_threads(threads)
         self._thread = threading.Thread(target=self._run, name=f"moegen-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], object], label=None, waiting: bool = False) -> CpuEvent:
+    def submit(self, fn: Callable[[], object], label=None, waiting: bool = False, concurrent: bool = False) -> CpuEvent:
         event = CpuEvent()
-        self._queue.put((fn, event, waiting, label))
+        self._queue.put((fn, event, waiting, label, concurrent and self.lanes > 1))
         return event
 
     def wait_event(self, event: Event) -> None:
@@ -104,8 +153,20 @@ class CpuStream(Stream):
 
     def _run(self) -> None:
         busy, error = 0.0, None
+        group: list[tuple[CpuEvent, list[float]]] = []  # the concurrent items handed to the lanes, and their end times
+        group_start = 0.0
         while (item := self._queue.get()) is not None:
-            fn, event, waiting, label = item
+            fn, event, waiting, label, concurrent = item
+            if concurrent and error is None:
+                if not group:
+                    group_start = time.perf_counter()
+                ended: list[float] = []
+                group.append((event, ended))
+                self._lane_queue.put((fn, event, label, ended))
+                continue
+            if group:
+                error, busy = self._join(group, group_start, error, busy)
+                group = []
             if error is not None:  # sticky, as on a GPU: after a failure every later event reports it
                 event.finish(error)
                 continue
@@ -127,6 +188,44 @@ class CpuStream(Stream):
             if self.intervals is not None:
                 self.intervals.append((start, end))
             self._counters.busy_s[self.name] = busy
+        if group:
+            self._join(group, group_start, error, busy)
+        for _ in self._lane_threads:
+            self._lane_queue.put(None)
+        for thread in self._lane_threads:
+            thread.join()
+
+    def _join(self, group, start: float, error: BaseException | None, busy: float) -> tuple[BaseException | None, float]:
+        """Wait for a concurrent group; the stream's error (the first of the group's, if none yet) and busy time."""
+        for event, _ in group:
+            event.settle()
+            error = error or event.error
+        end = max((ended[0] for _, ended in group if ended), default=start)
+        busy += end - start
+        if self.intervals is not None:
+            self.intervals.append((start, end))
+        self._counters.busy_s[self.name] = busy
+        return error, busy
+
+    def _lane(self, index: int, threads: int, started: threading.Barrier) -> None:
+        """One lane thread: runs concurrent items as they come, on `threads` intra-op threads."""
+        torch.get_num_threads()  # torch sets a thread's count from the last one set anywhere on its first
+        torch.set_num_threads(threads)  # parallel op: do that first, then set this lane's
+        started.wait()
+        while (item := self._lane_queue.get()) is not None:
+            fn, event, label, ended = item
+            wall_start = time.time_ns()
+            try:
+                fn()
+            except BaseException as exc:
+                ended.append(time.perf_counter())
+                event.finish(exc)
+                continue
+            ended.append(time.perf_counter())
+            recorder = self.backend.recorder if self.backend is not None else None
+            if recorder is not None and label is not None:
+                recorder.slice(self.lane_tracks[index], label, wall_start, time.time_ns())
+            event.finish()
 
 
 class CpuBackend(Backend):
@@ -139,7 +238,7 @@ class CpuBackend(Backend):
         self.budget = budget
         self.link_gbps = link_gbps  # simulated host<->device bandwidth, GB/s (1e9 bytes); None = memcpy speed
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
-            CpuStream(name, self.counters, record_intervals, self)
+            CpuStream(name, self.counters, record_intervals, self, lanes=cpu_lanes() if name == "compute" else 1)
             for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
 
     async def wait(self, event: Event) -> None:

@@ -81,7 +81,7 @@ class CudaStream(Stream):
         self.track = 0  # trace track uuid
         self.stream = torch.cuda.Stream(device=backend.device)
 
-    def submit(self, fn: Callable[[], object], label=None) -> CudaEvent:
+    def submit(self, fn: Callable[[], object], label=None, concurrent: bool = False) -> CudaEvent:
         timed = label is not None and self.backend.recorder is not None
         with torch.cuda.stream(self.stream):
             if timed:

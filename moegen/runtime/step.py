@@ -6,6 +6,7 @@ Letters: T tokens of the step, B sequences, b sequences of a micro-batch, H hidd
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,8 @@ class Step:
     routing: list[Routing]  # per layer
     counts: list[asyncio.Future]  # per layer: host list of tokens per expert, once the router has synced
     sampled: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    out_lock: threading.Lock = field(default_factory=threading.Lock)  # held while a launch adds into `out`:
+    # a layer's expert and MLP launches may run side by side (the cpu compute stream's lanes)
 
     def to_device(self, device: torch.device) -> None:
         """Move the step's small per-step tensors to the device. Runs inside the first launch on the

@@ -10,7 +10,7 @@ and mlp[0] -> combine[0] -> attention[1] ... -> head. Letters: T tokens, H hidde
 from __future__ import annotations
 
 import asyncio
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,11 @@ STOP = object()  # put in every queue when the run ends
 # decode tok/s.
 SMALL_LAUNCH_FLOPS = 2e8
 SMALL_LAUNCH_BYTES = 8 * 2**20
+# Expert and MLP launches below LANE_FLOPS are submitted as concurrent: on the cpu backend a layer's
+# launches then run side by side on the compute stream's lanes (measurements: cpu_backend.cpu_lanes).
+# 6.4e9 FLOPs is a Mixtral-like expert over ~500 tokens: decode launches go to the lanes, an 8k-token
+# prefill step's (2k tokens each) don't.
+LANE_FLOPS = 6.4e9
 
 
 @contextmanager
@@ -260,10 +265,11 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
             continue
         if ticket.ready is not None:
             rt.backend.compute.wait_event(ticket.ready)
+        flops = rt.mlp_flops(ticket.weights, count)
         done = rt.backend.compute.submit(
             lambda s=step, w=ticket.weights, first=start, n=count: _run_expert(rt, layer, s, w, first, n),
             rt.label(f"expert[{layer}][{expert}]", layer=layer, expert=expert, step=step.index, tokens=count,
-                     flops=rt.mlp_flops(ticket.weights, count), flows_in=(ticket.flow,) if ticket.flow else ()))
+                     flops=flops, flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=flops < LANE_FLOPS)
         rt.placement.release(ticket, module, done)
         await rt.queues.combine[layer].put(("done", step, 0))
 
@@ -271,12 +277,13 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
 def _run_expert(rt: Runtime, layer: int, step: Step, w, start: int, count: int) -> None:
     routing = step.routing[layer]
     expert_launch(w, step.x, step.out, routing.order[start: start + count], routing.weights,
-                  rt.cfg.moe.router.top_k, rt.rcfg.expert_micro_batch)
+                  rt.cfg.moe.router.top_k, rt.rcfg.expert_micro_batch, step.out_lock)
 
 
-def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: int, cap: int | None) -> None:
+def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: int, cap: int | None,
+                  lock: AbstractContextManager = nullcontext()) -> None:
     """One expert over its token-slot picks [t] (token * K + choice), in launches of at most `cap`
-    tokens: out[token] += weight * mlp(x[token])."""
+    tokens: out[token] += weight * mlp(x[token]), the add under `lock`."""
     cap = cap or len(picks)
     params = w.gate_proj.numel() + w.up_proj.numel() + w.down_proj.numel()
     with host_threads(x, 2 * min(cap, len(picks)) * params, params * x.element_size()):
@@ -284,7 +291,8 @@ def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: 
             chunk = picks[first: first + cap]  # [t]
             tokens = chunk // k
             y = mlp(w, x[tokens]) * weights[tokens, chunk % k, None].to(x.dtype)  # [t, H]
-            out.index_add_(0, tokens, y)
+            with lock:
+                out.index_add_(0, tokens, y)
 
 
 
@@ -295,11 +303,11 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
         ticket = await rt.placement.acquire(step.index, module)
         if ticket.ready is not None:
             rt.backend.compute.wait_event(ticket.ready)
+        flops = rt.mlp_flops(ticket.weights, step.num_tokens)
         done = rt.backend.compute.submit(
-            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate),
-            rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens,
-                     flops=rt.mlp_flops(ticket.weights, step.num_tokens),
-                     flows_in=(ticket.flow,) if ticket.flow else ()))
+            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate, s.out_lock),
+            rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens, flops=flops,
+                     flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=flops < LANE_FLOPS)
         rt.placement.release(ticket, module, done)
         await rt.queues.combine[layer].put(("done", step, 0))
 
@@ -307,9 +315,10 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
 MLP_TEMP_BYTES = 64 * 2**20  # bound on one [tokens, width] intermediate of a dense MLP launch
 
 
-def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None) -> None:
-    """out += mlp(x) over a step's tokens, in chunks whose [t, I] intermediates stay under MLP_TEMP_BYTES
-    (a wide dense MLP over an 8k-token prefill step would otherwise hold hundreds of MB of temporaries)."""
+def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None, lock: AbstractContextManager = nullcontext()) -> None:
+    """out += mlp(x) over a step's tokens (the add under `lock`), in chunks whose [t, I] intermediates
+    stay under MLP_TEMP_BYTES (a wide dense MLP over an 8k-token prefill step would otherwise hold
+    hundreds of MB of temporaries)."""
     T = len(x)
     width = w.gate_proj.shape[0]
     chunk = max(256, MLP_TEMP_BYTES // (width * x.element_size()))
@@ -318,7 +327,8 @@ def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None) -> None:
         y = mlp(w, part)
         if gate is not None:
             y = torch.sigmoid(F.linear(part, gate)) * y
-        out[first: first + len(part)] += y
+        with lock:
+            out[first: first + len(part)] += y
 
 
 async def combine_task(rt: Runtime, layer: int) -> None:

@@ -3,11 +3,14 @@
 Reads any TrackEvent trace with the layout moegen writes (tracks named "... stream", slices with
 `bytes`/`flops` args, a loop track with step slices): wall time, each stream's busy fraction,
 copy/compute overlap, compute bubbles inside steps, time per module type, achieved link GB/s and
-compute FLOP/s, and which resource bounded the run.
+compute FLOP/s, and which resource bounded the run. A stream's lanes ("compute stream lane 1", ...:
+launches running side by side) count as that stream: busy while any of its tracks is, and a module
+type's time is the time any of its launches ran.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +129,8 @@ def summarize(path: Path) -> dict:
     first, last = min(s.start for s in t.slices), max(s.end for s in t.slices)
     wall = max(last - first, 1)
     top = [s for s in t.slices if s.depth == 0]
-    busy = {name: _union([(s.start, s.end) for s in top if s.track == name])
-            for name in sorted({s.track for s in top if "stream" in s.track})}
+    busy = {name: _union([(s.start, s.end) for s in top if stream_of(s.track) == name])
+            for name in sorted({stream_of(s.track) for s in top if "stream" in s.track})}
     compute = next((v for k, v in busy.items() if "compute" in k), [])
     copies = _union([iv for k, v in busy.items() if "copy" in k for iv in v])
     h2d = _union([iv for k, v in busy.items() if "copy" in k and "H2D" in k for iv in v])
@@ -172,24 +175,32 @@ def _next_name(starts: dict, ts: int) -> str:
     return starts[min(later)].name if later else "?"
 
 
+def stream_of(track: str) -> str:
+    """The stream a track belongs to: "compute stream lane 2" -> "compute stream"."""
+    return re.sub(r" lane \d+$", "", track)
+
+
 def module_kind(name: str) -> str:
     """A compute slice's module type: "expert[3][7]" -> "expert", "lm_head + sample" -> "lm_head"."""
     return name.split("[")[0].split(" ")[0]
 
 
 def _modules(top: list[Slice], wall: int) -> dict:
-    """Compute time per module type (attention, router, expert, mlp, combine, embed, lm_head)."""
+    """Compute time per module type (attention, router, expert, mlp, combine, embed, lm_head): the time
+    any of its launches ran (launches side by side on lanes count once)."""
     out: dict[str, dict] = {}
+    intervals: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for s in top:
         if "compute" not in s.track:
             continue
         kind = module_kind(s.name)
         entry = out.setdefault(kind, {"s": 0.0, "launches": 0, "tokens": 0, "flops": 0})
-        entry["s"] += (s.end - s.start) / 1e9
+        intervals[kind].append((s.start, s.end))
         entry["launches"] += 1
         entry["tokens"] += int(s.args.get("tokens", 0))
         entry["flops"] += int(s.args.get("flops", 0))
-    for entry in out.values():
+    for kind, entry in out.items():
+        entry["s"] = _length(_union(intervals[kind])) / 1e9
         entry["share_of_wall"] = entry["s"] * 1e9 / wall
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["s"]))
 
@@ -210,14 +221,15 @@ def _versus_plan(t: ParsedTrace) -> dict | None:
         out["decode_step_s"] = {"predicted": plan["decode_step_s"], "measured": step_s}
         out["decode_tok_s"] = {"predicted": plan["decode_tok_s"], "measured": int(plan["decode_sequences"]) / step_s}
         windows = [(s.start, s.end) for s in full]
-        per_kind: dict[str, float] = defaultdict(float)
+        per_kind: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for sl in t.slices:
             if "compute" in sl.track and sl.depth == 0 and any(a <= sl.start < b for a, b in windows):
-                per_kind[module_kind(sl.name)] += (sl.end - sl.start) / 1e9 / len(full)
+                per_kind[module_kind(sl.name)].append((sl.start, sl.end))
         for key, predicted in plan.items():
             if key.startswith("decode ") and key.endswith("_s"):
                 kind = key[len("decode "): -2]
-                out["modules"][kind] = {"predicted": predicted, "measured": per_kind.get(kind, 0.0)}
+                measured = _length(_union(per_kind.get(kind, []))) / 1e9 / len(full)
+                out["modules"][kind] = {"predicted": predicted, "measured": measured}
     if prefill:
         tokens = sum(int(s.args.get("prefill_tokens", 0)) for s in prefill)
         out["prefill_tok_s"] = {"predicted": plan["prefill_tok_s"],

@@ -20,9 +20,11 @@ from moegen.models.loader import load_checkpoint
 from moegen.planner import calibrate
 from moegen.planner.calibrate import Calibration, Curve, Linear, Machine, Profile
 from moegen.planner.cost import ModelFacts, Workload, setting, step_time
+from moegen.planner.profile import _launch_times
 from moegen.planner.search import PLANNED, search
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.cpu_backend import LANES_ENV
 from moegen.runtime.engine import Engine
 from moegen.runtime.placement import minimum_device_bytes
 
@@ -190,6 +192,11 @@ def test_calibration_cache_is_dropped_for_another_version_machine_or_device(tmp_
     monkeypatch.undo()
     monkeypatch.setenv("MOEGEN_CACHE", str(tmp_path))
     assert calibrate.load("cpu") is not None
+    monkeypatch.setenv(LANES_ENV, "3")
+    assert calibrate.load("cpu") is None  # launches run on other lanes
+    monkeypatch.undo()
+    monkeypatch.setenv("MOEGEN_CACHE", str(tmp_path))
+    assert calibrate.load("cpu") is not None
     monkeypatch.setattr(calibrate, "version", lambda package: "0.0.0.other")
     assert calibrate.load("cpu") is None  # another moegen
     monkeypatch.setattr(calibrate, "version", lambda package: __import__("importlib.metadata").metadata.version(package))
@@ -199,6 +206,27 @@ def test_calibration_cache_is_dropped_for_another_version_machine_or_device(tmp_
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"{not json")
     assert calibrate.load("cpu") is None  # a damaged file is measured again, not an error
+
+
+def test_in_run_times_of_launches_side_by_side_are_shared_out_by_group():
+    """Lane slices that overlap form one group whose wall time is shared out in proportion to each
+    launch's profiled time; slices on the stream itself count alone. By hand (ms): the profile says
+    an expert over t tokens takes t ms; lanes run expert 2 tok [0, 3) and 6 tok [1, 9) (group: 9 ms
+    for 8 ms alone), then 4 tok [12, 16) alone on a lane (a group of one); the stream runs a
+    router [9, 10) (profile 1 ms)."""
+    from moegen.trace.summarize import Slice
+
+    c = Curve([(1.0, MS), (1e9, 1e9 * MS)])
+    profile = dataclasses.replace(flat_profile(), expert=c)
+    slices = [Slice("compute stream lane 1", "expert[0][0]", 0, 3_000_000, {"tokens": 2}),
+              Slice("compute stream lane 2", "expert[0][1]", 1_000_000, 9_000_000, {"tokens": 6}),
+              Slice("compute stream", "router[0]", 9_000_000, 10_000_000, {"tokens": 8}),
+              Slice("compute stream lane 2", "expert[0][2]", 12_000_000, 16_000_000, {"tokens": 4}),
+              Slice("event loop", "step 0", 0, 20_000_000)]
+    got = sorted(_launch_times(slices, profile, SimpleNamespace()))
+    want = sorted([("expert", 9 * MS * 2 / 8, 2 * MS), ("expert", 9 * MS * 6 / 8, 6 * MS),
+                   ("router", 1 * MS, 1 * MS), ("expert", 4 * MS, 4 * MS)])
+    assert got == [(kind, pytest.approx(run), pytest.approx(alone)) for kind, run, alone in want]
 
 
 # -- the command line -----------------------------------------------------------------------------

@@ -55,8 +55,8 @@ def test_trace_file_structure(mixtral, tmp_path):
     tracks, names, events = read(out)
     ordered = sorted((t for t in tracks.values() if t.parent_uuid), key=lambda t: t.sibling_order_rank)
     order = [t.name for t in ordered]
-    assert order[0] == "event loop" and "compute" in order[1]
-    assert {n for n in order[2:5]} == {"copy H2D weights stream", "copy H2D KV stream", "copy D2H stream"}
+    assert order[:4] == ["event loop", "compute stream", "compute stream lane 1", "compute stream lane 2"]
+    assert {n for n in order[4:7]} == {"copy H2D weights stream", "copy H2D KV stream", "copy D2H stream"}
 
     stacks, begun, ended, counters, slice_names = {}, {}, {}, {}, []
     for ts, e in events:
@@ -161,6 +161,27 @@ def test_summarize_numbers_by_hand(tmp_path):
     assert s["bound"] == "compute"  # compute and link both 50% busy: not link-bound
     assert set(s) == {"wall_s", "streams", "overlap", "bubbles", "modules", "link_gbps", "flops", "bound", "plan"}
     assert s["plan"] is None  # no plan was recorded
+
+
+def test_summarize_counts_a_streams_lanes_as_the_stream(tmp_path):
+    """By hand (ms): step [0, 40); the compute stream runs a router [0, 5) and a combine [20, 22); its
+    lanes run experts side by side: lane 1 [5, 15) and [15, 19), lane 2 [6, 20). The stream is busy
+    [0, 22) (not 22 + the lanes' 28 ms), experts took [5, 20) = 15 ms, and nothing idled inside."""
+    trace, sl = hand_trace(["event loop", "compute stream", "compute stream lane 1", "compute stream lane 2"])
+    sl("event loop", "step 0", 0, 40)
+    sl("compute stream", "router[0]", 0, 5, tokens=8)
+    sl("compute stream lane 1", "expert[0][0]", 5, 15, tokens=4, flops=10**9)
+    sl("compute stream lane 1", "expert[0][2]", 15, 19, tokens=2, flops=10**9)
+    sl("compute stream lane 2", "expert[0][1]", 6, 20, tokens=6, flops=10**9)
+    sl("compute stream", "combine[0]", 20, 22, tokens=8)
+    path = tmp_path / "lanes.pftrace"
+    path.write_bytes(trace.SerializeToString())
+    s = summarize(path)
+    assert s["streams"] == {"compute stream": pytest.approx(22 / 40)}
+    assert s["modules"]["expert"]["s"] == pytest.approx(0.015) and s["modules"]["expert"]["launches"] == 3
+    assert s["modules"]["expert"]["share_of_wall"] == pytest.approx(15 / 40)
+    assert s["bubbles"]["total_s"] == 0
+    assert s["flops"] == pytest.approx(3e9 / 0.022)
 
 
 def test_summarize_sets_a_run_against_its_plan(tmp_path):

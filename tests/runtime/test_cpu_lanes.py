@@ -1,0 +1,135 @@
+"""The cpu compute stream's lanes: concurrent launches run side by side, everything else keeps the
+stream's order, errors stay sticky, thread counts are set per lane without leaking, and a run with
+lanes gives the tokens a run without them gives."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from moegen.models.hf_config import generation_eos_ids
+from moegen.models.loader import load_checkpoint
+from moegen.runtime.backend import Counters
+from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.cpu_backend import LANES_ENV, CpuStream, cpu_lanes
+from moegen.runtime.engine import Engine
+from moegen.runtime.requests import Request
+from moegen.trace.summarize import parse
+
+
+@pytest.fixture
+def stream():
+    s = CpuStream("compute", Counters(), record=True, lanes=2)
+    yield s
+    s.close()
+
+
+def test_concurrent_items_run_side_by_side(stream):
+    both = threading.Barrier(2, timeout=10)  # passes only if the two items run at the same time
+    events = [stream.submit(both.wait, concurrent=True) for _ in range(2)]
+    for event in events:
+        event.block()  # raises BrokenBarrierError if they ran one after the other
+
+
+def test_without_lanes_concurrent_items_run_in_order():
+    s = CpuStream("compute", Counters(), lanes=1)
+    try:
+        seen = []
+        events = [s.submit(lambda i=i: (time.sleep(0.02 * (3 - i)), seen.append(i)), concurrent=True) for i in range(3)]
+        events[-1].block()
+        assert seen == [0, 1, 2]
+    finally:
+        s.close()
+
+
+def test_an_item_after_a_group_waits_for_all_of_it(stream):
+    ended = []
+    for delay in (0.15, 0.05, 0.1):
+        stream.submit(lambda d=delay: (time.sleep(d), ended.append(d)), concurrent=True)
+    seen = []
+    stream.submit(lambda: seen.append(sorted(ended))).block()
+    assert seen == [[0.05, 0.1, 0.15]]
+    # busy time counts the group once (the lanes overlapped), not the sum of its items
+    assert stream.intervals[0][1] - stream.intervals[0][0] < 0.15 + 0.1 + 0.05 - 0.05
+
+
+def test_a_failure_in_a_lane_is_sticky(stream):
+    ran = []
+
+    def boom():
+        raise ValueError("expert launch failed")
+
+    failed = stream.submit(boom, concurrent=True)
+    after = stream.submit(lambda: ran.append("after"))
+    with pytest.raises(ValueError, match="expert launch failed"):
+        after.block()
+    assert failed.error is not None and ran == []
+    later = stream.submit(lambda: ran.append("later"), concurrent=True)
+    with pytest.raises(ValueError):
+        later.block()
+    assert ran == []
+
+
+def test_lanes_get_their_share_of_threads_and_nothing_else_changes():
+    restore = torch.get_num_threads()
+    before = 4
+    torch.set_num_threads(before)
+    s = CpuStream("compute", Counters(), lanes=2)
+    try:
+        counts = []
+        events = [s.submit(lambda: counts.append(torch.get_num_threads()), concurrent=True) for _ in range(4)]
+        for event in events:
+            event.block()
+        assert counts == [before // 2] * 4
+        worker = []
+        s.submit(lambda: worker.append(torch.get_num_threads())).block()
+        fresh = []
+        t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        # torch.set_num_threads on a lane also sets what later threads start with: the stream puts it back
+        assert worker == [before] and fresh == [before] and torch.get_num_threads() == before
+    finally:
+        s.close()
+        torch.set_num_threads(restore)
+
+
+def test_lanes_setting(monkeypatch):
+    monkeypatch.setenv(LANES_ENV, "1")
+    assert cpu_lanes() == 1
+    monkeypatch.setenv(LANES_ENV, "3")
+    assert cpu_lanes() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv(LANES_ENV, bad)
+        with pytest.raises(ValueError, match=f"{LANES_ENV}={bad!r}: expected a whole number of lanes >= 1"):
+            cpu_lanes()
+    monkeypatch.delenv(LANES_ENV)
+    restore = torch.get_num_threads()
+    try:
+        for threads, lanes in ((1, 1), (2, 2), (8, 2)):
+            torch.set_num_threads(threads)
+            assert cpu_lanes() == lanes
+    finally:
+        torch.set_num_threads(restore)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_a_run_on_lanes_gives_the_tokens_of_a_run_without(tiny_checkpoint, monkeypatch, tmp_path, family):
+    """Greedy tokens equal with 2 lanes and with none (the expert/MLP adds commute up to float
+    rounding, which the tiny models' greedy picks don't hit); the lanes' launches are on lane tracks."""
+    path = tiny_checkpoint(family)
+    cfg, weights, _ = load_checkpoint(path)
+    requests = [Request([1, 5, 9, 12], 8), Request([1] + list(range(300, 330)), 8), Request([1, 42], 8)]
+    tokens, tracks = {}, {}
+    for lanes in ("1", "2"):
+        monkeypatch.setenv(LANES_ENV, lanes)
+        trace = tmp_path / f"lanes-{lanes}.pftrace"
+        with Engine(cfg, weights, RuntimeConfig(max_seq_len=64), generation_eos_ids(path, cfg), trace=trace) as engine:
+            tokens[lanes] = {r.id: r.token_ids for r in engine.generate(requests)}
+        tracks[lanes] = {s.track for s in parse(trace).slices if s.name.startswith("expert[")}
+    assert tokens["1"] == tokens["2"]
+    assert tracks["1"] == {"compute stream"}
+    assert tracks["2"] == {"compute stream lane 1", "compute stream lane 2"}
