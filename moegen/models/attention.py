@@ -12,6 +12,7 @@ from torch import Tensor
 from moegen.config import GQAConfig
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import GQALayerKV
+from moegen.models.linear import linear
 from moegen.models.rope import Rope, rms_norm
 from moegen.models.weights import GQAWeights
 
@@ -37,19 +38,19 @@ def gqa_attention(
         G = cfg.num_kv_heads
         queries = q.view(len(q), G, cfg.num_heads // G, cfg.head_dim)  # [B, G, N/G, D]
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale)
-        return F.linear(out.reshape(len(q), -1), w.o_proj, w.o_bias)  # [B, G, N/G, D] -> [T, N*D] -> [T, H]
+        return linear(out.reshape(len(q), -1), w.o_proj, w.o_bias)  # [B, G, N/G, D] -> [T, N*D] -> [T, H]
     queries = batch.pad(q).transpose(1, 2)  # [B, N, Qm, D]
     out = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale, enable_gqa=cfg.num_heads != cfg.num_kv_heads
     )  # [B, N, Qm, D]
     out = batch.unpad(out.transpose(1, 2)).flatten(1)  # [T, N*D]
-    return F.linear(out, w.o_proj, w.o_bias)
+    return linear(out, w.o_proj, w.o_bias)
 
 
 def _project_qkv(w: GQAWeights, cfg: GQAConfig, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    q = F.linear(x, w.q_proj, w.q_bias)  # [T, N*D]
-    k = F.linear(x, w.k_proj, w.k_bias)  # [T, G*D]
-    v = F.linear(x, w.v_proj, w.v_bias)  # [T, G*D]
+    q = linear(x, w.q_proj, w.q_bias)  # [T, N*D]
+    k = linear(x, w.k_proj, w.k_bias)  # [T, G*D]
+    v = linear(x, w.v_proj, w.v_bias)  # [T, G*D]
     if cfg.qk_norm == "full":  # OLMoE: over the whole projection, before clipping
         q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
     if cfg.clip_qkv is not None:

@@ -19,6 +19,7 @@ from torch import Tensor
 from moegen.config import MLA_LATENT_NORM_EPS, MLAConfig
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import MLALayerKV
+from moegen.models.linear import linear
 from moegen.models.rope import Rope, rms_norm
 from moegen.models.weights import MLAWeights
 
@@ -32,7 +33,7 @@ def mla_attention(
     absorbed form and everything else the expanded one.
     """
     q_nope, q_rope = _queries(w, cfg, x)  # [T, N, P], [T, N, R]
-    ckv = F.linear(x, w.kv_a_proj_with_mqa)  # [T, C+R]
+    ckv = linear(x, w.kv_a_proj_with_mqa)  # [T, C+R]
     latent = rms_norm(ckv[:, : cfg.kv_lora_rank], w.kv_a_layernorm, MLA_LATENT_NORM_EPS)  # [T, C]
     k_rope = ckv[:, None, cfg.kv_lora_rank :]  # [T, 1, R]
     cos, sin = rope.cos_sin(batch.positions)
@@ -48,14 +49,14 @@ def mla_attention(
     attend = _attend_absorbed if use_absorbed else _attend_expanded
     out = attend(w, cfg, batch, batch.pad(q_nope), batch.pad(q_rope), cached_latent, cached_rope)  # [B, Qm, N, V]
     out = batch.unpad(out).flatten(1)  # [T, N*V]
-    return F.linear(out, w.o_proj, w.o_bias)
+    return linear(out, w.o_proj, w.o_bias)
 
 
 def _queries(w: MLAWeights, cfg: MLAConfig, x: Tensor) -> tuple[Tensor, Tensor]:
     if w.q_proj is not None:
-        q = F.linear(x, w.q_proj)
+        q = linear(x, w.q_proj)
     else:
-        q = F.linear(rms_norm(F.linear(x, w.q_a_proj), w.q_a_layernorm, MLA_LATENT_NORM_EPS), w.q_b_proj)
+        q = linear(rms_norm(linear(x, w.q_a_proj), w.q_a_layernorm, MLA_LATENT_NORM_EPS), w.q_b_proj)
     q = q.view(x.shape[0], cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)  # [T, N, P+R]
     return q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
 

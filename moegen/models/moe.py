@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moegen.config import MoEConfig, RouterConfig
+from moegen.models.linear import linear
 from moegen.models.weights import MLPWeights, MoEWeights, RouterWeights
 
 
@@ -28,7 +29,7 @@ class Routing:
 
 def mlp(w: MLPWeights, x: Tensor) -> Tensor:
     """SwiGLU: x [t, H] -> down(silu(gate x) * up x) [t, H]. One expert, the shared expert, or a dense MLP."""
-    return F.linear(F.silu(F.linear(x, w.gate_proj)) * F.linear(x, w.up_proj), w.down_proj)
+    return linear(F.silu(linear(x, w.gate_proj)) * linear(x, w.up_proj), w.down_proj)
 
 
 def route(w: RouterWeights, cfg: RouterConfig, x: Tensor) -> Routing:

@@ -20,6 +20,7 @@ from moegen.config import MLAConfig, ModelConfig
 from moegen.models.attention import gqa_attention
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import LayerKV, allocate_kv
+from moegen.models.linear import linear
 from moegen.models.mla import mla_attention
 from moegen.models.moe import mlp, moe_block
 from moegen.models.rope import Rope, rms_norm
@@ -44,7 +45,7 @@ def embed(w: ModelWeights, token_ids: Tensor) -> Tensor:
 
 def lm_head(w: ModelWeights, cfg: ModelConfig, h: Tensor) -> Tensor:
     """Final norm + projection: [t, H] -> [t, V] logits in float32."""
-    return F.linear(rms_norm(h, w.norm, cfg.rms_norm_eps), w.lm_head).float()
+    return linear(rms_norm(h, w.norm, cfg.rms_norm_eps), w.lm_head).float()
 
 
 class ReferenceModel:

@@ -17,6 +17,7 @@ import torch
 from moegen.config import ModelConfig
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import layer_kv
+from moegen.models.linear import pack_linear
 from moegen.models.reference import lm_head
 from moegen.models.rope import Rope
 from moegen.models.weights import ModelWeights
@@ -155,9 +156,15 @@ def _fit(rows: list[list[float]], times: list[float]) -> list[float]:
 
 def _head_curve(cfg: ModelConfig, weights: ModelWeights, dev: torch.device, dtype: torch.dtype, device: str) -> Curve:
     head = ModelWeights(embed_tokens=None, layers=[], norm=weights.norm.to(dev, dtype),
-                        lm_head=weights.lm_head.to(dev, dtype))
+                        lm_head=_head_weight(weights, dev, dtype))
     h = torch.randn(max(TOKENS), cfg.hidden_size, dtype=dtype, device=dev)
     return _curve(lambda b: lm_head(head, cfg, h[:b]).argmax(-1), TOKENS, device)
+
+
+def _head_weight(weights: ModelWeights, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The lm_head as the runtime places it: reordered for oneDNN on the cpu unless tied to the embedding."""
+    w = weights.lm_head.to(dev, dtype)
+    return w if weights.lm_head is weights.embed_tokens else pack_linear(w)
 
 
 def describe_profile(p: Profile, cfg: ModelConfig) -> str:

@@ -121,6 +121,10 @@ class Backend(ABC):
         dev.copy_(t)
         return dev
 
+    def place_linear(self, t: Tensor, dtype: torch.dtype, what: str, fix: str | None = None) -> Tensor:
+        """`place` for a weight only ever used as the W of x Wᵀ (models.linear.linear)."""
+        return self.place(t, dtype, what, fix)
+
     def reserve(self, nbytes: int, what: str, fix: str | None = None) -> None:
         c = self.counters
         if self.budget is not None and c.device_bytes + nbytes > self.budget:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moegen.models.linear import pack_linear
 from moegen.runtime.backend import Backend, Counters, Event, Stream, resolve_future
 
 
@@ -252,6 +253,12 @@ class CpuBackend(Backend):
         weight that is only read can be read where it is (a second copy would double the host RAM)."""
         self.reserve(t.numel() * torch.empty((), dtype=dtype).element_size(), what, fix)
         return t.to(dtype)
+
+    def place_linear(self, t: Tensor, dtype: torch.dtype, what: str, fix: str | None = None) -> Tensor:
+        """Reordered once for oneDNN's matmul (models.linear): a second copy of the weight, which is
+        why only the lm_head, one matrix, is placed so (the streamable modules' weights are views of
+        the host arena, which a copy could not replace)."""
+        return pack_linear(self.place(t, dtype, what, fix))
 
     def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int, label=None) -> CpuEvent:
         self._count_copy(stream, nbytes)

@@ -142,12 +142,11 @@ class Placement:
         """Norms, routers and lm_head always live on the device. The embedding stays in host memory
         (a lookup needs T rows, not the V-row table: the rows cross the link, `embed_on_host`),
         unless it is also the lm_head."""
-        def put(t: Tensor | None, what: str, keep_dtype: bool = False) -> Tensor | None:
+        def put(t: Tensor | None, what: str, keep_dtype: bool = False, place=self.backend.place) -> Tensor | None:
             if t is None:
                 return None
-            return self.backend.place(t, t.dtype if keep_dtype else self.dtype, what,
-                                      "raise --gpu-memory: lm_head, norms and routers always live on "
-                                      "the device")
+            return place(t, t.dtype if keep_dtype else self.dtype, what,
+                         "raise --gpu-memory: lm_head, norms and routers always live on the device")
 
         tied = weights.lm_head is weights.embed_tokens
         embed = put(weights.embed_tokens, "the embedding (tied to lm_head)") if tied else weights.embed_tokens
@@ -158,7 +157,7 @@ class Placement:
             for lw in weights.layers]
         return CoreWeights(
             embed_tokens=embed,
-            lm_head=embed if tied else put(weights.lm_head, "lm_head"),
+            lm_head=embed if tied else put(weights.lm_head, "lm_head", place=self.backend.place_linear),
             norm=put(weights.norm, "norms"),
             input_layernorm=[put(lw.input_layernorm, "norms") for lw in weights.layers],
             post_attention_layernorm=[put(lw.post_attention_layernorm, "norms") for lw in weights.layers],

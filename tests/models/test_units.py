@@ -15,6 +15,7 @@ from moegen.config import RopeConfig
 from moegen.models.hf_config import load_model_config
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import allocate_kv
+from moegen.models.linear import linear, pack_linear
 from moegen.models.loader import load_checkpoint
 from moegen.models.mla import mla_attention
 from moegen.models.moe import route
@@ -168,3 +169,29 @@ def test_prompts_run_together_match_prompts_run_alone(tiny_checkpoint):
     together = model.generate(prompts, 12, eos_ids=())
     for prompt, gen in zip(prompts, together):
         assert model.generate([prompt], 12, eos_ids=())[0].token_ids == gen.token_ids
+
+
+def test_a_weight_reordered_for_onednn_computes_the_same_product():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(37, 96), torch.randn(200, 96), torch.randn(200)
+    packed = pack_linear(w)
+    assert packed.is_mkldnn or not torch.backends.mkldnn.is_available()
+    want = x.double() @ w.double().T + b.double()  # the oracle: float64
+    for weight in (w, packed):
+        got = linear(x, weight, b)
+        assert got.shape == (37, 200) and got.dtype == torch.float32
+        assert (got.double() - want).abs().max() / want.abs().max() < 1e-6
+    assert pack_linear(w.bfloat16()) is not None and not pack_linear(w.bfloat16()).is_mkldnn  # float32 only
+
+
+def test_the_cpu_backend_reorders_the_lm_head_unless_it_is_the_embedding(tiny_checkpoint):
+    from moegen.models.hf_config import generation_eos_ids
+    from moegen.runtime.config import RuntimeConfig
+    from moegen.runtime.engine import Engine
+
+    for tied in (False, True):
+        path = tiny_checkpoint("mixtral", tie_word_embeddings=tied)
+        cfg, weights, _ = load_checkpoint(path)
+        with Engine(cfg, weights, RuntimeConfig(max_seq_len=32), generation_eos_ids(path, cfg)) as engine:
+            core = engine.runtime.core
+            assert core.lm_head.is_mkldnn != tied and (core.lm_head is core.embed_tokens) == tied
