@@ -18,12 +18,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `pack_linear` reorders weights of this device and dtype: float32 on the cpu, torch built with oneDNN."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 def pack_linear(w: Tensor) -> Tensor:
-    """w [O, I] reordered for oneDNN (an opaque tensor only `linear` reads) where that applies: a
-    float32 weight on the cpu, torch built with oneDNN. Otherwise w itself."""
-    if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        return torch.ops.mkldnn._reorder_linear_weight(w)
-    return w
+    """w [O, I] reordered for oneDNN (an opaque tensor only `linear` reads) where `can_pack`; else w itself."""
+    if w.is_mkldnn or not can_pack(w.device, w.dtype):
+        return w
+    return torch.ops.mkldnn._reorder_linear_weight(w)
+
+
+def plain(w: Tensor) -> Tensor:
+    """w in the plain [O, I] layout (undoes `pack_linear`)."""
+    return w.to_dense() if w.is_mkldnn else w
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:

@@ -82,3 +82,12 @@ class ModelWeights:
 def tensors_of(unit) -> list[Tensor]:
     """The non-empty tensor fields of one weights dataclass (for byte counts and placement)."""
     return [t for t in (getattr(unit, f.name) for f in fields(unit)) if isinstance(t, Tensor)]
+
+
+# The fields of each streamable unit that are only ever the W of x Wᵀ (models.linear.linear), which a
+# backend may store reordered for its matmul. MLA's kv_b_proj is not: it is split per head.
+LINEAR_FIELDS: dict[type, tuple[str, ...]] = {
+    MLPWeights: ("gate_proj", "up_proj", "down_proj"),
+    GQAWeights: ("q_proj", "k_proj", "v_proj", "o_proj"),
+    MLAWeights: ("kv_a_proj_with_mqa", "o_proj", "q_proj", "q_a_proj", "q_b_proj"),
+}

@@ -17,10 +17,10 @@ import torch
 from moegen.config import ModelConfig
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import layer_kv
-from moegen.models.linear import pack_linear
+from moegen.models.linear import pack_linear, plain
 from moegen.models.reference import lm_head
 from moegen.models.rope import Rope
-from moegen.models.weights import ModelWeights
+from moegen.models.weights import LINEAR_FIELDS, ModelWeights
 from moegen.planner.calibrate import DECODE, PREFILL, TOKENS, Curve, Linear, Profile, timed
 from moegen.runtime.backend import Counters
 from moegen.runtime.cpu_backend import CpuStream, cpu_lanes
@@ -102,10 +102,13 @@ def _launch_curve(launch: Callable[[int, int], object], params: int, device: str
 
 
 def _to(unit, device: torch.device, dtype: torch.dtype):
-    """A copy of a weights dataclass (or tensor) on `device` in `dtype`."""
+    """A copy of a weights dataclass (or tensor) on `device` in `dtype`, its linears stored as the
+    runtime stores a resident module's (reordered for oneDNN on the cpu: `Backend.place_linear`)."""
     if unit is None or isinstance(unit, torch.Tensor):
-        return None if unit is None else unit.to(device, dtype)
-    return type(unit)(**{f: _to(getattr(unit, f), device, dtype) for f in unit.__slots__})
+        return None if unit is None else plain(unit).to(device, dtype)
+    linears = LINEAR_FIELDS.get(type(unit), ())
+    out = {f: _to(getattr(unit, f), device, dtype) for f in unit.__slots__}
+    return type(unit)(**{f: pack_linear(t) if f in linears and t is not None else t for f, t in out.items()})
 
 
 def _curve(launch: Callable[[int], object], sizes, device: str, share: Callable[[int], int] = lambda _: 1) -> Curve:

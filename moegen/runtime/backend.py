@@ -125,6 +125,11 @@ class Backend(ABC):
         """`place` for a weight only ever used as the W of x Wᵀ (models.linear.linear)."""
         return self.place(t, dtype, what, fix)
 
+    def packs_linears(self, dtype: torch.dtype) -> bool:
+        """Whether `place_linear` stores weights of `dtype` in another layout than `place` (so a
+        resident module placed with it can't be a view of its host block)."""
+        return False
+
     def reserve(self, nbytes: int, what: str, fix: str | None = None) -> None:
         c = self.counters
         if self.budget is not None and c.device_bytes + nbytes > self.budget:

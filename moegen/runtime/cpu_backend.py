@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moegen.models.linear import pack_linear
+from moegen.models.linear import can_pack, pack_linear
 from moegen.runtime.backend import Backend, Counters, Event, Stream, resolve_future
 
 
@@ -255,10 +255,11 @@ class CpuBackend(Backend):
         return t.to(dtype)
 
     def place_linear(self, t: Tensor, dtype: torch.dtype, what: str, fix: str | None = None) -> Tensor:
-        """Reordered once for oneDNN's matmul (models.linear): a second copy of the weight, which is
-        why only the lm_head, one matrix, is placed so (the streamable modules' weights are views of
-        the host arena, which a copy could not replace)."""
+        """Reordered once for oneDNN's matmul (models.linear), where it applies (float32)."""
         return pack_linear(self.place(t, dtype, what, fix))
+
+    def packs_linears(self, dtype: torch.dtype) -> bool:
+        return can_pack(self.device, dtype)
 
     def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int, label=None) -> CpuEvent:
         self._count_copy(stream, nbytes)

@@ -1,7 +1,8 @@
 """Where each module's weights live: host blocks, the device-resident set, and per-type slot pools.
 
 Every streamable module (attention[l], mlp[l] — dense MLP or shared expert —, expert[l][e]) is
-one contiguous host block, so its copy is one large transfer. At start-up the placement puts
+one contiguous host block, so its copy is one large transfer (except a resident on a backend that
+reorders linear weights for its matmul, the cpu's oneDNN: it is never copied, so it has no host copy). At start-up the placement puts
 the core (norms, routers, lm_head; the embedding only when tied to lm_head) and whatever else fits
 on the device, and sizes a
 slot pool per module type for the rest. A non-resident module is used through a *ticket*: the
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor
 
 from moegen.runtime.backend import Backend, DeviceBudgetError, Event
-from moegen.models.weights import ModelWeights, RouterWeights, tensors_of
+from moegen.models.linear import plain
+from moegen.models.weights import LINEAR_FIELDS, ModelWeights, RouterWeights, tensors_of
 
 Kind = Literal["attn", "mlp", "expert"]
 
@@ -52,13 +54,12 @@ class CoreWeights:
 class HostBlock:
     """One module's tensors packed into one flat host tensor; `layout` rebuilds them as views."""
 
-    flat: Tensor  # [n] elements, host (pinned on cuda)
+    flat: Tensor | None  # [numel] elements, host (pinned on cuda); None: resident with its linears
+    # reordered for the backend's matmul (`Backend.packs_linears`), so never copied and not kept here
     layout: tuple[tuple[str, int, tuple[int, ...]], ...]  # (field, offset, shape) of each tensor
     cls: type  # the weights dataclass of the unit (GQAWeights, MLAWeights, MLPWeights)
-
-    @property
-    def nbytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size()
+    numel: int  # elements of all its tensors
+    nbytes: int  # in the runtime dtype
 
     def views(self, flat: Tensor):
         """The unit's weights dataclass over `flat` (this block, or a device slot holding its copy)."""
@@ -81,12 +82,12 @@ def pack(arena: Tensor, unit, extra: dict[str, Tensor | None] | None = None) -> 
     own = {f.name for f in fields(unit)}
     for name, t in _named_tensors(unit, extra).items():
         part = arena[off: off + t.numel()]
-        part.copy_(t.reshape(-1))
+        part.copy_(plain(t).reshape(-1))  # plain: a unit an earlier engine reordered (`_pack_resident`)
         if name in own:
             setattr(unit, name, part.view(t.shape))
         layout.append((name, off, tuple(t.shape)))
         off += t.numel()
-    return HostBlock(flat=arena, layout=tuple(layout), cls=type(unit))
+    return HostBlock(flat=arena, layout=tuple(layout), cls=type(unit), numel=off, nbytes=off * arena.element_size())
 
 
 @dataclass(slots=True)
@@ -128,12 +129,28 @@ class Placement:
     def __init__(self, backend: Backend, weights: ModelWeights, dtype: torch.dtype, kv_and_activation_bytes: int,
                  expert_slots: int | None, resident_experts: int | None = None):
         self.backend, self.dtype = backend, dtype
-        self.blocks: dict[ModuleId, HostBlock] = _host_blocks(backend, weights, dtype)
         self.core = self._place_core(weights)
         backend.reserve(kv_and_activation_bytes, "KV staging and activations")
+        size = torch.empty((), dtype=dtype).element_size()
+        numels = module_numels(weights)
+        free = None if backend.budget is None else backend.budget - backend.counters.device_bytes
+        choice = choose_residency({m: n * size for m, n in numels.items()}, free, expert_slots, resident_experts)
+        # Residents whose linears the backend reorders never need a host copy: they get none.
+        packed = set(choice.resident) if backend.packs_linears(dtype) else set()
+        units = _units(weights)
+        self.blocks: dict[ModuleId, HostBlock] = _host_blocks(backend, units, numels, dtype, packed)
         self.resident: dict[ModuleId, Ticket] = {}
         self.pools: dict[Kind, SlotPool] = {}
-        self._plan_residency(expert_slots, resident_experts)
+        by_kind: dict[Kind, list[ModuleId]] = {}
+        for module in self.blocks:
+            by_kind.setdefault(module.kind, []).append(module)
+        for kind, count in choice.pools.items():
+            self.pools[kind] = self._pool(kind, count, by_kind[kind])
+        for module in choice.resident:
+            if module in packed:
+                self._pack_resident(module, *units[module])
+            else:
+                self._make_resident(module)
         self._tickets: dict[tuple[int, ModuleId], asyncio.Future[Ticket | None]] = {}
         self.fills: Counter[ModuleId] = Counter()  # copies into slots, per module, over the engine's life
         self.skips: Counter[ModuleId] = Counter()  # copies avoided because routing gave the module no tokens
@@ -164,24 +181,28 @@ class Placement:
             routers=routers,
         )
 
-    def _plan_residency(self, expert_slots: int | None, resident_experts: int | None) -> None:
-        free = None if self.backend.budget is None else self.backend.budget - self.backend.counters.device_bytes
-        choice = choose_residency({m: b.nbytes for m, b in self.blocks.items()}, free, expert_slots, resident_experts)
-        by_kind: dict[Kind, list[ModuleId]] = {}
-        for module in self.blocks:
-            by_kind.setdefault(module.kind, []).append(module)
-        for kind, count in choice.pools.items():
-            self.pools[kind] = self._pool(kind, count, by_kind[kind])
-        for module in choice.resident:
-            self._make_resident(module)
-
     def _pool(self, kind: Kind, count: int, modules: list[ModuleId]) -> SlotPool:
-        return SlotPool(self.backend, kind, count, max(self.blocks[m].flat.numel() for m in modules), self.dtype)
+        return SlotPool(self.backend, kind, count, max(self.blocks[m].numel for m in modules), self.dtype)
 
     def _make_resident(self, module: ModuleId) -> None:
         block = self.blocks[module]
         weights, gate = block.views(self.backend.place(block.flat, self.dtype, f"resident {module}"))
         self.resident[module] = Ticket(weights=weights, gate=gate, ready=None)
+
+    def _pack_resident(self, module: ModuleId, unit, extra: dict | None) -> None:
+        """A resident whose linears the backend reorders (`Backend.place_linear`): placed tensor by
+        tensor from the loaded unit, whose fields then hold the placed tensors (as `pack` leaves them
+        holding views of the arena), so the loaded tensors are freed and the host holds the module once."""
+        what = f"resident {module}"
+        linears = LINEAR_FIELDS[type(unit)]
+        for f in fields(unit):
+            t = getattr(unit, f.name)
+            if isinstance(t, Tensor):
+                place = self.backend.place_linear if f.name in linears else self.backend.place
+                setattr(unit, f.name, place(t, self.dtype, what))
+        gate = (extra or {}).get("shared_expert_gate")
+        gate = None if gate is None else self.backend.place(gate, self.dtype, what)
+        self.resident[module] = Ticket(weights=unit, gate=gate, ready=None)
 
     def reset(self) -> None:
         """Before a run: every slot free, no ticket outstanding (an earlier run may have ended with
@@ -374,14 +395,19 @@ def core_device_bytes(weights: ModelWeights, dtype: torch.dtype) -> int:
     return numel * size + extra
 
 
-def _host_blocks(backend: Backend, weights: ModelWeights, dtype: torch.dtype) -> dict[ModuleId, HostBlock]:
+def _host_blocks(backend: Backend, units: dict, numels: dict[ModuleId, int], dtype: torch.dtype,
+                 packed: set[ModuleId]) -> dict[ModuleId, HostBlock]:
     """Every streamable module packed into one host arena, allocated once (pinned on cuda, where the
-    pinned allocator would round each small allocation up to a power of two)."""
-    units = _units(weights)
-    sizes = module_numels(weights)
-    arena = backend.host_empty((sum(sizes.values()),), dtype)
+    pinned allocator would round each small allocation up to a power of two); the `packed` ones
+    (residents placed by `_pack_resident`) get a block without a host copy."""
+    size = torch.empty((), dtype=dtype).element_size()
+    arena = backend.host_empty((sum(n for m, n in numels.items() if m not in packed),), dtype)
     blocks, off = {}, 0
     for module, (unit, extra) in units.items():
-        blocks[module] = pack(arena[off: off + sizes[module]], unit, extra)
-        off += sizes[module]
+        n = numels[module]
+        if module in packed:
+            blocks[module] = HostBlock(flat=None, layout=(), cls=type(unit), numel=n, nbytes=n * size)
+            continue
+        blocks[module] = pack(arena[off: off + n], unit, extra)
+        off += n
     return blocks

@@ -1,9 +1,11 @@
-"""The cpu compute stream's lanes: concurrent launches run side by side, everything else keeps the
-stream's order, errors stay sticky, thread counts are set per lane without leaking, and a run with
-lanes gives the tokens a run without them gives."""
+"""The cpu backend's own ways: the compute stream's lanes (concurrent launches run side by side,
+everything else keeps the stream's order, errors stay sticky, thread counts are set per lane
+without leaking, a run with lanes gives the tokens a run without them gives), residents reordered
+for oneDNN and held once, and the capped oneDNN primitive cache."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -133,3 +135,45 @@ def test_a_run_on_lanes_gives_the_tokens_of_a_run_without(tiny_checkpoint, monke
     assert tokens["1"] == tokens["2"]
     assert tracks["1"] == {"compute stream"}
     assert tracks["2"] == {"compute stream lane 1", "compute stream lane 2"}
+
+
+def test_residents_are_reordered_for_onednn_and_held_once(tiny_checkpoint):
+    """On the cpu backend a resident module's linears are oneDNN-reordered tensors, the loaded
+    unit holds them (no host-arena copy beside them), and streamed modules stay plain views of the
+    arena. A second engine made from the same (now reordered) weights streams experts and gives the
+    tokens a freshly loaded model gives."""
+    from moegen.runtime.placement import ModuleId
+
+    path = tiny_checkpoint("mixtral")
+    cfg, weights, _ = load_checkpoint(path)
+    requests = [Request([1, 5, 9, 12], 8), Request([1] + list(range(300, 330)), 8)]
+    eos = generation_eos_ids(path, cfg)
+    with Engine(cfg, weights, RuntimeConfig(max_seq_len=64), eos) as engine:
+        placement = engine.runtime.placement
+        assert all(placement.blocks[m].flat is None for m in placement.resident) and not placement.pools
+        expert = weights.layers[0].moe.experts[0]
+        assert expert.gate_proj.is_mkldnn and expert.down_proj.is_mkldnn
+        assert weights.layers[0].attn.q_proj.is_mkldnn and not weights.layers[0].input_layernorm.is_mkldnn
+        assert placement.resident[ModuleId("expert", 0, 0)].weights.up_proj is expert.up_proj
+        assert len(list(engine.generate(requests))) == len(requests)  # runs on the reordered weights
+    streaming = RuntimeConfig(max_seq_len=64, expert_slots=2, resident_experts=1, gpu_memory=2**40)
+    with Engine(cfg, weights, streaming, eos) as engine:
+        placement = engine.runtime.placement
+        streamed = [m for m in placement.blocks if m.kind == "expert" and placement.streamed(m)]
+        assert streamed and all(placement.blocks[m].flat is not None for m in streamed)
+        assert not weights.layers[-1].moe.experts[-1].gate_proj.is_mkldnn  # a view of the arena again
+        again = {r.id: r.token_ids for r in engine.generate(requests)}
+    cfg, fresh, _ = load_checkpoint(path)
+    with Engine(cfg, fresh, streaming, eos) as engine:
+        assert again == {r.id: r.token_ids for r in engine.generate(requests)}
+
+
+def test_the_onednn_primitive_cache_is_capped_unless_the_user_set_it(monkeypatch):
+    from moegen.runtime.host_memory import ONEDNN_CACHE_ENV, cap_onednn_primitive_cache
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    cap_onednn_primitive_cache(8)
+    assert os.environ[ONEDNN_CACHE_ENV] == "8"
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "100")
+    cap_onednn_primitive_cache(8)
+    assert os.environ[ONEDNN_CACHE_ENV] == "100"
