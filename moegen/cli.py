@@ -23,9 +23,6 @@ USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError,
 @click.version_option(package_name="moegen")
 def main():
     """moegen: offline inference of Mixture-of-Experts models by module-based batching."""
-    from moegen.runtime.host_memory import cap_onednn_primitive_cache
-
-    cap_onednn_primitive_cache()  # before the planner's calibration runs the first oneDNN matmul
 
 
 def _override(pairs: tuple[str, ...]) -> dict:

@@ -35,8 +35,21 @@ def plain(w: Tensor) -> Tensor:
     return w.to_dense() if w.is_mkldnn else w
 
 
+ROWS_BUCKET = 128  # above this many rows, a reordered weight's inputs are padded to a multiple of it
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x [T, I], w [O, I] (plain, or from `pack_linear`), b [O] -> [T, O]."""
-    if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
-    return F.linear(x, w, b)
+    """x [T, I], w [O, I] (plain, or from `pack_linear`), b [O] -> [T, O].
+
+    oneDNN keeps a primitive, with its own scratch memory, for every input shape it has seen (up
+    to 1,024); prefill steps hand each expert its own token count, so large inputs are padded with
+    zero rows to a multiple of ROWS_BUCKET: a few shapes instead of hundreds (the bench Mixtral-like
+    serve-offline job held 2.60 GiB at its peak without this)."""
+    if not w.is_mkldnn:
+        return F.linear(x, w, b)
+    T = len(x)
+    if T > ROWS_BUCKET and T % ROWS_BUCKET:
+        padded = x.new_zeros(-(-T // ROWS_BUCKET) * ROWS_BUCKET, x.shape[1])  # [T', I]
+        padded[:T] = x
+        return torch.ops.mkldnn._linear_pointwise(padded, w, b, "none", [], "")[:T]
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")

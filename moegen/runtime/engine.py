@@ -24,7 +24,7 @@ from moegen.runtime.backend import Backend
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.context import EngineStats, Runtime
 from moegen.runtime.cpu_backend import CpuBackend
-from moegen.runtime.host_memory import cap_onednn_primitive_cache, limit_malloc_arenas
+from moegen.runtime.host_memory import limit_malloc_arenas
 from moegen.runtime.requests import Request, Result
 from moegen.runtime.scheduler import Scheduler
 from moegen.runtime.tasks import STOP, all_queues, all_tasks, prefetch_task
@@ -37,7 +37,6 @@ class Engine:
                  record_intervals: bool = False, trace: Path | None = None, trace_steps: range | None = None):
         self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
         limit_malloc_arenas()  # before the stream threads: they would each hoard freed activations
-        cap_onednn_primitive_cache()
         self.backend = make_backend(rcfg, record_intervals)
         self.trace = None
         if trace is not None:

@@ -173,14 +173,16 @@ def test_prompts_run_together_match_prompts_run_alone(tiny_checkpoint):
 
 def test_a_weight_reordered_for_onednn_computes_the_same_product():
     torch.manual_seed(0)
-    x, w, b = torch.randn(37, 96), torch.randn(200, 96), torch.randn(200)
+    w, b = torch.randn(200, 96), torch.randn(200)
     packed = pack_linear(w)
     assert packed.is_mkldnn or not torch.backends.mkldnn.is_available()
-    want = x.double() @ w.double().T + b.double()  # the oracle: float64
-    for weight in (w, packed):
-        got = linear(x, weight, b)
-        assert got.shape == (37, 200) and got.dtype == torch.float32
-        assert (got.double() - want).abs().max() / want.abs().max() < 1e-6
+    for rows in (37, 300):  # 300: padded to a multiple of ROWS_BUCKET inside, cut back after
+        x = torch.randn(rows, 96)
+        want = x.double() @ w.double().T + b.double()  # the oracle: float64
+        for weight in (w, packed):
+            got = linear(x, weight, b)
+            assert got.shape == (rows, 200) and got.dtype == torch.float32
+            assert (got.double() - want).abs().max() / want.abs().max() < 1e-6
     assert pack_linear(w.bfloat16()) is not None and not pack_linear(w.bfloat16()).is_mkldnn  # float32 only
 
 

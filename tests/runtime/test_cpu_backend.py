@@ -1,11 +1,10 @@
 """The cpu backend's own ways: the compute stream's lanes (concurrent launches run side by side,
 everything else keeps the stream's order, errors stay sticky, thread counts are set per lane
-without leaking, a run with lanes gives the tokens a run without them gives), residents reordered
-for oneDNN and held once, and the capped oneDNN primitive cache."""
+without leaking, a run with lanes gives the tokens a run without them gives), and residents reordered
+for oneDNN and held once."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -167,13 +166,3 @@ def test_residents_are_reordered_for_onednn_and_held_once(tiny_checkpoint):
     with Engine(cfg, fresh, streaming, eos) as engine:
         assert again == {r.id: r.token_ids for r in engine.generate(requests)}
 
-
-def test_the_onednn_primitive_cache_is_capped_unless_the_user_set_it(monkeypatch):
-    from moegen.runtime.host_memory import ONEDNN_CACHE_ENV, cap_onednn_primitive_cache
-
-    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
-    cap_onednn_primitive_cache(8)
-    assert os.environ[ONEDNN_CACHE_ENV] == "8"
-    monkeypatch.setenv(ONEDNN_CACHE_ENV, "100")
-    cap_onednn_primitive_cache(8)
-    assert os.environ[ONEDNN_CACHE_ENV] == "100"
