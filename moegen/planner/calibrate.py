@@ -31,7 +31,8 @@ import torch
 
 from moegen.runtime.cpu_backend import cpu_lanes
 
-CACHE_FORMAT = 5  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread; 4: lanes; 5: oneDNN-reordered residents)
+CACHE_FORMAT = 6  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread;
+# 4: lanes; 5: oneDNN-reordered residents; 6: streamed experts' plain weights measured apart)
 TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)  # tokens per launch measured for MLPs, routers and the head
 DECODE = ((1, 16), (1, 1024), (16, 16), (16, 256), (16, 1024), (64, 16), (64, 256), (64, 1024), (256, 16),
           (256, 256))  # (sequences, context) of decode attention launches
@@ -93,6 +94,8 @@ class Profile:
     combine: Curve  # tokens -> seconds (the residual add)
     in_run: dict[str, float] = field(default_factory=dict)  # module type -> seconds a launch takes in a real run
     # beyond its time alone (the event loop's thread shares the cores: small launches pay most)
+    expert_plain: Curve | None = None  # tokens -> seconds, one routed expert over plain weights: a streamed
+    # expert's, where residents' weights are reordered for the matmul (the cpu's oneDNN); None: as `expert`
 
 
 @dataclass(slots=True)
@@ -155,7 +158,8 @@ def _profile(raw: dict) -> Profile:
                    mlps={k: curve(v) for k, v in raw["mlps"].items()}, router=curve(raw["router"]),
                    attn_decode=Linear(raw["attn_decode"]["coefficients"]),
                    attn_prefill=Linear(raw["attn_prefill"]["coefficients"]),
-                   head=curve(raw["head"]), combine=curve(raw["combine"]), in_run=raw.get("in_run", {}))
+                   head=curve(raw["head"]), combine=curve(raw["combine"]), in_run=raw.get("in_run", {}),
+                   expert_plain=curve(raw["expert_plain"]) if raw.get("expert_plain") else None)
 
 
 def calibrated(device: str, force: bool = False, say: Callable[[str], None] = lambda _: None) -> Calibration:

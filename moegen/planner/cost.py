@@ -219,7 +219,8 @@ class _Sim:
                         continue
                     module = ModuleId("expert", layer, e)
                     ready = max(self.copy_weights(module), routed + m.sync_s)
-                    self.used(module, self.launch("expert", _capped(p.expert, n, s.rcfg.expert_micro_batch), ready))
+                    curve = p.expert if module in self.resident or p.expert_plain is None else p.expert_plain
+                    self.used(module, self.launch("expert", _capped(curve, n, s.rcfg.expert_micro_batch), ready))
             self.launch("combine", p.combine(T))
         self.end = self.launch("lm_head", p.head(decode + prompts)) + m.sync_s
 

@@ -17,7 +17,7 @@ import torch
 from moegen.config import ModelConfig
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import layer_kv
-from moegen.models.linear import pack_linear, plain
+from moegen.models.linear import can_pack, pack_linear, plain
 from moegen.models.reference import lm_head
 from moegen.models.rope import Rope
 from moegen.models.weights import LINEAR_FIELDS, ModelWeights
@@ -49,7 +49,8 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
     lanes = CpuStream("profile", Counters(), lanes=cpu_lanes()) if device == "cpu" else None
     lock = threading.Lock()
     try:
-        experts = [] if moe is None else [on(w) for w in moe.moe.experts[: 2 * (lanes.lanes if lanes else 1)]]
+        some = [] if moe is None else moe.moe.experts[: 2 * (lanes.lanes if lanes else 1)]
+        experts = [on(w) for w in some]
         weights_k = torch.ones(T, cfg.moe.router.top_k, dtype=torch.float32, device=dev) / cfg.moe.router.top_k  # [T, K]
         picks = torch.arange(T, device=dev) * cfg.moe.router.top_k  # [T] token t's first choice
         profile = Profile(
@@ -65,6 +66,11 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
             head=_head_curve(cfg, weights, dev, dtype, device),
             combine=_curve(lambda t: h[:t].add_(out[:t]), TOKENS, device),
         )
+        if experts and can_pack(dev, dtype):  # streamed experts compute over plain weights (their copies are memcpys)
+            plain_experts = [_to(w, dev, dtype, pack=False) for w in some]
+            profile.expert_plain = _launch_curve(
+                lambda t, i: expert_launch(plain_experts[i % len(plain_experts)], x, out, picks[:t], weights_k,
+                                           cfg.moe.router.top_k, None, lock), _params(plain_experts[0]), device, lanes)
         for name, unit, gate in (("dense", dense and dense.mlp, None),
                                  ("shared", moe and moe.moe.shared, moe and moe.moe.shared_expert_gate)):
             if unit is not None:
@@ -101,12 +107,13 @@ def _launch_curve(launch: Callable[[int, int], object], params: int, device: str
     return _curve(group, TOKENS, device, share)
 
 
-def _to(unit, device: torch.device, dtype: torch.dtype):
+def _to(unit, device: torch.device, dtype: torch.dtype, pack: bool = True):
     """A copy of a weights dataclass (or tensor) on `device` in `dtype`, its linears stored as the
-    runtime stores a resident module's (reordered for oneDNN on the cpu: `Backend.place_linear`)."""
+    runtime stores a resident module's (reordered for oneDNN on the cpu: `Backend.place_linear`)
+    unless not `pack` (a streamed module's)."""
     if unit is None or isinstance(unit, torch.Tensor):
         return None if unit is None else plain(unit).to(device, dtype)
-    linears = LINEAR_FIELDS.get(type(unit), ())
+    linears = LINEAR_FIELDS.get(type(unit), ()) if pack else ()
     out = {f: _to(getattr(unit, f), device, dtype) for f in unit.__slots__}
     return type(unit)(**{f: pack_linear(t) if f in linears and t is not None else t for f, t in out.items()})
 
@@ -173,10 +180,11 @@ def _head_weight(weights: ModelWeights, dev: torch.device, dtype: torch.dtype) -
 def describe_profile(p: Profile, cfg: ModelConfig) -> str:
     """The profile in numbers a user can check: launch times and achieved FLOP/s at a few sizes."""
     lines = []
-    if p.expert is not None:
-        flops = 6 * cfg.hidden_size * cfg.moe.expert_intermediate
-        lines.append("  expert: " + ", ".join(f"{int(n)} tok {t * 1e3:.2f} ms ({flops * n / t / 1e9:.0f} GFLOP/s)"
-                                              for n, t in p.expert.points))
+    flops = 6 * cfg.hidden_size * cfg.moe.expert_intermediate
+    for name, curve in (("expert", p.expert), ("streamed expert (plain weights)", p.expert_plain)):
+        if curve is not None:
+            lines.append(f"  {name}: " + ", ".join(f"{int(n)} tok {t * 1e3:.2f} ms ({flops * n / t / 1e9:.0f} GFLOP/s)"
+                                                  for n, t in curve.points))
     for name, curve in p.mlps.items():
         lines.append(f"  {name} MLP: " + ", ".join(f"{int(n)} tok {t * 1e3:.2f} ms" for n, t in curve.points))
     lines.append("  router: " + ", ".join(f"{int(n)} tok {t * 1e3:.2f} ms" for n, t in p.router.points))

@@ -110,6 +110,15 @@ def test_streamed_experts_wait_for_their_copies(models):
     assert times[2].seconds == pytest.approx(experts * copy_s, rel=0.1)
     # the weights link carries every expert once (the cpu backend's KV copies have a link of their own)
     assert times[2].bound == "link" and times[2].link_s == pytest.approx(experts * copy_s)
+    # streamed experts compute over plain weights: with those taking 5 ms, one slot alternates 10 + 5 ms
+    slow = dataclasses.replace(flat_profile(), expert_plain=Curve([(1.0, 5 * MS), (1e9, 5 * MS)]))
+    one = setting(facts, dataclasses.replace(base, expert_slots=1), MACHINE, 2**40)
+    assert step_time(facts, one, slow, MACHINE, decode=8, context=10).seconds == pytest.approx(
+        experts * (copy_s + 5 * MS), rel=0.1)
+    # ... and a resident expert still takes the reordered weights' 1 ms: all resident, no link
+    resident = setting(facts, dataclasses.replace(base, gpu_memory=None, sim_link_gbps=None), MACHINE, None)
+    assert step_time(facts, resident, slow, MACHINE, decode=8, context=10).seconds == pytest.approx(
+        step_time(facts, resident, flat_profile(), MACHINE, decode=8, context=10).seconds)
 
 
 # -- the search -----------------------------------------------------------------------------------
