@@ -100,8 +100,8 @@ class CpuStream(Stream):
 
     With lanes > 1, consecutive items submitted as `concurrent` are handed to `lanes` lane threads
     (each with intra-op threads / lanes torch threads) and run side by side, each free lane taking
-    the next; any other item first waits until all of them have ended. So the stream's order holds
-    between groups, and inside a group the items must commute (the runtime's expert and MLP
+    the next; any other item but a `wait_event` first waits until all of them have ended. So the
+    stream's order holds between groups, and inside a group the items must commute (the runtime's expert and MLP
     launches of a layer: each adds into the step's output under its lock). An item's event marks
     its own end; a later non-concurrent item's event marks the end of everything before it."""
 
@@ -130,11 +130,14 @@ class CpuStream(Stream):
 
     def submit(self, fn: Callable[[], object], label=None, waiting: bool = False, concurrent: bool = False) -> CpuEvent:
         event = CpuEvent()
-        self._queue.put((fn, event, waiting, label, concurrent and self.lanes > 1))
+        self._queue.put((fn, event, waiting, label, "concurrent" if concurrent and self.lanes > 1 else None))
         return event
 
     def wait_event(self, event: Event) -> None:
-        self.submit(event.block, waiting=True)  # idle time, not work: kept out of busy time and intervals
+        # Idle time, not work: kept out of busy time and intervals. It orders what comes after it, so a
+        # concurrent group before it keeps running on the lanes meanwhile (a streamed expert waiting
+        # for its copy does not stop the one before it).
+        self._queue.put((event.block, CpuEvent(), True, None, "wait"))
 
     def cancel_pending(self) -> None:
         """Fail every queued item without running it, waking whatever waits on its event (a run
@@ -154,19 +157,16 @@ class CpuStream(Stream):
 
     def _run(self) -> None:
         busy, error = 0.0, None
-        group: list[tuple[CpuEvent, list[float]]] = []  # the concurrent items handed to the lanes, and their end times
-        group_start = 0.0
+        group: list[tuple[CpuEvent, list[float]]] = []  # the concurrent items handed to the lanes, and when each ran
         while (item := self._queue.get()) is not None:
-            fn, event, waiting, label, concurrent = item
-            if concurrent and error is None:
-                if not group:
-                    group_start = time.perf_counter()
-                ended: list[float] = []
-                group.append((event, ended))
-                self._lane_queue.put((fn, event, label, ended))
+            fn, event, waiting, label, mode = item
+            if mode == "concurrent" and error is None:
+                ran: list[float] = []
+                group.append((event, ran))
+                self._lane_queue.put((fn, event, label, ran))
                 continue
-            if group:
-                error, busy = self._join(group, group_start, error, busy)
+            if group and mode != "wait":
+                error, busy = self._join(group, error, busy)
                 group = []
             if error is not None:  # sticky, as on a GPU: after a failure every later event reports it
                 event.finish(error)
@@ -190,21 +190,27 @@ class CpuStream(Stream):
                 self.intervals.append((start, end))
             self._counters.busy_s[self.name] = busy
         if group:
-            self._join(group, group_start, error, busy)
+            self._join(group, error, busy)
         for _ in self._lane_threads:
             self._lane_queue.put(None)
         for thread in self._lane_threads:
             thread.join()
 
-    def _join(self, group, start: float, error: BaseException | None, busy: float) -> tuple[BaseException | None, float]:
-        """Wait for a concurrent group; the stream's error (the first of the group's, if none yet) and busy time."""
+    def _join(self, group, error: BaseException | None, busy: float) -> tuple[BaseException | None, float]:
+        """Wait for a concurrent group; the stream's error (the first of the group's, if none yet) and busy
+        time, which counts the time any of its items ran (not the waits for copies between them)."""
         for event, _ in group:
             event.settle()
             error = error or event.error
-        end = max((ended[0] for _, ended in group if ended), default=start)
-        busy += end - start
+        spans: list[tuple[float, float]] = []
+        for start, end in sorted(tuple(ran) for _, ran in group if ran):
+            if spans and start <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+            else:
+                spans.append((start, end))
+        busy += sum(end - start for start, end in spans)
         if self.intervals is not None:
-            self.intervals.append((start, end))
+            self.intervals.extend(spans)
         self._counters.busy_s[self.name] = busy
         return error, busy
 
@@ -214,15 +220,15 @@ class CpuStream(Stream):
         torch.set_num_threads(threads)  # parallel op: do that first, then set this lane's
         started.wait()
         while (item := self._lane_queue.get()) is not None:
-            fn, event, label, ended = item
-            wall_start = time.time_ns()
+            fn, event, label, ran = item
+            wall_start, start = time.time_ns(), time.perf_counter()
             try:
                 fn()
             except BaseException as exc:
-                ended.append(time.perf_counter())
+                ran += (start, time.perf_counter())
                 event.finish(exc)
                 continue
-            ended.append(time.perf_counter())
+            ran += (start, time.perf_counter())
             recorder = self.backend.recorder if self.backend is not None else None
             if recorder is not None and label is not None:
                 recorder.slice(self.lane_tracks[index], label, wall_start, time.time_ns())

@@ -57,6 +57,22 @@ def test_an_item_after_a_group_waits_for_all_of_it(stream):
     assert stream.intervals[0][1] - stream.intervals[0][0] < 0.15 + 0.1 + 0.05 - 0.05
 
 
+def test_a_wait_does_not_stop_the_group_before_it(stream):
+    """A streamed expert's wait for its copy sits between two concurrent launches: the first keeps
+    running meanwhile, so the second can start beside it (here the first needs the second to finish)."""
+    from moegen.runtime.cpu_backend import CpuEvent
+
+    release, got = threading.Event(), []
+    copied = CpuEvent()
+    first = stream.submit(lambda: got.append(release.wait(10)), concurrent=True)
+    stream.wait_event(copied)
+    second = stream.submit(release.set, concurrent=True)
+    copied.finish()
+    first.block()
+    second.block()
+    assert got == [True]
+
+
 def test_a_failure_in_a_lane_is_sticky(stream):
     ran = []
 
