@@ -79,6 +79,11 @@ class ModelWeights:
     lm_head: Tensor  # [V, H]; the embedding itself when tied
 
 
+def mlp_params(w: MLPWeights) -> int:
+    """Weights of one SwiGLU MLP: its launch over t tokens is 2 * t * this many FLOPs."""
+    return w.gate_proj.numel() + w.up_proj.numel() + w.down_proj.numel()
+
+
 def tensors_of(unit) -> list[Tensor]:
     """The non-empty tensor fields of one weights dataclass (for byte counts and placement)."""
     return [t for t in (getattr(unit, f.name) for f in fields(unit)) if isinstance(t, Tensor)]

@@ -65,7 +65,7 @@ def format_plan(plan: Plan, alternatives: bool = True) -> str:
         f"rows of {w.max_seq_len} tokens",
         "knobs: " + " ".join(knobs),
         f"runs as: B={s.batch}, attention launches of {s.micro} sequences"
-        + (f", KV staged per launch" if s.stage_kv else "")
+        + (", KV staged per launch" if s.stage_kv else "")
         + f", {len(s.residency.resident)} modules resident, slots {dict(s.residency.pools) or 'none'}, {link}",
         f"predicted: prefill {p.prefill_tok_s:.1f} tok/s, decode {p.decode_tok_s:.1f} tok/s; the job "
         f"{p.job_s:.1f}s, {p.job_tok_s:.1f} generated tok/s",

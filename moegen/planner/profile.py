@@ -20,11 +20,11 @@ from moegen.models.kv_cache import layer_kv
 from moegen.models.linear import can_pack, pack_linear, plain
 from moegen.models.reference import lm_head
 from moegen.models.rope import Rope
-from moegen.models.weights import LINEAR_FIELDS, ModelWeights
+from moegen.models.weights import LINEAR_FIELDS, ModelWeights, mlp_params
 from moegen.planner.calibrate import DECODE, PREFILL, TOKENS, Curve, Linear, Profile, timed
 from moegen.runtime.backend import Counters
 from moegen.runtime.cpu_backend import CpuStream, cpu_lanes
-from moegen.runtime.tasks import LANE_FLOPS, attention_launch, expert_launch, mlp_launch, route_launch
+from moegen.runtime.tasks import attention_launch, expert_launch, mlp_launch, route_launch, side_by_side
 
 SLOW_S = 0.08  # once a launch takes this long, larger sizes are extrapolated (time grows in proportion)
 
@@ -50,13 +50,16 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
     lock = threading.Lock()
     try:
         some = [] if moe is None else moe.moe.experts[: 2 * (lanes.lanes if lanes else 1)]
-        experts = [on(w) for w in some]
-        weights_k = torch.ones(T, cfg.moe.router.top_k, dtype=torch.float32, device=dev) / cfg.moe.router.top_k  # [T, K]
-        picks = torch.arange(T, device=dev) * cfg.moe.router.top_k  # [T] token t's first choice
+        k = cfg.moe.router.top_k
+        weights_k = torch.ones(T, k, dtype=torch.float32, device=dev) / k  # [T, K]
+        picks = torch.arange(T, device=dev) * k  # [T] token t's first choice
+
+        def expert_curve(units: list) -> Curve:
+            return _launch_curve(lambda t, i: expert_launch(units[i % len(units)], x, out, picks[:t], weights_k, k,
+                                                            None, lock), mlp_params(units[0]), device, lanes)
+
         profile = Profile(
-            expert=None if moe is None else _launch_curve(
-                lambda t, i: expert_launch(experts[i % len(experts)], x, out, picks[:t], weights_k,
-                                           cfg.moe.router.top_k, None, lock), _params(experts[0]), device, lanes),
+            expert=expert_curve([on(w) for w in some]) if some else None,
             mlps={},
             router=_curve(lambda t: route_launch(h[:t], x[:t], out[:t], on(weights.layers[0].post_attention_layernorm),
                                                  cfg.rms_norm_eps, None if moe is None else on(moe.moe.router),
@@ -66,17 +69,14 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
             head=_head_curve(cfg, weights, dev, dtype, device),
             combine=_curve(lambda t: h[:t].add_(out[:t]), TOKENS, device),
         )
-        if experts and can_pack(dev, dtype):  # streamed experts compute over plain weights (their copies are memcpys)
-            plain_experts = [_to(w, dev, dtype, pack=False) for w in some]
-            profile.expert_plain = _launch_curve(
-                lambda t, i: expert_launch(plain_experts[i % len(plain_experts)], x, out, picks[:t], weights_k,
-                                           cfg.moe.router.top_k, None, lock), _params(plain_experts[0]), device, lanes)
+        if some and can_pack(dev, dtype):  # streamed experts compute over plain weights (their copies are memcpys)
+            profile.expert_plain = expert_curve([_to(w, dev, dtype, pack=False) for w in some])
         for name, unit, gate in (("dense", dense and dense.mlp, None),
                                  ("shared", moe and moe.moe.shared, moe and moe.moe.shared_expert_gate)):
             if unit is not None:
                 w, g = on(unit), on(gate)
                 profile.mlps[name] = _launch_curve(lambda t, _, w=w, g=g: mlp_launch(x[:t], out[:t], w, g, lock),
-                                                   _params(w), device, lanes)
+                                                   mlp_params(w), device, lanes)
     finally:
         if lanes is not None:
             lanes.close()
@@ -84,17 +84,13 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
     return profile
 
 
-def _params(w) -> int:
-    return w.gate_proj.numel() + w.up_proj.numel() + w.down_proj.numel()
-
-
 def _launch_curve(launch: Callable[[int, int], object], params: int, device: str, lanes: CpuStream | None) -> Curve:
     """Seconds per launch of an expert or MLP (`params` weights; `launch(t, i)`: the i-th of a group
-    over t tokens), run as the runtime submits it: under tasks.LANE_FLOPS, a group side by side on
+    over t tokens), run as the runtime submits it: where tasks.side_by_side, a group side by side on
     the cpu compute stream's lanes (the group's time per launch), else alone on this thread."""
 
     def share(t: int) -> int:
-        return 1 if lanes is None or lanes.lanes == 1 or 2 * t * params >= LANE_FLOPS else 2 * lanes.lanes
+        return 2 * lanes.lanes if lanes is not None and lanes.lanes > 1 and side_by_side(2 * t * params) else 1
 
     def group(t: int) -> None:
         if share(t) == 1:

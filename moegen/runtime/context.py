@@ -17,7 +17,7 @@ from torch import Tensor
 from moegen.config import ModelConfig
 from moegen.models.kv_cache import LayerKV, allocate_kv, kv_bytes_per_token, layer_kv
 from moegen.models.rope import Rope
-from moegen.models.weights import ModelWeights
+from moegen.models.weights import ModelWeights, mlp_params
 from moegen.runtime.backend import Backend, DeviceBudgetError, Event
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.placement import Placement, minimum_device_bytes
@@ -157,7 +157,7 @@ class Runtime:
     @staticmethod
     def mlp_flops(w, tokens: int) -> int:
         """2 FLOPs per multiply-add over the three projections of a SwiGLU MLP."""
-        return 2 * tokens * (w.gate_proj.numel() + w.up_proj.numel() + w.down_proj.numel())
+        return 2 * tokens * mlp_params(w)
 
     async def read(self, after: Event, get: Callable[[], Tensor]) -> Tensor:
         """A device tensor produced by the work ending at `after`, on the host (a named sync point)."""

@@ -24,6 +24,7 @@ from moegen.models.mla import mla_attention
 from moegen.models.moe import mlp, route
 from moegen.models.reference import embed, lm_head
 from moegen.models.rope import rms_norm
+from moegen.models.weights import mlp_params
 from moegen.runtime.backend import Event
 from moegen.runtime.placement import ModuleId
 from moegen.runtime.sampling import sample
@@ -50,6 +51,11 @@ SMALL_LAUNCH_BYTES = 8 * 2**20
 # 6.4e9 FLOPs is a Mixtral-like expert over ~500 tokens: decode launches go to the lanes, an 8k-token
 # prefill step's (2k tokens each) don't.
 LANE_FLOPS = 6.4e9
+
+
+def side_by_side(flops: float) -> bool:
+    """Whether an expert or MLP launch of `flops` is submitted as concurrent (see LANE_FLOPS)."""
+    return flops < LANE_FLOPS
 
 
 @contextmanager
@@ -269,7 +275,7 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
         done = rt.backend.compute.submit(
             lambda s=step, w=ticket.weights, first=start, n=count: _run_expert(rt, layer, s, w, first, n),
             rt.label(f"expert[{layer}][{expert}]", layer=layer, expert=expert, step=step.index, tokens=count,
-                     flops=flops, flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=flops < LANE_FLOPS)
+                     flops=flops, flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=side_by_side(flops))
         rt.placement.release(ticket, module, done)
         await rt.queues.combine[layer].put(("done", step, 0))
 
@@ -285,7 +291,7 @@ def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: 
     """One expert over its token-slot picks [t] (token * K + choice), in launches of at most `cap`
     tokens: out[token] += weight * mlp(x[token]), the add under `lock`."""
     cap = cap or len(picks)
-    params = w.gate_proj.numel() + w.up_proj.numel() + w.down_proj.numel()
+    params = mlp_params(w)
     with host_threads(x, 2 * min(cap, len(picks)) * params, params * x.element_size()):
         for first in range(0, len(picks), cap):
             chunk = picks[first: first + cap]  # [t]
@@ -307,7 +313,7 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
         done = rt.backend.compute.submit(
             lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate, s.out_lock),
             rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens, flops=flops,
-                     flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=flops < LANE_FLOPS)
+                     flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=side_by_side(flops))
         rt.placement.release(ticket, module, done)
         await rt.queues.combine[layer].put(("done", step, 0))
 
