@@ -81,6 +81,24 @@ def test_help_in_a_real_subprocess():
     assert proc.stderr == ""
 
 
+def test_program_exits_with_the_commands_code_after_flushing_its_output(olmoe_dir, tmp_path):
+    """`python -m moegen` ends the process without the interpreter's teardown: what a command printed
+    into a pipe must still arrive whole, and the exit code must be the command's."""
+    def program(*args):
+        return subprocess.run([sys.executable, "-m", "moegen", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    done = program("generate", olmoe_dir, "--prompt", PROMPTS[1], "--max-new-tokens", 3, "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)  # the whole line, flushed before the exit
+    assert record["prompt"] == PROMPTS[1] and len(record["token_ids"]) == 3
+    assert "generated tokens" in done.stderr.splitlines()[-1]
+    missing = program("serve-offline", tmp_path / "no-model", "--output", tmp_path / "out.jsonl")
+    assert missing.returncode == 1
+    assert f"{tmp_path / 'no-model'}: no such model directory" in missing.stderr
+    assert program("serve-offline", "--no-such-flag").returncode == 2
+
+
 def test_make_model_then_refuses_to_overwrite(tmp_path):
     out = tmp_path / "olmoe-tiny"
     result = invoke("make-model", out, "--family", "olmoe", "--size", "tiny")
