@@ -12,7 +12,7 @@ from torch import Tensor
 from moegen.config import GQAConfig
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import GQALayerKV
-from moegen.models.linear import linear
+from moegen.models.linear import bucket_rows, linear
 from moegen.models.rope import Rope, rms_norm
 from moegen.models.weights import GQAWeights
 
@@ -48,9 +48,10 @@ def gqa_attention(
 
 
 def _project_qkv(w: GQAWeights, cfg: GQAConfig, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    q = linear(x, w.q_proj, w.q_bias)  # [T, N*D]
-    k = linear(x, w.k_proj, w.k_bias)  # [T, G*D]
-    v = linear(x, w.v_proj, w.v_bias)  # [T, G*D]
+    T, rows = len(x), bucket_rows(x, w.q_proj)  # [T', H]: padded once for the three projections
+    q = linear(rows, w.q_proj, w.q_bias)[:T]  # [T, N*D]
+    k = linear(rows, w.k_proj, w.k_bias)[:T]  # [T, G*D]
+    v = linear(rows, w.v_proj, w.v_bias)[:T]  # [T, G*D]
     if cfg.qk_norm == "full":  # OLMoE: over the whole projection, before clipping
         q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
     if cfg.clip_qkv is not None:

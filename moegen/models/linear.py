@@ -43,13 +43,21 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
     oneDNN keeps a primitive, with its own scratch memory, for every input shape it has seen (up
     to 1,024); prefill steps hand each expert its own token count, so large inputs are padded with
-    zero rows to a multiple of ROWS_BUCKET: a few shapes instead of hundreds (the bench Mixtral-like
-    serve-offline job held 2.60 GiB at its peak without this)."""
+    zero rows to a multiple of ROWS_BUCKET (`bucket_rows`): a few shapes instead of hundreds (the
+    bench Mixtral-like serve-offline job held 2.60 GiB at its peak without this)."""
     if not w.is_mkldnn:
         return F.linear(x, w, b)
+    return torch.ops.mkldnn._linear_pointwise(bucket_rows(x, w).contiguous(), w, b, "none", [], "")[: len(x)]
+
+
+def bucket_rows(x: Tensor, w: Tensor) -> Tensor:
+    """x [T, I], with zero rows appended up to the row count `linear` runs a reordered `w` at ([T', I]; x
+    itself where that is T). Linears chained over the result pad once instead of at each step, and
+    their padding rows stay zero through a SwiGLU; slice [:T] at the end."""
     T = len(x)
-    if T > ROWS_BUCKET and T % ROWS_BUCKET:
-        padded = x.new_zeros(-(-T // ROWS_BUCKET) * ROWS_BUCKET, x.shape[1])  # [T', I]
-        padded[:T] = x
-        return torch.ops.mkldnn._linear_pointwise(padded, w, b, "none", [], "")[:T]
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
+    if not w.is_mkldnn or T <= ROWS_BUCKET or T % ROWS_BUCKET == 0:
+        return x
+    padded = x.new_empty(-(-T // ROWS_BUCKET) * ROWS_BUCKET, x.shape[1])  # [T', I]
+    padded[:T] = x
+    padded[T:].zero_()
+    return padded

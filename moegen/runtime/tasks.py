@@ -296,7 +296,7 @@ def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: 
         for first in range(0, len(picks), cap):
             chunk = picks[first: first + cap]  # [t]
             tokens = chunk // k
-            y = mlp(w, x[tokens]) * weights[tokens, chunk % k, None].to(x.dtype)  # [t, H]
+            y = mlp(w, x[tokens]).mul_(weights[tokens, chunk % k, None].to(x.dtype))  # [t, H]
             with lock:
                 out.index_add_(0, tokens, y)
 
