@@ -46,7 +46,10 @@ class Scheduler:
         self.detokenize = detokenize  # for stop strings
         self.admitting = admitting  # False once the job drains: no new prompts, the running ones finish
         self.eos_ids = frozenset(eos_ids)
-        self.waiting: deque[tuple[int, Request]] = deque(enumerate(requests))
+        # Longest prompts first (ties in dataset order): the prompts admitted into a step are then of
+        # similar lengths, and attention pads every prompt of a launch to its longest.
+        self.waiting: deque[tuple[int, Request]] = deque(sorted(enumerate(requests),
+                                                               key=lambda item: -len(item[1].prompt_ids)))
         self.running: list[Sequence] = []
         self.free_rows = list(range(batch_size - 1, -1, -1))
         self.steps = 0
