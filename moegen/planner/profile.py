@@ -76,7 +76,7 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
             if unit is not None:
                 w, g = on(unit), on(gate)
                 profile.mlps[name] = _launch_curve(lambda t, _, w=w, g=g: mlp_launch(x[:t], out[:t], w, g, lock),
-                                                   mlp_params(w), device, lanes)
+                                                   mlp_params(w), device, lanes, alone=name == "dense")
     finally:
         if lanes is not None:
             lanes.close()
@@ -84,13 +84,16 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
     return profile
 
 
-def _launch_curve(launch: Callable[[int, int], object], params: int, device: str, lanes: CpuStream | None) -> Curve:
+def _launch_curve(launch: Callable[[int, int], object], params: int, device: str, lanes: CpuStream | None,
+                  alone: bool = False) -> Curve:
     """Seconds per launch of an expert or MLP (`params` weights; `launch(t, i)`: the i-th of a group
-    over t tokens), run as the runtime submits it: where tasks.side_by_side, a group side by side on
-    the cpu compute stream's lanes (the group's time per launch), else alone on this thread."""
+    over t tokens), run as the runtime submits it: where tasks.side_by_side (`alone`: a dense layer's
+    MLP), a group side by side on the cpu compute stream's lanes (the group's time per launch), else
+    alone on this thread."""
 
     def share(t: int) -> int:
-        return 2 * lanes.lanes if lanes is not None and lanes.lanes > 1 and side_by_side(2 * t * params) else 1
+        concurrent = side_by_side(2 * t * params, alone)
+        return 2 * lanes.lanes if lanes is not None and lanes.lanes > 1 and concurrent else 1
 
     def group(t: int) -> None:
         if share(t) == 1:

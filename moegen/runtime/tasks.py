@@ -53,9 +53,11 @@ SMALL_LAUNCH_BYTES = 8 * 2**20
 LANE_FLOPS = 6.4e9
 
 
-def side_by_side(flops: float) -> bool:
-    """Whether an expert or MLP launch of `flops` is submitted as concurrent (see LANE_FLOPS)."""
-    return flops < LANE_FLOPS
+def side_by_side(flops: float, alone: bool = False) -> bool:
+    """Whether an expert or MLP launch of `flops` is submitted as concurrent (see LANE_FLOPS). A launch
+    `alone` in its layer (a dense layer's MLP) is not: on a lane it would run on one core while the
+    others wait (DeepSeek-V2-Lite-like decode, the dense MLP over 256 tokens: ~50 ms on a lane)."""
+    return not alone and flops < LANE_FLOPS
 
 
 @contextmanager
@@ -313,7 +315,8 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
         done = rt.backend.compute.submit(
             lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate, s.out_lock),
             rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens, flops=flops,
-                     flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=side_by_side(flops))
+                     flows_in=(ticket.flow,) if ticket.flow else ()),
+            concurrent=side_by_side(flops, alone=not rt.cfg.moe_layers[layer]))
         rt.placement.release(ticket, module, done)
         await rt.queues.combine[layer].put(("done", step, 0))
 

@@ -136,7 +136,8 @@ def test_lanes_setting(monkeypatch):
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
 def test_a_run_on_lanes_gives_the_tokens_of_a_run_without(tiny_checkpoint, monkeypatch, tmp_path, family):
     """Greedy tokens equal with 2 lanes and with none (the expert/MLP adds commute up to float
-    rounding, which the tiny models' greedy picks don't hit); the lanes' launches are on lane tracks."""
+    rounding, which the tiny models' greedy picks don't hit); the lanes' launches are on lane tracks,
+    except a dense layer's MLP (DeepSeek's layer 0), which has nothing to run beside and keeps the stream."""
     path = tiny_checkpoint(family)
     cfg, weights, _ = load_checkpoint(path)
     requests = [Request([1, 5, 9, 12], 8), Request([1] + list(range(300, 330)), 8), Request([1, 42], 8)]
@@ -146,10 +147,18 @@ def test_a_run_on_lanes_gives_the_tokens_of_a_run_without(tiny_checkpoint, monke
         trace = tmp_path / f"lanes-{lanes}.pftrace"
         with Engine(cfg, weights, RuntimeConfig(max_seq_len=64), generation_eos_ids(path, cfg), trace=trace) as engine:
             tokens[lanes] = {r.id: r.token_ids for r in engine.generate(requests)}
-        tracks[lanes] = {s.track for s in parse(trace).slices if s.name.startswith("expert[")}
+        tracks[lanes] = {}
+        for s in parse(trace).slices:
+            if s.name.startswith(("expert[", "mlp[")):
+                layer = int(s.name.split("[")[1].split("]")[0])
+                kind = "dense mlp" if s.name.startswith("mlp[") and not cfg.moe_layers[layer] else s.name.split("[")[0]
+                tracks[lanes].setdefault(kind, set()).add(s.track)
+    lane_tracks = {"compute stream lane 1", "compute stream lane 2"}
     assert tokens["1"] == tokens["2"]
-    assert tracks["1"] == {"compute stream"}
-    assert tracks["2"] == {"compute stream lane 1", "compute stream lane 2"}
+    assert all(t == {"compute stream"} for t in tracks["1"].values())
+    assert tracks["2"]["expert"] == lane_tracks
+    if family == "deepseek_v2":
+        assert tracks["2"]["dense mlp"] == {"compute stream"} and tracks["2"]["mlp"] <= lane_tracks
 
 
 def test_residents_are_reordered_for_onednn_and_held_once(tiny_checkpoint):
