@@ -205,6 +205,8 @@ async def router_task(rt: Runtime, layer: int) -> None:
     arrived: dict[int, int] = {}
     router = rt.core.routers[layer]
     has_mlp = ModuleId("mlp", layer) in rt.placement.blocks
+    streams = router is not None and any(rt.placement.streamed(ModuleId("expert", layer, e))
+                                         for e in range(rt.cfg.moe.router.num_experts))
     while (msg := await rt.queues.router[layer].get()) is not STOP:
         step, _ = msg
         arrived[step.index] = arrived.get(step.index, 0) + 1
@@ -228,10 +230,13 @@ async def router_task(rt: Runtime, layer: int) -> None:
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
-        for e, n in enumerate(counts):
-            if n or rt.placement.streamed(ModuleId("expert", layer, e)):  # a streamed expert always hears back
-                rt.waiting("experts", n)
-                await rt.queues.expert[layer][e].put((step, starts[e], n))
+        # Resident experts are handed their tokens largest share first: the lanes, each taking the next
+        # launch when free, then end the layer together. Streamed ones keep the prefetcher's order.
+        order = range(len(counts)) if streams else sorted(range(len(counts)), key=lambda e: -counts[e])
+        for e in order:
+            if counts[e] or rt.placement.streamed(ModuleId("expert", layer, e)):  # a streamed expert always hears back
+                rt.waiting("experts", counts[e])
+                await rt.queues.expert[layer][e].put((step, starts[e], counts[e]))
 
 
 def _route(rt: Runtime, layer: int, step: Step) -> None:
