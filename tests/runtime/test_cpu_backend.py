@@ -191,3 +191,27 @@ def test_residents_are_reordered_for_onednn_and_held_once(tiny_checkpoint):
     with Engine(cfg, fresh, streaming, eos) as engine:
         assert again == {r.id: r.token_ids for r in engine.generate(requests)}
 
+
+
+def test_resident_experts_launch_largest_share_first(tiny_checkpoint, monkeypatch, tmp_path):
+    """Within a step's layer the resident experts are submitted by descending token count (ties by
+    index), so the lanes, each taking the next launch when free, end the layer together. One lane
+    runs them in submission order, which the trace shows."""
+    path = tiny_checkpoint("mixtral")
+    cfg, weights, _ = load_checkpoint(path)
+    monkeypatch.setenv(LANES_ENV, "1")
+    trace = tmp_path / "order.pftrace"
+    requests = [Request([1] + list(range(100 + 7 * i, 140 + 7 * i)), 4) for i in range(6)]
+    with Engine(cfg, weights, RuntimeConfig(max_seq_len=64), generation_eos_ids(path, cfg), trace=trace) as engine:
+        list(engine.generate(requests))
+    launches: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for s in sorted(parse(trace).slices, key=lambda s: s.start):
+        if s.name.startswith("expert["):
+            layer, expert = (int(part.rstrip("]")) for part in s.name.split("[")[1:3])
+            launches.setdefault((s.args["step"], layer), []).append((s.args["tokens"], expert))
+    assert len(launches) == 4 * cfg.num_layers  # 4 steps (one prefill, 3 decode)
+    unequal = 0
+    for order in launches.values():
+        assert order == sorted(order, key=lambda te: (-te[0], te[1])), order
+        unequal += len({tokens for tokens, _ in order}) > 1
+    assert unequal > 0  # the routing did give experts different shares
