@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moegen.intervals import length, union
 from moegen.models.linear import can_pack, pack_linear
 from moegen.runtime.backend import Backend, Counters, Event, Stream, resolve_future
 
@@ -202,13 +203,8 @@ class CpuStream(Stream):
         for event, _ in group:
             event.settle()
             error = error or event.error
-        spans: list[tuple[float, float]] = []
-        for start, end in sorted(tuple(ran) for _, ran in group if ran):
-            if spans and start <= spans[-1][1]:
-                spans[-1] = (spans[-1][0], max(spans[-1][1], end))
-            else:
-                spans.append((start, end))
-        busy += sum(end - start for start, end in spans)
+        spans = union(tuple(ran) for _, ran in group if ran)
+        busy += length(spans)
         if self.intervals is not None:
             self.intervals.extend(spans)
         self._counters.busy_s[self.name] = busy

@@ -18,6 +18,8 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
 
+from moegen.intervals import intersect, length, union
+
 
 class TraceFileError(ValueError):
     """The file is not a trace this tool can read."""
@@ -96,51 +98,24 @@ def _args(event) -> dict:
     return out
 
 
-def _union(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[list[int]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(s, e) for s, e in merged]
-
-
-def _length(intervals) -> int:
-    return sum(e - s for s, e in intervals)
-
-
-def _intersect(a, b) -> list[tuple[int, int]]:
-    out, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        if start < end:
-            out.append((start, end))
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
 def summarize(path: Path) -> dict:
     """The summary as a dict with keys wall_s, streams, overlap, bubbles, modules, link_gbps, flops, bound."""
     t = parse(path)
     first, last = min(s.start for s in t.slices), max(s.end for s in t.slices)
     wall = max(last - first, 1)
     top = [s for s in t.slices if s.depth == 0]
-    busy = {name: _union([(s.start, s.end) for s in top if stream_of(s.track) == name])
+    busy = {name: union([(s.start, s.end) for s in top if stream_of(s.track) == name])
             for name in sorted({stream_of(s.track) for s in top if "stream" in s.track})}
     compute = next((v for k, v in busy.items() if "compute" in k), [])
-    copies = _union([iv for k, v in busy.items() if "copy" in k for iv in v])
-    h2d = _union([iv for k, v in busy.items() if "copy" in k and "H2D" in k for iv in v])
-    either = _union(compute + copies)
-    overlap = _length(_intersect(compute, copies)) / max(_length(either), 1)
-    fractions = {k: _length(v) / wall for k, v in busy.items()}
+    copies = union([iv for k, v in busy.items() if "copy" in k for iv in v])
+    h2d = union([iv for k, v in busy.items() if "copy" in k and "H2D" in k for iv in v])
+    either = union(compute + copies)
+    overlap = length(intersect(compute, copies)) / max(length(either), 1)
+    fractions = {k: length(v) / wall for k, v in busy.items()}
     copy_bytes = sum(s.args.get("bytes", 0) for s in top if "copy" in s.track and "H2D" in s.track)
     flops = sum(s.args.get("flops", 0) for s in top if "compute" in s.track)
-    compute_s = _length(compute) / 1e9
-    link_gbps = copy_bytes / max(_length(h2d) / 1e9, 1e-12) / 1e9 if copy_bytes else 0.0
+    compute_s = length(compute) / 1e9
+    link_gbps = copy_bytes / max(length(h2d) / 1e9, 1e-12) / 1e9 if copy_bytes else 0.0
     return {
         "wall_s": wall / 1e9,
         "streams": fractions,
@@ -156,15 +131,15 @@ def summarize(path: Path) -> dict:
 
 def _bubbles(t: ParsedTrace, compute: list[tuple[int, int]]) -> dict:
     """Compute idle inside steps (work was pending: the step was not done), with what ended each gap."""
-    steps = _union([(s.start, s.end) for s in t.slices if s.track == "event loop"])
+    steps = union([(s.start, s.end) for s in t.slices if s.track == "event loop"])
     gaps = []
     for (_, end), (nxt, _) in zip(compute, compute[1:]):
-        for inside in _intersect([(end, nxt)], steps):
+        for inside in intersect([(end, nxt)], steps):
             gaps.append(inside)
     starts = {s.start: s for s in t.slices if "compute" in s.track and s.depth == 0}
     largest = sorted(gaps, key=lambda g: g[0] - g[1])[:10]
     return {
-        "total_s": _length(gaps) / 1e9,
+        "total_s": length(gaps) / 1e9,
         "count": len(gaps),
         "largest": [{"s": (e - s) / 1e9, "before": _next_name(starts, e)} for s, e in largest],
     }
@@ -200,7 +175,7 @@ def _modules(top: list[Slice], wall: int) -> dict:
         entry["tokens"] += int(s.args.get("tokens", 0))
         entry["flops"] += int(s.args.get("flops", 0))
     for kind, entry in out.items():
-        entry["s"] = _length(_union(intervals[kind])) / 1e9
+        entry["s"] = length(union(intervals[kind])) / 1e9
         entry["share_of_wall"] = entry["s"] * 1e9 / wall
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["s"]))
 
@@ -228,7 +203,7 @@ def _versus_plan(t: ParsedTrace) -> dict | None:
         for key, predicted in plan.items():
             if key.startswith("decode ") and key.endswith("_s"):
                 kind = key[len("decode "): -2]
-                measured = _length(_union(per_kind.get(kind, []))) / 1e9 / len(full)
+                measured = length(union(per_kind.get(kind, []))) / 1e9 / len(full)
                 out["modules"][kind] = {"predicted": predicted, "measured": measured}
     if prefill:
         tokens = sum(int(s.args.get("prefill_tokens", 0)) for s in prefill)
