@@ -192,7 +192,6 @@ def test_residents_are_reordered_for_onednn_and_held_once(tiny_checkpoint):
         assert again == {r.id: r.token_ids for r in engine.generate(requests)}
 
 
-
 def test_resident_experts_launch_largest_share_first(tiny_checkpoint, monkeypatch, tmp_path):
     """Within a step's layer the resident experts are submitted by descending token count (ties by
     index), so the lanes, each taking the next launch when free, end the layer together. One lane
