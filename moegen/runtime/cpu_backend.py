@@ -218,17 +218,16 @@ class CpuStream(Stream):
         while (item := self._lane_queue.get()) is not None:
             fn, event, label, ran = item
             wall_start, start = time.time_ns(), time.perf_counter()
+            failed = None
             try:
                 fn()
             except BaseException as exc:
-                ran += (start, time.perf_counter())
-                event.finish(exc)
-                continue
+                failed = exc
             ran += (start, time.perf_counter())
             recorder = self.backend.recorder if self.backend is not None else None
-            if recorder is not None and label is not None:
+            if failed is None and recorder is not None and label is not None:
                 recorder.slice(self.lane_tracks[index], label, wall_start, time.time_ns())
-            event.finish()
+            event.finish(failed)
 
 
 class CpuBackend(Backend):

@@ -25,4 +25,3 @@ def limit_malloc_arenas(count: int = 1) -> bool:
         return bool(libc.mallopt(M_ARENA_MAX, count))
     except (OSError, AttributeError):
         return False
-

@@ -308,7 +308,6 @@ def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: 
                 out.index_add_(0, tokens, y)
 
 
-
 async def mlp_task(rt: Runtime, layer: int) -> None:
     """mlp[layer]: the dense MLP of a dense layer, or the shared expert(s) of an MoE layer."""
     module = ModuleId("mlp", layer)
