@@ -24,7 +24,8 @@ from moegen.models.weights import LINEAR_FIELDS, ModelWeights, mlp_params
 from moegen.planner.calibrate import DECODE, PREFILL, TOKENS, Curve, Linear, Profile, timed
 from moegen.runtime.backend import Counters
 from moegen.runtime.cpu_backend import CpuStream, cpu_lanes
-from moegen.runtime.tasks import attention_launch, expert_launch, mlp_launch, route_launch, side_by_side
+from moegen.runtime.cpu_threads import side_by_side
+from moegen.runtime.tasks import attention_launch, expert_launch, mlp_launch, route_launch
 
 SLOW_S = 0.08  # once a launch takes this long, larger sizes are extrapolated (time grows in proportion)
 
@@ -87,7 +88,7 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
 def _launch_curve(launch: Callable[[int, int], object], params: int, device: str, lanes: CpuStream | None,
                   alone: bool = False) -> Curve:
     """Seconds per launch of an expert or MLP (`params` weights; `launch(t, i)`: the i-th of a group
-    over t tokens), run as the runtime submits it: where tasks.side_by_side (`alone`: a dense layer's
+    over t tokens), run as the runtime submits it: where cpu_threads.side_by_side (`alone`: a dense layer's
     MLP), a group side by side on the cpu compute stream's lanes (the group's time per launch), else
     alone on this thread."""
 

@@ -26,6 +26,7 @@ from moegen.runtime.scheduler import StepPlan
 from moegen.runtime.step import Routing, Step, micro_batches
 
 QUEUE_DEPTH = 4096  # bounded; far above what one step puts in flight per queue
+STOP = object()  # put in every queue when the run ends
 
 
 @dataclass(slots=True)
@@ -48,6 +49,14 @@ class Queues:
     combine: list[asyncio.Queue]
     mlp: list[asyncio.Queue | None]
     expert: list[list[asyncio.Queue]]
+
+    def all(self) -> list[asyncio.Queue]:
+        flat = [self.embed, self.head, self.prefetch]
+        for group in (self.attn, self.router, self.combine, self.mlp):
+            flat += [q for q in group if q is not None]
+        for per_layer in self.expert:
+            flat += per_layer
+        return flat
 
 
 class Runtime:

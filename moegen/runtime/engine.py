@@ -22,12 +22,12 @@ from moegen.models.loader import load_checkpoint
 from moegen.models.weights import ModelWeights
 from moegen.runtime.backend import Backend
 from moegen.runtime.config import RuntimeConfig
-from moegen.runtime.context import EngineStats, Runtime
+from moegen.runtime.context import STOP, EngineStats, Runtime
 from moegen.runtime.cpu_backend import CpuBackend
 from moegen.runtime.host_memory import limit_malloc_arenas
 from moegen.runtime.requests import Request, Result
 from moegen.runtime.scheduler import Scheduler
-from moegen.runtime.tasks import STOP, all_queues, all_tasks, prefetch_task
+from moegen.runtime.tasks import all_tasks, prefetch_task
 
 
 class Engine:
@@ -156,7 +156,7 @@ class Engine:
         for module, ticket in rt.placement.unclaimed():  # in a trace, their copies' flows end unused, and
             if ticket.flow:  # the markers run before the run ends (closing drops work still queued)
                 await rt.backend.wait(rt.mark_unused_copy(module, ticket.flow))
-        for q in all_queues(rt.queues):
+        for q in rt.queues.all():
             q.put_nowait(STOP)
 
 

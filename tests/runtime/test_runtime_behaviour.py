@@ -148,7 +148,7 @@ def _explode(*args):
     raise RuntimeError("expert launch failed on purpose")
 
 
-@pytest.mark.parametrize("where", ["moegen.runtime.tasks._run_expert", "moegen.runtime.placement.Placement.fill"])
+@pytest.mark.parametrize("where", ["moegen.runtime.tasks.moe._run_expert", "moegen.runtime.placement.Placement.fill"])
 def test_a_failing_task_cancels_the_run_with_its_exception(tiny_checkpoint, monkeypatch, where):
     monkeypatch.setattr(where, _explode)
     before = set(threading.enumerate())

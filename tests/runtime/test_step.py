@@ -33,7 +33,7 @@ def test_small_cpu_launches_run_on_one_thread_and_restore_the_count():
     import pytest
     import torch
 
-    from moegen.runtime.tasks import SMALL_LAUNCH_BYTES, SMALL_LAUNCH_FLOPS, host_threads
+    from moegen.runtime.cpu_threads import SMALL_LAUNCH_BYTES, SMALL_LAUNCH_FLOPS, host_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -1,0 +1,196 @@
+"""The MoE half of a layer: router[l] gathers the step and routes it, expert[l][e] runs once over all
+its tokens, mlp[l] (a dense MLP or the shared expert), and combine[l] adds their sum to the
+residual stream.
+
+Letters: T tokens, H hidden, K top-k, E experts, I expert width.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moegen.models.moe import mlp, route
+from moegen.models.rope import rms_norm
+from moegen.models.weights import mlp_params
+from moegen.runtime.context import STOP
+from moegen.runtime.cpu_threads import host_threads, side_by_side
+from moegen.runtime.placement import ModuleId
+from moegen.runtime.step import Step
+
+if TYPE_CHECKING:
+    from moegen.runtime.context import Runtime
+
+
+async def router_task(rt: Runtime, layer: int) -> None:
+    """router[layer]: waits for every micro-batch of the step (the accumulation), routes all its
+    tokens in one launch, reads the per-expert counts (a host sync), and hands each expert its share."""
+    arrived: dict[int, int] = {}
+    router = rt.core.routers[layer]
+    has_mlp = ModuleId("mlp", layer) in rt.placement.blocks
+    streams = router is not None and any(rt.placement.streamed(ModuleId("expert", layer, e))
+                                         for e in range(rt.cfg.moe.router.num_experts))
+    while (msg := await rt.queues.router[layer].get()) is not STOP:
+        step, _ = msg
+        arrived[step.index] = arrived.get(step.index, 0) + 1
+        if arrived[step.index] < len(step.micro):
+            continue
+        del arrived[step.index]
+        rt.waiting("router", -step.num_tokens)
+        done = rt.backend.compute.submit(lambda s=step: _route(rt, layer, s),
+                                         rt.label(f"router[{layer}]", layer=layer, step=step.index,
+                                                  tokens=step.num_tokens))
+        if has_mlp:
+            await rt.queues.mlp[layer].put(step)
+        if router is None:
+            await rt.queues.combine[layer].put(("expect", step, 1))
+            continue
+        counts = (await rt.read(done, lambda s=step: s.routing[layer].counts)).tolist()  # sync: expert batch sizes
+        step.counts[layer].set_result(counts)
+        rt.stats.expert_counts.append(counts)
+        busy = [e for e, n in enumerate(counts) if n]
+        await rt.queues.combine[layer].put(("expect", step, len(busy) + has_mlp))
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        # Resident experts are handed their tokens largest share first: the lanes, each taking the next
+        # launch when free, then end the layer together. Streamed ones keep the prefetcher's order.
+        order = range(len(counts)) if streams else sorted(range(len(counts)), key=lambda e: -counts[e])
+        for e in order:
+            if counts[e] or rt.placement.streamed(ModuleId("expert", layer, e)):  # a streamed expert always hears back
+                rt.waiting("experts", counts[e])
+                await rt.queues.expert[layer][e].put((step, starts[e], counts[e]))
+
+
+def _route(rt: Runtime, layer: int, step: Step) -> None:
+    T = step.num_tokens
+    routed = route_launch(step.h[:T], step.x[:T], step.out[:T], rt.core.post_attention_layernorm[layer],
+                          rt.cfg.rms_norm_eps, rt.core.routers[layer], rt.cfg.moe.router)
+    if routed is not None:
+        r = step.routing[layer]
+        r.order, r.weights, r.counts = routed
+
+
+def route_launch(h: Tensor, x: Tensor, out: Tensor, norm: Tensor, eps: float, router, cfg
+                 ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The router's launch over a step's T tokens: x = norm(h), out zeroed for the experts' sums, and
+    (MoE layers) the token-slot picks sorted by expert [T*K], combine weights [T, K], tokens per expert [E]."""
+    gate = router.gate.numel() if router is not None else x.shape[1]
+    with host_threads(x, 2 * len(x) * gate, gate * x.element_size()):
+        x.copy_(rms_norm(h, norm, eps))
+        out.zero_()
+        if router is None:
+            return None
+        r = route(router, cfg, x)
+        flat = r.experts.flatten()  # [T*K]
+        return flat.argsort(stable=True), r.weights, torch.bincount(flat, minlength=cfg.num_experts)
+
+
+async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
+    """expert[layer][expert]: once per step over all tokens routed to it (in launches of at most
+    --expert-micro-batch tokens), while the prefetcher streams the next experts in."""
+    module = ModuleId("expert", layer, expert)
+    while (msg := await rt.queues.expert[layer][expert].get()) is not STOP:
+        step, start, count = msg
+        rt.waiting("experts", -count)
+        ticket = await rt.placement.acquire(step.index, module)
+        if count == 0:  # a streamed expert with no tokens: hand back a slot it may have been given
+            if ticket is not None and ticket.flow:
+                rt.mark_unused_copy(module, ticket.flow)
+            rt.placement.release(ticket, module, None)
+            continue
+        if ticket.ready is not None:
+            rt.backend.compute.wait_event(ticket.ready)
+        flops = rt.mlp_flops(ticket.weights, count)
+        done = rt.backend.compute.submit(
+            lambda s=step, w=ticket.weights, first=start, n=count: _run_expert(rt, layer, s, w, first, n),
+            rt.label(f"expert[{layer}][{expert}]", layer=layer, expert=expert, step=step.index, tokens=count,
+                     flops=flops, flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=side_by_side(flops))
+        rt.placement.release(ticket, module, done)
+        await rt.queues.combine[layer].put(("done", step, 0))
+
+
+def _run_expert(rt: Runtime, layer: int, step: Step, w, start: int, count: int) -> None:
+    routing = step.routing[layer]
+    expert_launch(w, step.x, step.out, routing.order[start: start + count], routing.weights,
+                  rt.cfg.moe.router.top_k, rt.rcfg.expert_micro_batch, step.out_lock)
+
+
+def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: int, cap: int | None,
+                  lock: AbstractContextManager = nullcontext()) -> None:
+    """One expert over its token-slot picks [t] (token * K + choice), in launches of at most `cap`
+    tokens: out[token] += weight * mlp(x[token]), the add under `lock`."""
+    cap = cap or len(picks)
+    params = mlp_params(w)
+    with host_threads(x, 2 * min(cap, len(picks)) * params, params * x.element_size()):
+        for first in range(0, len(picks), cap):
+            chunk = picks[first: first + cap]  # [t]
+            tokens = chunk // k
+            y = mlp(w, x[tokens]).mul_(weights[tokens, chunk % k, None].to(x.dtype))  # [t, H]
+            with lock:
+                out.index_add_(0, tokens, y)
+
+
+async def mlp_task(rt: Runtime, layer: int) -> None:
+    """mlp[layer]: the dense MLP of a dense layer, or the shared expert(s) of an MoE layer."""
+    module = ModuleId("mlp", layer)
+    while (step := await rt.queues.mlp[layer].get()) is not STOP:
+        ticket = await rt.placement.acquire(step.index, module)
+        if ticket.ready is not None:
+            rt.backend.compute.wait_event(ticket.ready)
+        flops = rt.mlp_flops(ticket.weights, step.num_tokens)
+        done = rt.backend.compute.submit(
+            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate, s.out_lock),
+            rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens, flops=flops,
+                     flows_in=(ticket.flow,) if ticket.flow else ()),
+            concurrent=side_by_side(flops, alone=not rt.cfg.moe_layers[layer]))
+        rt.placement.release(ticket, module, done)
+        await rt.queues.combine[layer].put(("done", step, 0))
+
+
+MLP_TEMP_BYTES = 64 * 2**20  # bound on one [tokens, width] intermediate of a dense MLP launch
+
+
+def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None, lock: AbstractContextManager = nullcontext()) -> None:
+    """out += mlp(x) over a step's tokens (the add under `lock`), in chunks whose [t, I] intermediates
+    stay under MLP_TEMP_BYTES (a wide dense MLP over an 8k-token prefill step would otherwise hold
+    hundreds of MB of temporaries)."""
+    T = len(x)
+    width = w.gate_proj.shape[0]
+    chunk = max(256, MLP_TEMP_BYTES // (width * x.element_size()))
+    for first in range(0, T, chunk):
+        part = x[first: min(first + chunk, T)]  # [t, H]
+        y = mlp(w, part)
+        if gate is not None:
+            y = torch.sigmoid(F.linear(part, gate)) * y
+        with lock:
+            out[first: first + len(part)] += y
+
+
+async def combine_task(rt: Runtime, layer: int) -> None:
+    """combine[layer]: once every expert and MLP launch of the step is in, adds their sum to the
+    residual stream and releases the micro-batches to attention[layer + 1] (or the head)."""
+    expected: dict[int, int] = {}
+    arrived: dict[int, int] = {}
+    last = layer == rt.cfg.num_layers - 1
+    while (msg := await rt.queues.combine[layer].get()) is not STOP:
+        kind, step, n = msg
+        if kind == "expect":
+            expected[step.index] = n
+        else:
+            arrived[step.index] = arrived.get(step.index, 0) + 1
+        if expected.get(step.index) != arrived.get(step.index, 0):
+            continue
+        expected.pop(step.index), arrived.pop(step.index, None)
+        rt.backend.compute.submit(lambda s=step: s.h[: s.num_tokens].add_(s.out[: s.num_tokens]),
+                                  rt.label(f"combine[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens))
+        if last:
+            await rt.queues.head.put(step)
+        else:
+            for mb in step.micro:
+                rt.waiting("attention", sum(mb.q_lens))
+                await rt.queues.attn[layer + 1].put((step, mb))

@@ -1,0 +1,97 @@
+"""The step's two ends and what runs ahead of it: embed (token ids -> the residual stream), head
+(final norm, lm_head, sampling; the host reads the ids) and the prefetcher (fills device slots in
+execution order ahead of compute).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from moegen.models.reference import embed, lm_head
+from moegen.runtime.context import STOP
+from moegen.runtime.placement import ModuleId
+from moegen.runtime.sampling import sample
+
+if TYPE_CHECKING:
+    from moegen.runtime.context import Runtime
+
+
+async def embed_task(rt: Runtime) -> None:
+    """Token ids -> the step's residual stream. The lookup runs where the table is: on the host, the
+    rows then crossing the link (the table never occupies the device), or on the device when the
+    table is also the lm_head."""
+    b = rt.backend
+    while (step := await rt.queues.embed.get()) is not STOP:
+        ids = torch.tensor(step.plan.token_ids, dtype=torch.int64)
+        if rt.placement.embed_on_host:
+            nbytes = step.h.numel() * step.h.element_size()
+            copied = b.submit_copy(b.h2d_kv, lambda s=step, i=ids: s.h.copy_(embed(rt.core, i), non_blocking=True),
+                                   nbytes, rt.label("copy embeddings", step=step.index, bytes=nbytes))
+            b.compute.wait_event(copied)
+            b.compute.submit(lambda s=step: s.to_device(b.device), rt.label("embed", step=step.index,
+                                                                            tokens=step.num_tokens))
+        else:
+            ids_dev = rt.ids_buffer[: len(ids)]
+            copied = b.copy(b.h2d_kv, ids_dev, ids, rt.label("copy token ids", step=step.index))
+            b.compute.wait_event(copied)
+            b.compute.submit(lambda s=step, i=ids_dev: (s.to_device(b.device), s.h.copy_(embed(rt.core, i))),
+                             rt.label("embed", step=step.index, tokens=step.num_tokens))
+        for mb in step.micro:
+            rt.waiting("attention", sum(mb.q_lens))
+            await rt.queues.attn[0].put((step, mb))
+
+
+async def head_task(rt: Runtime) -> None:
+    """Final norm, lm_head and sampling for each sequence's last token; the host reads the ids."""
+    while (step := await rt.queues.head.get()) is not STOP:
+        holder = {}
+        done = rt.backend.compute.submit(
+            lambda s=step, out=holder: out.setdefault("ids", sample(lm_head(rt.core, rt.cfg, s.h[s.last_token]),
+                                                                    s.sampling)),
+            rt.label("lm_head + sample", step=step.index, sequences=len(step.plan.seqs)))
+        ids = await rt.read(done, lambda out=holder: out["ids"])  # sync: the host decides who stops
+        step.sampled.set_result(ids.tolist())
+
+
+async def prefetch_task(rt: Runtime) -> None:
+    """Walks each step's modules in execution order and fills device slots ahead of compute.
+    An expert whose router has already reported no tokens is skipped, never copied.
+
+    Once a step's walk is done, the next step's walk begins before that step exists (its index is
+    known; its routing is not, so nothing is skipped): while the step ends — last experts, lm_head,
+    sampling, planning — the link keeps copying the first modules of the next one. A step that then
+    never comes leaves its fills unused; the engine cancels this task when the run ends and the
+    placement forgets them (`Placement.reset`)."""
+    placement = rt.placement
+    ahead: set[ModuleId] = set()  # modules already filled for step `index + 1` before it was planned
+    while (step := await rt.queues.prefetch.get()) is not STOP:
+        done, ahead = ahead, set()
+        for module, counts in _walk(rt, step.counts):
+            if module in done:
+                continue
+            if counts is not None and counts.done() and counts.result()[module.expert] == 0:
+                placement.skip(step.index, module)
+            else:
+                await placement.fill(step.index, module)
+        for module, _ in _walk(rt, None):
+            if not rt.queues.prefetch.empty():  # the next step is planned: walk it for real
+                break
+            await placement.fill(step.index + 1, module)
+            ahead.add(module)
+
+
+def _walk(rt: Runtime, counts):
+    """(module, its layer's expert counts future or None) for every streamed module, in execution order."""
+    placement = rt.placement
+    for layer in range(rt.cfg.num_layers):
+        for module in (ModuleId("attn", layer), ModuleId("mlp", layer)):
+            if module in placement.blocks and placement.streamed(module):
+                yield module, None
+        if rt.core.routers[layer] is None:
+            continue
+        for e in range(rt.cfg.moe.router.num_experts):
+            module = ModuleId("expert", layer, e)
+            if placement.streamed(module):
+                yield module, None if counts is None else counts[layer]
