@@ -427,7 +427,8 @@ def _print_summary(s, output: Path) -> None:
         + f" (of {s.requests}) -> {output}",
         f"tokens: {s.prompt_tokens} prompt, {s.generated_tokens} generated in {s.steps} steps",
         f"throughput: prefill {s.prefill_tok_s:.1f} tok/s, decode {s.decode_tok_s:.1f} tok/s",
-        f"wall time {s.wall_s:.1f}s, peak host memory {s.peak_host_memory_gib:.2f} GiB",
+        f"wall time {s.wall_s:.1f}s, peak host memory {s.peak_host_memory_gib:.2f} GiB"
+        + (f" (weight arena + KV cache {s.host_buffers_gib:.2f} GiB)" if s.host_buffers_gib else ""),
     ] + s.notes
     click.echo("\n".join("moegen: " + line for line in lines), err=True)
 

@@ -66,6 +66,7 @@ class Summary:
     prefill_tok_s: float = 0.0  # prompt tokens over the generation wall time
     decode_tok_s: float = 0.0  # generated tokens over the generation wall time
     peak_host_memory_gib: float = 0.0
+    host_buffers_gib: float = 0.0  # what the engine holds in host memory by design: the weight arena + KV cache
     interrupted: bool = False
     steps: int = 0
     notes: list[str] = field(default_factory=list)
@@ -189,6 +190,7 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
                 summary.generated_tokens += len(result.token_ids)
                 progress.update(len(result.token_ids))
             summary.steps = engine.stats.steps
+            summary.host_buffers_gib = engine.runtime.host_bytes / 2**30
     finally:
         progress.close()
         elapsed = max(time.perf_counter() - began, 1e-9)

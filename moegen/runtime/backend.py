@@ -83,6 +83,7 @@ class Backend(ABC):
     h2d_kv: Stream
     d2h: Stream
     recorder = None  # a TraceRecorder while tracing
+    locked: list[tuple[Tensor, int, str]]  # host buffers page-locked by `lock_host`: (buffer, bytes, what)
 
     @property
     def streams(self) -> tuple[Stream, ...]:
@@ -104,9 +105,33 @@ class Backend(ABC):
     async def wait(self, event: Event) -> None:
         """Resolve when `event` completes, without blocking the event loop; re-raises its error."""
 
-    @abstractmethod
-    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """Host memory the device copies from (pinned on cuda)."""
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> Tensor:
+        """A large host buffer the device copies from and to, at exactly its size, page-locked by one
+        `lock_host` until the backend closes. (torch's pinned allocator, `pin_memory=True`, rounds every
+        request up to a power of two: a 48.7 GiB weight arena would take 64 GiB of locked memory.)"""
+        buffer = torch.empty(shape, dtype=dtype)
+        self.lock_host(buffer, what)
+        return buffer
+
+    def lock_host(self, buffer: Tensor, what: str) -> None:
+        """Page-lock the whole of `buffer`'s memory (a fresh `host_buffer`, or an arena an earlier engine
+        packed and this one reuses) for asynchronous copies, until `close`; `what` names it in errors."""
+        nbytes = buffer.numel() * buffer.element_size()
+        if nbytes:
+            self._page_lock(buffer, nbytes, what)
+            self.locked.append((buffer, nbytes, what))
+
+    def unlock_host(self) -> None:
+        """Release every page-lock `lock_host` took (at close: the memory itself goes with its last user)."""
+        while self.locked:
+            buffer, _, _ = self.locked.pop()
+            self._page_unlock(buffer)
+
+    def _page_lock(self, buffer: Tensor, nbytes: int, what: str) -> None:
+        """Register `nbytes` at `buffer` with the device driver (nothing to do where there is no device DMA)."""
+
+    def _page_unlock(self, buffer: Tensor) -> None:
+        """Undo `_page_lock`."""
 
     def alloc(self, shape: tuple[int, ...], dtype: torch.dtype, what: str, fix: str | None = None) -> Tensor:
         """A device buffer, counted against the budget; `what` names it in the error, `fix` says what helps."""

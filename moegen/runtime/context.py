@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from moegen.config import ModelConfig
-from moegen.models.kv_cache import LayerKV, allocate_kv, kv_bytes_per_token, layer_kv
+from moegen.models.kv_cache import LayerKV, allocate_kv, kv_bytes_per_token, kv_over, layer_kv, layer_kv_numel
 from moegen.models.rope import Rope
 from moegen.models.weights import ModelWeights, mlp_params
 from moegen.runtime.backend import Backend, DeviceBudgetError, Event
@@ -88,9 +88,7 @@ class Runtime:
                                    rcfg.expert_slots, rcfg.resident_experts)
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
-        kv_device = backend.device if self.kv_on_device else "cpu"
-        pin = not self.kv_on_device and backend.device.type == "cuda"
-        self.kv: list[LayerKV] = allocate_kv(cfg, B, S, dtype, kv_device, pin)  # every sequence in flight
+        self.kv: list[LayerKV] = self._kv_cache(B, S, dtype)  # every sequence in flight
         # Two staging buffers, so one micro-batch's KV comes in while the previous one computes.
         self.staging_kv = [] if not self.stage_kv else [
             layer_kv(cfg.attention, self.micro_batch, S, dtype, backend.device) for _ in range(2)]
@@ -106,6 +104,22 @@ class Runtime:
         self.host_bytes = sum(b.nbytes for b in self.placement.blocks.values()) + (
             0 if self.kv_on_device else B * S * kv_bytes_per_token(cfg, dtype))
         backend.synchronize()  # start-up copies done before any stream reads them
+
+    def _kv_cache(self, B: int, S: int, dtype: torch.dtype) -> list[LayerKV]:
+        """The KV cache of B sequences of up to S positions: on the device (--batching model), else one host
+        arena at its exact size, page-locked once, every layer a view of it (zeroed: masked positions are
+        still multiplied by zero probabilities, and stray NaN bits would survive that)."""
+        if self.kv_on_device:
+            return allocate_kv(self.cfg, B, S, dtype, self.backend.device)
+        numel = layer_kv_numel(self.cfg.attention, B, S) * self.cfg.num_layers
+        return kv_over(self.cfg, B, S, self.backend.host_buffer((numel,), dtype, "the host KV cache").zero_())
+
+    def close(self) -> None:
+        """Drop the run's large buffers (KV cache, staging, activations, slots) when the engine closes, so a
+        next engine in the same process reuses their memory; the weights stay with their owner."""
+        self.kv, self.staging_kv = [], []
+        self.h = self.x = self.out = self.ids_buffer = None
+        self.placement.close()
 
     def _check_host_kv(self, dtype: torch.dtype) -> None:
         need = kv_bytes_per_token(self.cfg, dtype) * self.batch_size * self.rcfg.max_seq_len

@@ -237,6 +237,7 @@ class CpuBackend(Backend):
         self.name = "cpu"
         self.device = torch.device("cpu")
         self.counters = Counters()
+        self.locked = []
         self.budget = budget
         self.link_gbps = link_gbps  # simulated host<->device bandwidth, GB/s (1e9 bytes); None = memcpy speed
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
@@ -245,9 +246,6 @@ class CpuBackend(Backend):
 
     async def wait(self, event: Event) -> None:
         await event.future()
-
-    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        return torch.empty(shape, dtype=dtype)
 
     def place(self, t: Tensor, dtype: torch.dtype, what: str, fix: str | None = None) -> Tensor:
         """Counted against the budget, but not copied: this device's memory is host memory, and a
@@ -285,3 +283,4 @@ class CpuBackend(Backend):
             stream.cancel_pending()
         for stream in streams:
             stream.close()
+        self.unlock_host()

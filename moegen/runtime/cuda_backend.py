@@ -115,6 +115,7 @@ class CudaBackend(Backend):
         self.name = "cuda"
         self.device = torch.device("cuda", index)
         self.counters = Counters()
+        self.locked = []
         self.budget = budget if budget is not None else self.default_budget(self.device)
         self.timed: list[TimedWork] = []  # traced work not yet written (its events may still be pending)
         self.clock: DeviceClock | None = None
@@ -155,8 +156,18 @@ class CudaBackend(Backend):
         if self.recorder is not None and self.timed:
             self.timed = write_finished(self.timed, self.clock, self.recorder)
 
-    def host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    def _page_lock(self, buffer: Tensor, nbytes: int, what: str) -> None:
+        """cudaHostRegister: the pages stay where they are, at their exact size, and copies from them are
+        asynchronous DMA."""
+        code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0))
+        if code != 0:
+            raise RuntimeError(
+                f"page-locking {what} ({nbytes / 2**30:.2f} GiB of host memory) failed with CUDA error {code}; the "
+                "host may not allow that much locked memory (ulimit -l) or have it free: lower --batch-size or "
+                "--max-seq-len (the KV cache) or use a host with more memory")
+
+    def _page_unlock(self, buffer: Tensor) -> None:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
     def submit_copy(self, stream: Stream, fn: Callable[[], object], nbytes: int, label=None) -> CudaEvent:
         self._count_copy(stream, nbytes)
@@ -170,5 +181,6 @@ class CudaBackend(Backend):
         self._waiter.join()
         torch.cuda.synchronize(self.device)
         self.write_timings()
+        self.unlock_host()  # nothing reads the buffers any more: every copy has completed
 
 

@@ -57,8 +57,10 @@ class Engine:
         return cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), record_intervals, trace, trace_steps)
 
     def close(self) -> None:
-        """Stop the backend's stream threads; finish the trace file."""
+        """Stop the backend's stream threads, release what it page-locked and the run's buffers; finish the
+        trace file."""
         self.backend.close()
+        self.runtime.close()
         if self.trace is not None:
             self.trace.close()
 

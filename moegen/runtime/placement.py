@@ -74,20 +74,28 @@ def _named_tensors(unit, extra: dict[str, Tensor | None] | None = None) -> dict[
     return {k: v for k, v in tensors.items() if isinstance(v, Tensor)}
 
 
+def _layout(tensors: dict[str, Tensor]) -> tuple[tuple[tuple[str, int, tuple[int, ...]], ...], int]:
+    """(field, offset, shape) of each of a module's tensors laid end to end in its block, and its elements."""
+    layout, off = [], 0
+    for name, t in tensors.items():
+        layout.append((name, off, tuple(t.shape)))
+        off += t.numel()
+    return tuple(layout), off
+
+
 def pack(arena: Tensor, unit, extra: dict[str, Tensor | None] | None = None) -> HostBlock:
     """Move one module's tensors into `arena` (a slice of the host arena of exactly its size): each
     field of `unit` becomes a view of the arena, so the loaded tensor is freed as soon as it is
     packed and the host never holds the model twice."""
-    layout, off = [], 0
+    tensors = _named_tensors(unit, extra)
+    layout, numel = _layout(tensors)
     own = {f.name for f in fields(unit)}
-    for name, t in _named_tensors(unit, extra).items():
+    for (name, off, shape), t in zip(layout, tensors.values()):
         part = arena[off: off + t.numel()]
         part.copy_(plain(t).reshape(-1))  # plain: a unit an earlier engine reordered (`_pack_resident`)
         if name in own:
-            setattr(unit, name, part.view(t.shape))
-        layout.append((name, off, tuple(t.shape)))
-        off += t.numel()
-    return HostBlock(flat=arena, layout=tuple(layout), cls=type(unit), numel=off, nbytes=off * arena.element_size())
+            setattr(unit, name, part.view(shape))
+    return HostBlock(flat=arena, layout=layout, cls=type(unit), numel=numel, nbytes=numel * arena.element_size())
 
 
 @dataclass(slots=True)
@@ -140,6 +148,7 @@ class Placement:
         units = _units(weights)
         self.blocks: dict[ModuleId, HostBlock] = _host_blocks(backend, units, numels, dtype, packed)
         self.resident: dict[ModuleId, Ticket] = {}
+        self.resident_modules = frozenset(choice.resident)
         self.pools: dict[Kind, SlotPool] = {}
         by_kind: dict[Kind, list[ModuleId]] = {}
         for module in self.blocks:
@@ -213,6 +222,13 @@ class Placement:
         for pool in self.pools.values():
             pool.reset()
 
+    def close(self) -> None:
+        """The engine closed: its slot buffers and resident copies go (the host blocks stay with the weights;
+        `streamed` still answers)."""
+        for pool in self.pools.values():
+            pool.buffers.clear()
+        self.resident.clear()
+
     def unclaimed(self) -> list[tuple[ModuleId, Ticket]]:
         """Filled slots nobody acquired (at the end of a run: fills for a step that never came)."""
         return [(module, fut.result()) for (_, module), fut in self._tickets.items()
@@ -221,7 +237,7 @@ class Placement:
     # -- per step -------------------------------------------------------------------------------
 
     def streamed(self, module: ModuleId) -> bool:
-        return module not in self.resident
+        return module not in self.resident_modules
 
     def _future(self, step: int, module: ModuleId) -> asyncio.Future:
         key = (step, module)
@@ -397,17 +413,52 @@ def core_device_bytes(weights: ModelWeights, dtype: torch.dtype) -> int:
 
 def _host_blocks(backend: Backend, units: dict, numels: dict[ModuleId, int], dtype: torch.dtype,
                  packed: set[ModuleId]) -> dict[ModuleId, HostBlock]:
-    """Every streamable module packed into one host arena, allocated once (pinned on cuda, where the
-    pinned allocator would round each small allocation up to a power of two); the `packed` ones
-    (residents placed by `_pack_resident`) get a block without a host copy."""
+    """Every streamable module in one host arena at its exact size, page-locked once by the backend; the
+    `packed` ones (residents placed by `_pack_resident`) get a block without a host copy. Weights an
+    earlier engine packed are still views of its arena: that arena is used again as it is, so a second
+    engine on the same weights (the bench's model-based run) allocates no second copy of the model."""
     size = torch.empty((), dtype=dtype).element_size()
-    arena = backend.host_empty((sum(n for m, n in numels.items() if m not in packed),), dtype)
+    offsets = _packed_before(units, packed, dtype)
+    if offsets is None:
+        arena = backend.host_buffer((sum(n for m, n in numels.items() if m not in packed),), dtype, "the weight arena")
+    else:
+        arena, offsets = offsets
+        backend.lock_host(arena, "the weight arena")
     blocks, off = {}, 0
     for module, (unit, extra) in units.items():
         n = numels[module]
         if module in packed:
             blocks[module] = HostBlock(flat=None, layout=(), cls=type(unit), numel=n, nbytes=n * size)
-            continue
-        blocks[module] = pack(arena[off: off + n], unit, extra)
-        off += n
+        elif offsets is not None:
+            layout, _ = _layout(_named_tensors(unit, extra))
+            first = offsets[module]
+            blocks[module] = HostBlock(flat=arena[first: first + n], layout=layout, cls=type(unit), numel=n,
+                                       nbytes=n * size)
+        else:
+            blocks[module] = pack(arena[off: off + n], unit, extra)
+            off += n
     return blocks
+
+
+def _packed_before(units: dict, packed: set[ModuleId], dtype: torch.dtype) -> tuple[Tensor, dict[ModuleId, int]] | None:
+    """(the arena, each module's first element in it) when every module outside `packed` still lies in one
+    arena as `pack` laid it out (its tensors contiguous, end to end, in `dtype`); else None."""
+    storage, offsets = None, {}
+    for module, (unit, extra) in units.items():
+        if module in packed:
+            continue
+        tensors = list(_named_tensors(unit, extra).values())
+        if any(t.is_mkldnn or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+            return None
+        if storage is None:
+            storage = tensors[0].untyped_storage()
+        first = next_offset = tensors[0].storage_offset()
+        for t in tensors:
+            if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != next_offset:
+                return None
+            next_offset += t.numel()
+        offsets[module] = first
+    if storage is None:
+        return None
+    arena = torch.empty(0, dtype=dtype).set_(storage, 0, (storage.nbytes() // torch.empty((), dtype=dtype).element_size(),))
+    return arena, offsets
