@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moegen.checkpoints.make import make_model
-from moegen.runtime.cpu_backend import LANES_ENV
+from moegen.runtime.cpu_threads import LANES_ENV
 
 # Tiny models: one intra-op thread is fastest, and immune to a busy second core.
 torch.set_num_threads(1)

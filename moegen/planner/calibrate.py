@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 import torch
 
-from moegen.runtime.cpu_backend import cpu_lanes
+from moegen.runtime.cpu_threads import cpu_lanes
 
 CACHE_FORMAT = 7  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread;
 # 4: lanes; 5: oneDNN-reordered residents; 6: streamed experts' plain weights measured apart; 7: a dense

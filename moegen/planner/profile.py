@@ -23,7 +23,8 @@ from moegen.models.rope import Rope
 from moegen.models.weights import LINEAR_FIELDS, ModelWeights, mlp_params
 from moegen.planner.calibrate import DECODE, PREFILL, TOKENS, Curve, Linear, Profile, timed
 from moegen.runtime.backend import Counters
-from moegen.runtime.cpu_backend import CpuStream, cpu_lanes
+from moegen.runtime.cpu_threads import cpu_lanes
+from moegen.runtime.worker_stream import CpuStream
 from moegen.runtime.cpu_threads import side_by_side
 from moegen.runtime.tasks import attention_launch, expert_launch, mlp_launch, route_launch
 

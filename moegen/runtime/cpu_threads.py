@@ -5,6 +5,7 @@ compute stream's lanes (`cpu_backend.cpu_lanes`) to run side by side.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -48,3 +49,29 @@ def host_threads(x: Tensor, flops: float, weight_bytes: int):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+LANES_ENV = "MOEGEN_CPU_LANES"
+
+
+def cpu_lanes() -> int:
+    """Lanes of the cpu compute stream: 2 when torch has at least 2 intra-op threads (each lane then
+    runs with half of them), or what MOEGEN_CPU_LANES says (1 turns lanes off).
+
+    Why: on 2 cores a Mixtral-like expert over 64 tokens runs at 93-129 GFLOP/s on a 2-thread
+    OpenMP team but two experts side by side on one thread each reach 130-135 (an OpenMP team
+    splits a small GEMM poorly and its idle member spins against the event loop's thread); in
+    serve-offline, 256 prompts x 64 new tokens, the decode step went 384 -> 330 ms. Large launches
+    (an 8k-token prefill step's experts, 2k tokens each) were slower side by side in a run (5.4 ->
+    6.0 s per step: the lanes' shares of a layer's tokens are uneven), so only launches under
+    LANE_FLOPS are submitted as concurrent."""
+    raw = os.environ.get(LANES_ENV)
+    if raw is None:
+        return 2 if torch.get_num_threads() >= 2 else 1
+    try:
+        lanes = int(raw)
+    except ValueError:
+        lanes = 0
+    if lanes < 1:
+        raise ValueError(f"{LANES_ENV}={raw!r}: expected a whole number of lanes >= 1 (1 turns lanes off)")
+    return lanes

@@ -24,7 +24,7 @@ from moegen.planner.profile import _launch_times
 from moegen.planner.search import PLANNED, search
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
-from moegen.runtime.cpu_backend import LANES_ENV
+from moegen.runtime.cpu_threads import LANES_ENV
 from moegen.runtime.engine import Engine
 from moegen.runtime.placement import minimum_device_bytes
 

@@ -15,7 +15,8 @@ from moegen.models.hf_config import generation_eos_ids
 from moegen.models.loader import load_checkpoint
 from moegen.runtime.backend import Counters
 from moegen.runtime.config import RuntimeConfig
-from moegen.runtime.cpu_backend import LANES_ENV, CpuStream, cpu_lanes
+from moegen.runtime.cpu_threads import LANES_ENV, cpu_lanes
+from moegen.runtime.worker_stream import CpuStream
 from moegen.runtime.engine import Engine
 from moegen.runtime.requests import Request
 from moegen.trace.summarize import parse
@@ -60,7 +61,7 @@ def test_an_item_after_a_group_waits_for_all_of_it(stream):
 def test_a_wait_does_not_stop_the_group_before_it(stream):
     """A streamed expert's wait for its copy sits between two concurrent launches: the first keeps
     running meanwhile, so the second can start beside it (here the first needs the second to finish)."""
-    from moegen.runtime.cpu_backend import CpuEvent
+    from moegen.runtime.worker_stream import CpuEvent
 
     release, got = threading.Event(), []
     copied = CpuEvent()
