@@ -1,6 +1,6 @@
 """How the runtime's launches use a small CPU's threads (the cpu backend; on other devices nothing
 here changes anything): which launches run on one intra-op thread, and which are handed to the
-compute stream's lanes (`cpu_backend.cpu_lanes`) to run side by side.
+compute stream's lanes (`cpu_lanes` below) to run side by side.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 SMALL_LAUNCH_FLOPS = 2e8
 SMALL_LAUNCH_BYTES = 8 * 2**20
 # Expert and MLP launches below LANE_FLOPS are submitted as concurrent: on the cpu backend a layer's
-# launches then run side by side on the compute stream's lanes (measurements: cpu_backend.cpu_lanes).
+# launches then run side by side on the compute stream's lanes (measurements: cpu_lanes).
 # 6.4e9 FLOPs is a Mixtral-like expert over ~500 tokens: decode launches go to the lanes, an 8k-token
 # prefill step's (2k tokens each) don't.
 LANE_FLOPS = 6.4e9
