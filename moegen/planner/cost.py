@@ -28,7 +28,7 @@ from moegen.models.kv_cache import kv_bytes_per_token
 from moegen.models.weights import ModelWeights
 from moegen.planner.calibrate import Machine, Profile
 from moegen.runtime.config import RuntimeConfig
-from moegen.runtime.context import activation_bytes, model_batch_size
+from moegen.runtime.context import activation_bytes, model_batch_size, staging_bytes
 from moegen.runtime.placement import ModuleId, Residency, choose_residency, core_device_bytes, module_numels
 
 
@@ -85,7 +85,7 @@ def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: in
     micro = B if model_mode else min(rcfg.attn_micro_batch, B)
     max_step = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
     per_token = kv_bytes_per_token(cfg, dtype)
-    kv = B * S * per_token if model_mode else (2 * micro * S * per_token // cfg.num_layers if stage else 0)
+    kv = B * S * per_token if model_mode else (staging_bytes(cfg, rcfg, micro, max_step) if stage else 0)
     reserved = facts.core_bytes + kv + activation_bytes(cfg, rcfg, max_step)
     if budget is not None and reserved > budget:
         from moegen.runtime.backend import DeviceBudgetError

@@ -50,6 +50,11 @@ class Event(ABC):
     @abstractmethod
     def done(self) -> bool: ...
 
+    @abstractmethod
+    def block(self) -> None:
+        """Block the calling thread until the work before the event has ended (a host worker's wait, never
+        the event loop's); re-raises its error."""
+
 
 class Stream(ABC):
     """Runs submitted work in submission order."""
@@ -71,7 +76,9 @@ class Stream(ABC):
 
 
 class Backend(ABC):
-    """A device: a compute stream, a weights copy stream, a KV copy stream, a device-to-host stream."""
+    """A device: a compute stream, a weights copy stream, a KV copy stream, a device-to-host stream; and
+    two host worker streams for the host's side of KV staging (gathers into page-locked buffers,
+    scatters out of them), worker threads on every backend."""
 
     name: str
     device: torch.device  # where device buffers live
@@ -82,12 +89,14 @@ class Backend(ABC):
     h2d_weights: Stream
     h2d_kv: Stream
     d2h: Stream
+    host_gather: Stream
+    host_scatter: Stream
     recorder = None  # a TraceRecorder while tracing
     locked: list[tuple[Tensor, int, str]]  # host buffers page-locked by `lock_host`: (buffer, bytes, what)
 
     @property
     def streams(self) -> tuple[Stream, ...]:
-        return (self.compute, self.h2d_weights, self.h2d_kv, self.d2h)
+        return (self.compute, self.h2d_weights, self.h2d_kv, self.d2h, self.host_gather, self.host_scatter)
 
     def trace_to(self, recorder) -> None:
         """Record every labelled work item as a slice on its stream's track (in this order)."""

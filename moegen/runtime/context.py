@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from moegen.config import ModelConfig
-from moegen.models.kv_cache import LayerKV, allocate_kv, kv_bytes_per_token, kv_over, layer_kv, layer_kv_numel
+from moegen.models.kv_cache import LayerKV, allocate_kv, kv_bytes_per_token, kv_over, layer_kv_numel
 from moegen.models.rope import Rope
 from moegen.models.weights import ModelWeights, mlp_params
 from moegen.runtime.backend import Backend, DeviceBudgetError, Event
 from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.kv_stage import KVStager, staging_device_numel
 from moegen.runtime.placement import Placement, minimum_device_bytes
 from moegen.runtime.sampling import SamplingParams
 from moegen.runtime.scheduler import StepPlan
@@ -80,8 +81,8 @@ class Runtime:
         self.max_step_tokens = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
         if self.kv_on_device:  # every row, every layer
             kv_bytes = B * S * kv_bytes_per_token(cfg, dtype)
-        elif self.stage_kv:  # two staging buffers of one layer's KV for a micro-batch, shared by all layers
-            kv_bytes = 2 * self.micro_batch * S * kv_bytes_per_token(cfg, dtype) // cfg.num_layers
+        elif self.stage_kv:  # two staging slots of one layer's KV for a micro-batch, shared by all layers
+            kv_bytes = staging_bytes(cfg, rcfg, self.micro_batch, self.max_step_tokens)
         else:
             kv_bytes = 0
         self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens),
@@ -89,10 +90,9 @@ class Runtime:
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
         self.kv: list[LayerKV] = self._kv_cache(B, S, dtype)  # every sequence in flight
-        # Two staging buffers, so one micro-batch's KV comes in while the previous one computes.
-        self.staging_kv = [] if not self.stage_kv else [
-            layer_kv(cfg.attention, self.micro_batch, S, dtype, backend.device) for _ in range(2)]
-        self.last_writeback: list[Event | None] = [None] * cfg.num_layers
+        # Two staging slots, so one micro-batch's KV comes in while the previous one computes.
+        self.stager = KVStager.allocate(backend, cfg.attention, self.kv, self.micro_batch, S,
+                                        min(self.max_step_tokens, self.micro_batch * S), dtype) if self.stage_kv else None
         self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
                                     for _ in range(3))
         self.ids_buffer = torch.empty(self.max_step_tokens, dtype=torch.int64, device=backend.device)
@@ -117,7 +117,7 @@ class Runtime:
     def close(self) -> None:
         """Drop the run's large buffers (KV cache, staging, activations, slots) when the engine closes, so a
         next engine in the same process reuses their memory; the weights stay with their owner."""
-        self.kv, self.staging_kv = [], []
+        self.kv, self.stager = [], None
         self.h = self.x = self.out = self.ids_buffer = None
         self.placement.close()
 
@@ -214,6 +214,13 @@ class Runtime:
             routing=[Routing() for _ in range(self.cfg.num_layers)],
             counts=[loop.create_future() for _ in range(self.cfg.num_layers)],
         )
+
+
+def staging_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, micro_batch: int, max_step_tokens: int) -> int:
+    """Device bytes of the KV staging slots (`kv_stage`): one layer's KV of a micro-batch and its new entries, twice."""
+    S = rcfg.max_seq_len
+    numel = staging_device_numel(cfg.attention, micro_batch, S, min(max_step_tokens, micro_batch * S))
+    return numel * torch.empty((), dtype=rcfg.torch_dtype).element_size()
 
 
 def activation_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, max_step_tokens: int) -> int:

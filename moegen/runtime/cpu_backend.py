@@ -18,7 +18,7 @@ from torch import Tensor
 from moegen.models.linear import can_pack, pack_linear
 from moegen.runtime.backend import Backend, Counters, Event, Stream
 from moegen.runtime.cpu_threads import cpu_lanes
-from moegen.runtime.worker_stream import CpuEvent, CpuStream
+from moegen.runtime.worker_stream import CpuEvent, CpuStream, host_streams
 
 
 class CpuBackend(Backend):
@@ -34,6 +34,7 @@ class CpuBackend(Backend):
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
             CpuStream(name, self.counters, record_intervals, self, lanes=cpu_lanes() if name == "compute" else 1)
             for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
+        self.host_gather, self.host_scatter = host_streams(self, record_intervals)
 
     async def wait(self, event: Event) -> None:
         await event.future()
@@ -69,9 +70,8 @@ class CpuBackend(Backend):
             stream.submit(lambda: None, waiting=True).settle()
 
     def close(self) -> None:
-        streams = (self.compute, self.h2d_weights, self.h2d_kv, self.d2h)
-        for stream in streams:
+        for stream in self.streams:
             stream.cancel_pending()
-        for stream in streams:
+        for stream in self.streams:
             stream.close()
         self.unlock_host()

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from moegen.runtime.backend import Backend, Counters, Event, Stream, resolve_future
+from moegen.runtime.worker_stream import host_streams
 
 
 class CudaEvent(Event):
@@ -31,6 +32,9 @@ class CudaEvent(Event):
 
     def done(self) -> bool:
         return self.event.query()
+
+    def block(self) -> None:
+        self.event.synchronize()
 
 
 class DeviceClock:
@@ -95,6 +99,8 @@ class CudaStream(Stream):
         return CudaEvent(event)
 
     def wait_event(self, event: Event) -> None:
+        if not isinstance(event, CudaEvent):  # a host worker's event: the runtime awaits those before submitting
+            raise TypeError(f"the {self.name} stream can only wait on device events, not {type(event).__name__}")
         self.stream.wait_event(event.event)
 
 
@@ -121,6 +127,7 @@ class CudaBackend(Backend):
         self.clock: DeviceClock | None = None
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
             CudaStream(name, self) for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
+        self.host_gather, self.host_scatter = host_streams(self)
         self._waits: queue.SimpleQueue = queue.SimpleQueue()
         self._waiter = threading.Thread(target=self._wait_loop, name="moegen-cuda-waiter", daemon=True)
         self._waiter.start()
@@ -140,6 +147,9 @@ class CudaBackend(Backend):
 
     async def wait(self, event: Event) -> None:
         if event.done():
+            return
+        if not isinstance(event, CudaEvent):  # a host worker's event resolves its future itself
+            await event.future()
             return
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -174,11 +184,16 @@ class CudaBackend(Backend):
         return stream.submit(fn, label)
 
     def synchronize(self) -> None:
+        for stream in (self.host_gather, self.host_scatter):
+            stream.submit(lambda: None, waiting=True).settle()
         torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         self._waits.put(None)
         self._waiter.join()
+        for stream in (self.host_gather, self.host_scatter):
+            stream.cancel_pending()
+            stream.close()
         torch.cuda.synchronize(self.device)
         self.write_timings()
         self.unlock_host()  # nothing reads the buffers any more: every copy has completed

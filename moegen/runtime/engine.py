@@ -119,12 +119,11 @@ class Engine:
                    detokenize: Callable[[list[int]], str] | None = None) -> None:
         rt = self.runtime
         rt.queues = rt.new_queues()
-        rt.staging = asyncio.Queue()  # free staging buffers, with the write-back each must wait for
-        for slot in range(len(rt.staging_kv)):
-            rt.staging.put_nowait((slot, None))
         scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens, detokenize,
                               admitting=lambda: not self._draining.is_set())
         rt.placement.reset()  # nothing held over from an earlier run
+        if rt.stager is not None:
+            rt.stager.reset()
         try:
             async with asyncio.TaskGroup() as group:
                 for coro in all_tasks(rt):

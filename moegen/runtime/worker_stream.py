@@ -197,3 +197,9 @@ class CpuStream(Stream):
             if failed is None and recorder is not None and label is not None:
                 recorder.slice(self.lane_tracks[index], label, wall_start, time.time_ns())
             event.finish(failed)
+
+
+def host_streams(backend, record_intervals: bool = False) -> tuple[CpuStream, CpuStream]:
+    """A backend's two host worker streams: KV gathers into page-locked staging, KV scatters out of it."""
+    return (CpuStream("host KV gather", backend.counters, record_intervals, backend),
+            CpuStream("host KV scatter", backend.counters, record_intervals, backend))

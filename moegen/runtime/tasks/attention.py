@@ -1,15 +1,13 @@
 """attention[l]: one launch per micro-batch of sequences, its KV staged in from host memory and the
 new entries written back.
 
-Letters: T tokens, H hidden, b sequences of a micro-batch, S' longest cached context.
+Letters: T tokens, H hidden.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from moegen.config import MLAConfig
@@ -50,65 +48,22 @@ async def attention_task(rt: Runtime, layer: int) -> None:
 
 
 async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ticket, flows: tuple[int, ...]) -> Event:
-    """Stage the micro-batch's KV in, attend, and write its new entries back to the host."""
-    b = rt.backend
-    slot, last_use = await rt.staging.get()
-    staged = rt.staging_kv[slot]
-    if last_use is not None:
-        b.h2d_kv.wait_event(last_use)
-    if rt.last_writeback[layer] is not None:  # the previous step's new KV of this layer is home
-        b.h2d_kv.wait_event(rt.last_writeback[layer])
-    kv_in, kv_out = _kv_bytes(staged, sum(mb.past_lens)), _kv_bytes(staged, sum(mb.q_lens))
-    kv_flow = rt.recorder.new_flow() if rt.recorder is not None else 0
-    ready = b.submit_copy(b.h2d_kv, lambda h=rt.kv[layer], s=staged, m=mb: _stage(h, s, m), kv_in,
-                          rt.label(f"stage KV[{layer}]", layer=layer, micro_batch=mb.index, step=step.index,
-                                   bytes=kv_in, flows_out=(kv_flow,) if kv_flow else ()))
-    b.compute.wait_event(ready)
-    done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights, kv=staged: _attend(rt, layer, s, m, w, kv),
-                            rt.attention_label(layer, step, mb, flows + ((kv_flow,) if kv_flow else ())))
-    b.d2h.wait_event(done)
-    home = b.submit_copy(b.d2h, lambda h=rt.kv[layer], s=staged, m=mb: _write_back(h, s, m), kv_out,
-                         rt.label(f"write back KV[{layer}]", layer=layer, micro_batch=mb.index, step=step.index,
-                                  bytes=kv_out))
-    rt.last_writeback[layer] = home
-    rt.staging.put_nowait((slot, home))
+    """Stage the micro-batch's KV in, attend, and write its new entries back to the host (`kv_stage`)."""
+    b, stager = rt.backend, rt.stager
+    staged = await stager.stage(layer, mb, lambda nbytes, flow: rt.label(
+        f"stage KV[{layer}]", layer=layer, micro_batch=mb.index, step=step.index, bytes=nbytes,
+        flows_out=(flow,) if flow else ()))
+    if staged.ready is not None:
+        b.compute.wait_event(staged.ready)
+
+    def launch(s=step, m=mb, w=ticket.weights) -> None:
+        _attend(rt, layer, s, m, w, staged.kv)
+        stager.new_entries(staged, m)
+
+    done = b.compute.submit(launch, rt.attention_label(layer, step, mb, flows + ((staged.flow,) if staged.flow else ())))
+    stager.write_back(layer, staged, mb, done, lambda nbytes: rt.label(
+        f"write back KV[{layer}]", layer=layer, micro_batch=mb.index, step=step.index, bytes=nbytes))
     return done
-
-
-def _stage(host, staged, mb: MicroBatch) -> None:
-    """Each sequence's cached rows, host -> staging row i. Within host memory (the cpu backend) one
-    gather per tensor, up to the longest cache (positions past a sequence's own are masked); to a GPU
-    one asynchronous copy per sequence and tensor from pinned memory."""
-    pairs = [(getattr(host, f.name), getattr(staged, f.name)) for f in fields(host)]  # (src, dst)
-    if pairs[0][0].device == pairs[0][1].device:
-        longest, rows = max(mb.past_lens), torch.tensor(mb.rows)
-        for src, dst in pairs:
-            if longest:
-                dst[: len(mb.rows), :longest] = src[rows, :longest]  # [b, S', ...]
-        return
-    for src, dst in pairs:
-        for i, (row, past) in enumerate(zip(mb.rows, mb.past_lens)):
-            if past:
-                dst[i, :past].copy_(src[row, :past], non_blocking=True)
-
-
-def _write_back(host, staged, mb: MicroBatch) -> None:
-    """Each sequence's new entries, staging row i -> its host row: one scatter per tensor within host
-    memory, else one copy per sequence and tensor."""
-    pairs = [(getattr(staged, f.name), getattr(host, f.name)) for f in fields(host)]  # (src, dst)
-    if pairs[0][0].device == pairs[0][1].device:
-        a = mb.attn  # token t of the micro-batch: staging row a.token_seq[t], position a.positions[t]
-        token_rows = torch.tensor(mb.rows)[a.token_seq]  # [T] host row of each token
-        for src, dst in pairs:
-            dst[token_rows, a.positions] = src[a.token_seq, a.positions]  # [T, ...]
-        return
-    for src, dst in pairs:
-        for i, (row, past, q) in enumerate(zip(mb.rows, mb.past_lens, mb.q_lens)):
-            dst[row, past: past + q].copy_(src[i, past: past + q], non_blocking=True)
-
-
-def _kv_bytes(kv, positions: int) -> int:
-    return sum(getattr(kv, f.name)[0, 0].numel() * getattr(kv, f.name).element_size() for f in fields(kv)) * positions
 
 
 def _attend(rt: Runtime, layer: int, step: Step, mb: MicroBatch, w, staged) -> None:

@@ -1,0 +1,178 @@
+"""KV staging: a micro-batch's cached KV of one layer onto the device, and its new entries back to
+the host KV cache, in a number of copies that does not grow with B.
+
+One path on every backend, by index (a micro-batch's sequences may sit in any rows of the host
+cache; the paged KV cache will hand blocks instead of rows):
+  1. gather: a host worker (`Backend.host_gather`) gathers the micro-batch's rows, up to its longest
+     context, into a page-locked staging buffer laid out densely as [b, S', ...];
+  2. stage: one host-to-device copy of that buffer into the slot's device buffer (the KV stream);
+  3. the attention launch reads and extends the device buffer, then gathers its new entries into a
+     dense [t, ...] device buffer;
+  4. write back: one device-to-host copy of those into a page-locked buffer (the D2H stream);
+  5. scatter: a second host worker (`Backend.host_scatter`) puts them into their rows of the cache.
+Why a host gather rather than a device-side gather over mapped host memory: it is plain torch on
+both backends (the cpu backend runs the same code, so CI checks it), the link then carries large
+contiguous DMA transfers, and the host's cost is one pass over the staged bytes on a worker thread
+with torch's intra-op threads, beside the device's work. Two slots alternate, so micro-batch i+1's
+gather and copy run while micro-batch i attends. A staging gather waits only for the previous
+step's scatters of its layer (the rows it reads must be home), never for this step's.
+
+Letters: b sequences of a micro-batch, S' its longest context (past + new), t its new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+from moegen.config import GQAConfig, MLAConfig
+from moegen.models.kv_cache import LayerKV, layer_kv_numel, layer_kv_over
+from moegen.runtime.backend import Backend, Event
+from moegen.runtime.step import MicroBatch
+
+
+def staging_device_numel(cfg: GQAConfig | MLAConfig, micro_batch: int, max_seq_len: int, max_tokens: int) -> int:
+    """Device elements of the two staging slots: each one micro-batch's KV of one layer, and its new entries."""
+    return 2 * (layer_kv_numel(cfg, micro_batch, max_seq_len) + layer_kv_numel(cfg, max_tokens, 1))
+
+
+@dataclass(slots=True)
+class Slot:
+    """One staging slot: page-locked host buffers and device buffers, and the events their reuse waits on."""
+
+    host_in: Tensor  # [b * S' * per position] flat, page-locked: the gather's output, the stage copy's source
+    device_in: Tensor  # same size, on the device: what the attention launch reads and extends
+    device_new: Tensor  # [t * per position] flat, device: the launch's new entries, dense
+    host_new: Tensor  # same size, page-locked: the write-back copy's target, the scatter's source
+    staged: Event | None = None  # the last stage copy out of host_in (the next gather overwrites it)
+    written: Event | None = None  # the last write-back out of device_new (the next stage copy overwrites the slot)
+    scattered: Event | None = None  # the last scatter out of host_new (the next write-back overwrites it)
+
+
+@dataclass(slots=True)
+class Staged:
+    """A micro-batch's KV on the device, for its attention launch."""
+
+    slot: Slot
+    kv: LayerKV  # views of slot.device_in: [b, S', ...] per tensor (the micro-batch's rows 0..b-1)
+    ready: Event | None  # what the launch waits for: the stage copy (or, with nothing cached to copy, the
+    # slot's last write-back)
+    nbytes: int  # bytes the stage copy moved
+    flow: int = 0  # trace flow from the stage copy to the attention launch
+
+
+@dataclass(slots=True)
+class KVStager:
+    """The staging slots and the per-layer record of write-backs still on their way home."""
+
+    backend: Backend
+    cfg: GQAConfig | MLAConfig
+    host_kv: list[LayerKV]  # the host cache: [B, S, ...] per tensor and layer
+    slots: list[Slot]
+    free: asyncio.Queue = field(default_factory=asyncio.Queue)
+    this_step: list[list[Event]] = field(default_factory=list)  # per layer: this step's scatters so far
+    last_step: list[list[Event]] = field(default_factory=list)  # per layer: the previous step's scatters
+
+    @classmethod
+    def allocate(cls, backend: Backend, cfg: GQAConfig | MLAConfig, host_kv: list[LayerKV], micro_batch: int,
+                 max_seq_len: int, max_tokens: int, dtype: torch.dtype) -> KVStager:
+        """Two slots, their device buffers counted against the budget (reserved by the caller). Buffers
+        start zeroed: positions past a sequence's own are masked, but a stray NaN bit there would still
+        survive being multiplied by a zero probability."""
+        staged, new = layer_kv_numel(cfg, micro_batch, max_seq_len), layer_kv_numel(cfg, max_tokens, 1)
+        slots = [Slot(host_in=backend.host_buffer((staged,), dtype, "KV staging").zero_(),
+                      device_in=torch.zeros(staged, dtype=dtype, device=backend.device),
+                      device_new=torch.zeros(new, dtype=dtype, device=backend.device),
+                      host_new=backend.host_buffer((new,), dtype, "KV write-back").zero_()) for _ in range(2)]
+        return cls(backend, cfg, host_kv, slots)
+
+    def reset(self) -> None:
+        """Before a run: every slot free (the backend has finished all earlier work)."""
+        self.free = asyncio.Queue()
+        for slot in self.slots:
+            slot.staged = slot.written = slot.scattered = None
+            self.free.put_nowait(slot)
+        self.this_step = [[] for _ in self.host_kv]
+        self.last_step = [[] for _ in self.host_kv]
+
+    async def stage(self, layer: int, mb: MicroBatch, label=None) -> Staged:
+        """Gather the micro-batch's cached rows on the host worker (awaited: the loop goes on meanwhile),
+        then copy them onto the device in one copy. `label(bytes, flow)` names the copy in a trace."""
+        b = self.backend
+        if mb.index == 0:  # a new step for this layer: what the last one wrote must be home before we read
+            self.last_step[layer], self.this_step[layer] = self.this_step[layer], []
+        slot = await self.free.get()
+        S = mb.attn.max_kv
+        numel = layer_kv_numel(self.cfg, len(mb.rows), S)
+        host, device = (layer_kv_over(self.cfg, len(mb.rows), S, flat) for flat in (slot.host_in, slot.device_in))
+        if not any(mb.past_lens):  # prompts only: nothing cached to bring. The launch waits for the slot's
+            if slot.scattered is not None:  # last write-back (it reads the buffer the launch writes), and our
+                await b.wait(slot.scattered)  # write-back for that last scatter (it reads the one ours fills)
+            return Staged(slot, device, slot.written, 0)
+        longest = max(mb.past_lens)
+        # The gather waits for what still reads the slot's host buffers: its last stage copy (host_in) and
+        # last scatter (host_new, which this micro-batch's write-back overwrites), and for the rows it reads
+        # to be home; awaiting the gather then covers all of it without holding up the micro-batch before.
+        for before in (slot.staged, slot.scattered, *self.last_step[layer]):
+            if before is not None:
+                b.host_gather.wait_event(before)
+        rows = torch.tensor(mb.rows)
+        await b.wait(b.host_gather.submit(lambda: _gather(self.host_kv[layer], host, rows, longest)))
+        if slot.written is not None:
+            b.h2d_kv.wait_event(slot.written)  # the slot's last launch and write-back are done with it
+        nbytes = numel * slot.host_in.element_size()
+        flow = b.recorder.new_flow() if b.recorder is not None else 0
+        src, dst = slot.host_in[:numel], slot.device_in[:numel]
+        slot.staged = b.submit_copy(b.h2d_kv, lambda: dst.copy_(src, non_blocking=True), nbytes,
+                                    label(nbytes, flow) if label else None)
+        return Staged(slot, device, slot.staged, nbytes, flow)
+
+    def new_entries(self, staged: Staged, mb: MicroBatch) -> None:
+        """Inside the attention launch, after it: its new entries, [b, S', ...] -> dense [t, ...] in the slot."""
+        a = mb.attn
+        t = len(a.positions)
+        new = layer_kv_over(self.cfg, t, 1, staged.slot.device_new)  # [t, 1, ...] per tensor
+        flat = a.token_seq * a.max_kv + a.positions  # [t] row of each new entry in the [b * S'] view
+        for f in fields(new):
+            src = getattr(staged.kv, f.name)
+            torch.index_select(src.flatten(0, 1), 0, flat, out=getattr(new, f.name).flatten(0, 1))
+
+    def write_back(self, layer: int, staged: Staged, mb: MicroBatch, done: Event, label=None) -> Event:
+        """After the launch (`done`): its new entries home, one device-to-host copy, then a host scatter.
+        Frees the slot; returns the write-back copy's event."""
+        b, slot = self.backend, staged.slot
+        t = sum(mb.q_lens)
+        numel = layer_kv_numel(self.cfg, t, 1)
+        nbytes = numel * slot.host_new.element_size()
+        b.d2h.wait_event(done)  # (`stage` saw to it that the slot's last scatter is done with host_new)
+        src, dst = slot.device_new[:numel], slot.host_new[:numel]
+        slot.written = b.submit_copy(b.d2h, lambda: dst.copy_(src, non_blocking=True), nbytes,
+                                     label(nbytes) if label else None)
+        b.host_scatter.wait_event(slot.written)
+        new = layer_kv_over(self.cfg, t, 1, slot.host_new)
+        slot.scattered = b.host_scatter.submit(lambda: _scatter(self.host_kv[layer], new, mb))
+        self.this_step[layer].append(slot.scattered)
+        self.free.put_nowait(slot)
+        return slot.written
+
+
+def _gather(host: LayerKV, staged: LayerKV, rows: Tensor, longest: int) -> None:
+    """host rows `rows` [b], positions [0, longest) -> staged [b, S', ...] (one gather per tensor; into its
+    destination directly: `dst[...] = src[rows]` would build the gathered rows first, a second pass)."""
+    for f in fields(host):
+        src, dst = getattr(host, f.name), getattr(staged, f.name)
+        torch.index_select(src[:, :longest], 0, rows, out=dst[:, :longest])  # [b, S'', ...]
+
+
+def _scatter(host: LayerKV, new: LayerKV, mb: MicroBatch) -> None:
+    """new entries [t, 1, ...] -> their rows and positions of the host cache (one scatter per tensor)."""
+    q = torch.tensor(mb.q_lens)
+    rows = torch.tensor(mb.rows).repeat_interleave(q)  # [t] host row of each new token
+    starts = torch.tensor(mb.past_lens).repeat_interleave(q)  # [t] its sequence's cached length
+    first = torch.cumsum(q, 0) - q  # [b] its sequence's first token among the t
+    positions = starts + torch.arange(len(rows)) - first.repeat_interleave(q)  # [t]
+    for f in fields(host):
+        getattr(host, f.name)[rows, positions] = getattr(new, f.name)[:, 0]
