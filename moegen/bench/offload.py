@@ -23,7 +23,8 @@ from pathlib import Path
 from moegen.bench.flops import model_work
 from moegen.bench.machine import gemm_flops
 from moegen.models.hf_config import load_model_config
-from moegen.trace.summarize import Slice, parse
+from moegen.trace.slices import Slice
+from moegen.trace.summarize import parse
 
 
 def link_for(model_dir: Path, hide_tokens: int) -> tuple[float, float]:

@@ -15,6 +15,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moegen.config import ModelConfig
 from moegen.models.hf_config import generation_eos_ids
@@ -29,12 +30,18 @@ from moegen.runtime.requests import Request, Result
 from moegen.runtime.scheduler import Scheduler
 from moegen.runtime.tasks import all_tasks, prefetch_task
 
+if TYPE_CHECKING:
+    from moegen.trace.memory import MemoryRecorder
+
 
 class Engine:
-    """A model directory on a backend. `generate(requests)` yields each result as it finishes."""
+    """A model directory on a backend. `generate(requests)` yields each result as it finishes.
+    `trace`: a Perfetto trace file to write (`--trace`), or a recorder to record into (the planner's
+    in-memory one); None records nothing."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, eos_ids: tuple[int, ...],
-                 record_intervals: bool = False, trace: Path | None = None, trace_steps: range | None = None):
+                 record_intervals: bool = False, trace: Path | MemoryRecorder | None = None,
+                 trace_steps: range | None = None):
         self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
         limit_malloc_arenas()  # before the stream threads: they would each hoard freed activations
         self.backend = make_backend(rcfg, record_intervals)
