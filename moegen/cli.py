@@ -119,9 +119,20 @@ def plan_user(knobs: dict) -> frozenset[str] | None:
                      if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))
 
 
+def need_perfetto(what: str) -> None:
+    """Where `what` (--trace, `moegen trace summarize`, a bench scenario) reads or writes Perfetto traces:
+    fail now if the perfetto package can't be imported, with the fix, not after loading and planning."""
+    try:
+        import moegen.trace.protos  # noqa: F401
+    except ImportError as exc:
+        raise click.ClickException(f"{what}: {exc}") from exc
+
+
 def trace_options(knobs: dict) -> tuple[Path | None, range | None]:
     """Pop --trace and --trace-steps (not runtime knobs) from the parsed flags."""
     path, steps = knobs.pop("trace"), knobs.pop("trace_steps")
+    if path is not None:
+        need_perfetto("--trace")
     if steps is None:
         return path, None
     first, sep, end = steps.partition(":")
@@ -284,9 +295,9 @@ def plan_cmd(model_dir, requests, prompt_len, max_new_tokens, recalibrate, as_js
     from moegen.planner.cost import Workload
     from moegen.planner.plan import format_plan, plan_run
 
-    trace, _ = trace_options(knobs)
-    if knobs["no_plan"] or trace is not None:
+    if knobs["no_plan"] or knobs["trace"] is not None:
         raise click.UsageError("--no-plan and --trace apply to serve-offline and generate; `moegen plan` only plans")
+    trace_options(knobs)
     user = plan_user(knobs)
     if knobs["max_seq_len"] is None:
         knobs["max_seq_len"] = prompt_len + max_new_tokens
@@ -368,6 +379,8 @@ def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, 
     """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
     from moegen.bench.run import BenchOptions, run_bench
 
+    if scenario != "vs-transformers":  # the offload and planner scenarios measure from their runs' traces
+        need_perfetto(f"moegen bench --scenario {scenario}")
     options = BenchOptions(scenario, [Path(m) for m in models], prompts, new_tokens, tuple(hf_batches), offload_batch,
                            offload_seq_len, offload_prompt_len, offload_expert_slots, offload_new_tokens, json_path,
                            keep_trace)
@@ -384,6 +397,7 @@ def trace_group():
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def trace_summarize_cmd(file, as_json):
     """Overlap, stream busy fractions, bubbles, module times, GB/s, FLOP/s and the bound, from FILE alone."""
+    need_perfetto("moegen trace summarize")
     from moegen.trace.summarize import TraceFileError, format_summary, summarize
 
     try:

@@ -42,3 +42,16 @@ def test_generate_with_first_calibration_needs_no_tracing_packages(tiny_checkpoi
     assert "moegen: plan: knobs:" in done.stderr
     assert list((cache / "calibration").glob("cpu-*.json"))
     assert done.stdout.startswith("[0] 'hello there' -> ") and "(3 tokens, length)" in done.stdout
+
+
+def test_trace_without_perfetto_fails_at_start_naming_the_fix(tiny_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    trace = tmp_path / "run.pftrace"
+    done = moegen_without(TRACING, cache, "generate", tiny_checkpoint("mixtral"), "--prompt", "hello",
+                          "--max-new-tokens", "2", "--trace", trace)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "--trace" in done.stderr and "pip install perfetto protobuf" in done.stderr
+    assert not cache.exists() and not trace.exists()  # before calibrating, loading or writing anything
+    summary = moegen_without(TRACING, cache, "trace", "summarize", trace)
+    assert summary.returncode == 1 and "Traceback" not in summary.stderr
+    assert "moegen trace summarize" in summary.stderr and "pip install perfetto protobuf" in summary.stderr

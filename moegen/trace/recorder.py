@@ -15,14 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import (
-    BuiltinClock,
-    TracePacket,
-    TrackDescriptor,
-    TrackEvent,
-)
-from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
-
+from moegen.trace.protos import BuiltinClock, StreamingTraceProtoBuilder, TracePacket, TrackDescriptor, TrackEvent
 from moegen.trace.slices import Label
 
 SEQUENCE = 0x6D6F65  # trusted_packet_sequence_id of every packet ("moe")

@@ -14,10 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf.message import DecodeError
-from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
-
 from moegen.intervals import intersect, length, union
+from moegen.trace.protos import DecodeError, Trace, TrackEvent
 from moegen.trace.slices import Slice, module_kind, stream_of
 
 
