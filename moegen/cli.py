@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import click
-import orjson
 
 from moegen.checkpoints.specs import FAMILY_NAMES, PARAM_RANGE, SIZES
 from moegen.config import ConfigError
+from moegen.io import json_bytes
 from moegen.models.loader import CheckpointError
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.units import format_bytes, parse_bytes
@@ -195,7 +195,7 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
         if as_json:
             record = {"index": c.index, "prompt": c.prompt, "text": c.text, "token_ids": c.token_ids,
                       "finish_reason": c.finish_reason}
-            sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+            sys.stdout.buffer.write(json_bytes.dumps(record) + b"\n")
         else:
             click.echo(f"[{c.index}] {c.prompt!r} -> {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
     sys.stdout.flush()
@@ -310,7 +310,7 @@ def plan_cmd(model_dir, requests, prompt_len, max_new_tokens, recalibrate, as_js
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(plan.to_json(), option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(json_bytes.dumps(plan.to_json(), indent=True) + b"\n")
     else:
         click.echo(format_plan(plan))
 
@@ -405,7 +405,7 @@ def trace_summarize_cmd(file, as_json):
     except TraceFileError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(json_bytes.dumps(summary, indent=True) + b"\n")
     else:
         click.echo(format_summary(summary))
 

@@ -6,11 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from moegen.bench import offload, planner, report, vs_transformers
 from moegen.bench.machine import machine, matmul_peak
 from moegen.checkpoints.demo import cached_checkpoint
+from moegen.io import json_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +36,7 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
 
     def save() -> None:  # after each scenario, so a later failure loses nothing measured
         if o.json_path is not None:
-            o.json_path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+            o.json_path.write_bytes(json_bytes.dumps(out, indent=True))
 
     tables: list[str] = []
     if o.scenario in ("all", "vs-transformers"):

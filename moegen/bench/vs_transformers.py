@@ -17,10 +17,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import orjson
 import torch
 
 from moegen.bench.flops import model_work
+from moegen.io import json_bytes
 from moegen.parity import compare_greedy
 
 
@@ -72,7 +72,7 @@ def run_moegen(model_dir: Path, prompts: list[str], new_tokens: int, workdir: Pa
                extra: tuple[str, ...] = ()) -> tuple[float, list[list[int]], dict]:
     """(seconds from process start to exit, completions, the run's stats JSON) of serve-offline."""
     dataset, output, stats = workdir / "prompts.jsonl", workdir / "results.jsonl", workdir / "stats.json"
-    dataset.write_bytes(b"".join(orjson.dumps({"prompt": p}) + b"\n" for p in prompts))
+    dataset.write_bytes(b"".join(json_bytes.dumps({"prompt": p}) + b"\n" for p in prompts))
     command = [sys.executable, "-m", "moegen", "serve-offline", str(model_dir), "--dataset", str(dataset),
                "--output", str(output), "--overwrite", "--max-new-tokens", str(new_tokens), "--ignore-eos",
                "--output-token-ids", "--stats-json", str(stats), *extra]
@@ -81,8 +81,8 @@ def run_moegen(model_dir: Path, prompts: list[str], new_tokens: int, workdir: Pa
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    records = {r["id"]: r for r in map(orjson.loads, output.read_bytes().splitlines())}
-    return seconds, [records[i]["token_ids"] for i in range(len(prompts))], orjson.loads(stats.read_bytes())
+    records = {r["id"]: r for r in map(json_bytes.loads, output.read_bytes().splitlines())}
+    return seconds, [records[i]["token_ids"] for i in range(len(prompts))], json_bytes.loads(stats.read_bytes())
 
 
 def check_parity(model_dir: Path, prompt_ids: list[list[int]], ours: list[list[int]],
