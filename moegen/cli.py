@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import click
-import orjson
 
 from moegen.checkpoints.specs import FAMILY_NAMES, PARAM_RANGE, SIZES
 from moegen.config import ConfigError
+from moegen.io import json_bytes
 from moegen.models.loader import CheckpointError
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.units import format_bytes, parse_bytes
@@ -68,13 +68,25 @@ def make_model_cmd(out, family, size, seed, expert_layout, max_shard_size, overr
                f">= {made.min_expert_load} token(s)")
 
 
+DEVICE_OPTION = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    help="Backend. auto: cuda where torch sees a GPU (and no --sim-link-gbps), else cpu. cpu runs the same "
+         "runtime with worker threads as streams.")
+DTYPE_OPTION = click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+    help="Weights and compute. auto: on cuda the checkpoint's own (config.json), on cpu float32.")
+
+
+def say(line: str) -> None:
+    """A line about the run on stderr (stdout holds only results)."""
+    click.echo("moegen: " + line, err=True)
+
+
 def runtime_options(fn):
     """The runtime's knobs, one flag per RuntimeConfig field."""
     options = [
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                     help="Backend. cpu runs the same runtime with worker threads as streams."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-                     show_default=True),
+        DEVICE_OPTION,
+        DTYPE_OPTION,
         click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                      help="B: sequences in flight; finished ones are refilled from the waiting prompts."),
         click.option("--attn-micro-batch", type=click.IntRange(min=1), default=256, show_default=True,
@@ -119,9 +131,20 @@ def plan_user(knobs: dict) -> frozenset[str] | None:
                      if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))
 
 
+def need_perfetto(what: str) -> None:
+    """Where `what` (--trace, `moegen trace summarize`, a bench scenario) reads or writes Perfetto traces:
+    fail now if the perfetto package can't be imported, with the fix, not after loading and planning."""
+    try:
+        import moegen.trace.protos  # noqa: F401
+    except ImportError as exc:
+        raise click.ClickException(f"{what}: {exc}") from exc
+
+
 def trace_options(knobs: dict) -> tuple[Path | None, range | None]:
     """Pop --trace and --trace-steps (not runtime knobs) from the parsed flags."""
     path, steps = knobs.pop("trace"), knobs.pop("trace_steps")
+    if path is not None:
+        need_perfetto("--trace")
     if steps is None:
         return path, None
     first, sep, end = steps.partition(":")
@@ -135,9 +158,13 @@ def trace_options(knobs: dict) -> tuple[Path | None, range | None]:
 
 
 def runtime_config(knobs: dict):
+    """The RuntimeConfig of the parsed flags, its device decided (and said) if auto; the dtype, if auto,
+    is decided once the checkpoint is known (`resolve_dtype`)."""
+    from moegen.runtime.auto import resolve_device
     from moegen.runtime.config import RuntimeConfig
 
     values = dict(knobs)
+    values["device"] = resolve_device(values["device"], values["sim_link_gbps"], say)
     for name in ("gpu_memory", "host_kv_memory"):
         if values[name] is not None:
             values[name] = parse_bytes(values[name])
@@ -165,26 +192,27 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
     """Completions of --prompt texts with the model in MODEL_DIR (default: the demo checkpoint)."""
     from moegen.checkpoints.demo import demo_model_dir
     from moegen.generate import SamplingOptions, generate
+    from moegen.runtime.auto import resolve_dtype
 
     trace, trace_steps = trace_options(knobs)
     user = plan_user(knobs)
     try:
+        if model_dir is not None and not model_dir.is_dir():  # before saying anything
+            raise FileNotFoundError(f"{model_dir}: no such model directory")
         rcfg = runtime_config(knobs)
         options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
-        if model_dir is None:
-            model_dir = demo_model_dir()
-        elif not model_dir.is_dir():
-            raise FileNotFoundError(f"{model_dir}: no such model directory")
+        model_dir = model_dir or demo_model_dir()
+        rcfg = resolve_dtype(rcfg, model_dir, say=say)
         completions, stats = generate(model_dir, list(prompts), options, engine, rcfg,
                                       fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps,
-                                      plan_user=user, say=lambda line: click.echo("moegen: " + line, err=True))
+                                      plan_user=user, say=say)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     for c in completions:
         if as_json:
             record = {"index": c.index, "prompt": c.prompt, "text": c.text, "token_ids": c.token_ids,
                       "finish_reason": c.finish_reason}
-            sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+            sys.stdout.buffer.write(json_bytes.dumps(record) + b"\n")
         else:
             click.echo(f"[{c.index}] {c.prompt!r} -> {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
     sys.stdout.flush()
@@ -233,19 +261,20 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
     from moegen.io.dataset import DatasetError, Fields
     from moegen.io.prompts import Defaults
     from moegen.io.results import OutputError
+    from moegen.runtime.auto import resolve_dtype
     from moegen.serve import RowError, ServeOptions, serve_offline
 
     trace, trace_steps = trace_options(knobs)
     user = plan_user(knobs)
     try:
-        rcfg = runtime_config(knobs)
         dataset = dataset or _default_dataset()
-        if not dataset.is_file():
+        if not dataset.is_file():  # the inputs first, before saying anything
             raise DatasetError(f"{dataset}: no such dataset file")
-        if model_dir is None:
-            model_dir = demo_model_dir()
-        elif not model_dir.is_dir():
+        if model_dir is not None and not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: no such model directory")
+        rcfg = runtime_config(knobs)
+        model_dir = model_dir or demo_model_dir()
+        rcfg = resolve_dtype(rcfg, model_dir, say=say)
         fields = Fields(prompt=prompt_field, messages=messages_field, id=id_field)
         opts = ServeOptions(dataset=dataset, output=output, format=fmt, fields=fields, chat_template=chat_template,
                             defaults=Defaults(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop),
@@ -283,52 +312,54 @@ def plan_cmd(model_dir, requests, prompt_len, max_new_tokens, recalibrate, as_js
     from moegen.models.loader import load_checkpoint
     from moegen.planner.cost import Workload
     from moegen.planner.plan import format_plan, plan_run
+    from moegen.runtime.auto import resolve_dtype
 
-    trace, _ = trace_options(knobs)
-    if knobs["no_plan"] or trace is not None:
+    if knobs["no_plan"] or knobs["trace"] is not None:
         raise click.UsageError("--no-plan and --trace apply to serve-offline and generate; `moegen plan` only plans")
+    trace_options(knobs)
     user = plan_user(knobs)
     if knobs["max_seq_len"] is None:
         knobs["max_seq_len"] = prompt_len + max_new_tokens
     try:
-        rcfg = runtime_config(knobs)
+        rcfg = resolve_dtype(runtime_config(knobs), model_dir, say=say)
         cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
         workload = Workload(requests, prompt_len, max_new_tokens, rcfg.max_seq_len)
-        plan = plan_run(cfg, weights, rcfg, user, workload, lambda line: click.echo("moegen: " + line, err=True),
-                        recalibrate)
+        plan = plan_run(cfg, weights, rcfg, user, workload, say, recalibrate)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(plan.to_json(), option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(json_bytes.dumps(plan.to_json(), indent=True) + b"\n")
     else:
         click.echo(format_plan(plan))
 
 
 @main.command("calibrate")
 @click.argument("model_dirs", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="The dtype the MODEL_DIRS' modules are profiled in.")
+@DEVICE_OPTION
+@DTYPE_OPTION
 def calibrate_cmd(model_dirs, device, dtype):
     """Measure the device (link, host copies, launch and sync costs) and, for each of MODEL_DIRS, its
     modules' launch times; cached per machine and device for `plan` and `serve-offline`."""
     from moegen.planner.calibrate import calibrated, cache_path, save
     from moegen.models.loader import load_checkpoint
     from moegen.planner.profile import describe_profile, measure_in_run, measure_profile, signature
-    from moegen.runtime.config import DTYPES, RuntimeConfig
+    from moegen.runtime.auto import resolve_device, resolve_dtype
+    from moegen.runtime.config import RuntimeConfig
 
     try:
+        device = resolve_device(device, say=say)
         cal = calibrated(device, force=True)
         m = cal.machine
         click.echo(f"{device}: host copies {m.memcpy_gbps:.1f} GB/s; module launch {m.launch_s * 1e6:.1f} us; "
                    f"host sync {m.sync_s * 1e6:.1f} us"
                    + (f"; pinned H2D {m.link_h2d_gbps:.1f} GB/s, D2H {m.link_d2h_gbps:.1f} GB/s"
                       if m.link_h2d_gbps else "; no link measured (the cpu backend's link is simulated: exact)"))
-        for model_dir in model_dirs:
-            cfg, weights, _ = load_checkpoint(model_dir, DTYPES[dtype])
-            profile = measure_profile(cfg, weights, device, DTYPES[dtype])
-            profile.in_run = measure_in_run(cfg, weights, RuntimeConfig(device=device, dtype=dtype), profile)
-            cal.profiles[signature(cfg, dtype)] = profile
+        for model_dir in model_dirs:  # each in its own dtype where --dtype is auto
+            rcfg = resolve_dtype(RuntimeConfig(device=device, dtype=dtype), model_dir, say=say)
+            cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
+            profile = measure_profile(cfg, weights, device, rcfg.torch_dtype)
+            profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
+            cal.profiles[signature(cfg, rcfg.dtype)] = profile
             click.echo(f"{model_dir}:\n" + describe_profile(profile, cfg))
         save(cal)
     except USER_ERRORS as exc:
@@ -363,12 +394,18 @@ def calibrate_cmd(model_dirs, device, dtype):
               help="Write every raw number here.")
 @click.option("--keep-trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="offload: keep the module-based run's trace here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="vs-transformers: what both engines run on (auto: cuda where torch sees a GPU, else cpu). "
+                   "offload and planner run on the cpu backend: their link is simulated.")
 def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
-              offload_expert_slots, offload_new_tokens, json_path, keep_trace):
+              offload_expert_slots, offload_new_tokens, json_path, keep_trace, device):
     """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
     from moegen.bench.run import BenchOptions, run_bench
+    from moegen.runtime.auto import resolve_device
 
-    options = BenchOptions(scenario, [Path(m) for m in models], prompts, new_tokens, tuple(hf_batches), offload_batch,
+    if scenario != "vs-transformers":  # the offload and planner scenarios measure from their runs' traces
+        need_perfetto(f"moegen bench --scenario {scenario}")
+    options = BenchOptions(scenario, resolve_device(device, say=say), [Path(m) for m in models], prompts, new_tokens, tuple(hf_batches), offload_batch,
                            offload_seq_len, offload_prompt_len, offload_expert_slots, offload_new_tokens, json_path,
                            keep_trace)
     click.echo("\n".join(run_bench(options, say=lambda text: click.echo(text, err=True))))
@@ -384,6 +421,7 @@ def trace_group():
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def trace_summarize_cmd(file, as_json):
     """Overlap, stream busy fractions, bubbles, module times, GB/s, FLOP/s and the bound, from FILE alone."""
+    need_perfetto("moegen trace summarize")
     from moegen.trace.summarize import TraceFileError, format_summary, summarize
 
     try:
@@ -391,7 +429,7 @@ def trace_summarize_cmd(file, as_json):
     except TraceFileError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(json_bytes.dumps(summary, indent=True) + b"\n")
     else:
         click.echo(format_summary(summary))
 

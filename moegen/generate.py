@@ -11,6 +11,7 @@ from pathlib import Path
 from moegen.models.hf_config import generation_eos_ids, load_model_config
 from moegen.models.loader import load_checkpoint
 from moegen.models.reference import ReferenceModel
+from moegen.runtime.auto import resolve_dtype
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.requests import Request
 
@@ -93,7 +94,7 @@ def generate(model_dir: Path, prompts: list[str], options: SamplingOptions, engi
 def _reference(model_dir, ids, options: SamplingOptions, eos, rcfg):
     if options.temperature > 0:
         raise ValueError("the reference engine is greedy only; drop --temperature or use --engine runtime")
-    dtype = (rcfg or RuntimeConfig()).torch_dtype
+    dtype = resolve_dtype(rcfg or RuntimeConfig(), model_dir).torch_dtype
     cfg, weights, _ = load_checkpoint(model_dir, dtype)
     model = ReferenceModel(cfg, weights)
     loaded = time.perf_counter()

@@ -18,8 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import orjson
-
+from moegen.io import json_bytes
 from moegen.io.dataset import DatasetError, Fields, read_rows
 from moegen.io.progress import Progress
 from moegen.io.prompts import Defaults, build_request
@@ -104,7 +103,7 @@ def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> t
         summary.wall_s = time.perf_counter() - start
         summary.peak_host_memory_gib = peak_rss_bytes() / 2**30
         if opts.stats_json:
-            opts.stats_json.write_bytes(orjson.dumps(asdict(summary), option=orjson.OPT_INDENT_2))
+            opts.stats_json.write_bytes(json_bytes.dumps(asdict(summary), indent=True))
     return (EXIT_SIGNAL if summary.interrupted else EXIT_OK), summary
 
 

@@ -259,3 +259,39 @@ def test_generate_sampling_flags_are_reproducible(olmoe_dir):
 def test_generate_reports_a_budget_that_cannot_hold_the_core(olmoe_dir):
     result = invoke("generate", olmoe_dir, "--prompt", "x", "--gpu-memory", "10KiB")
     assert result.exit_code != 0 and "--gpu-memory" in result.stderr and "Traceback" not in result.output
+
+
+def test_device_and_dtype_auto_are_said_at_start(olmoe_dir):
+    result = invoke("generate", olmoe_dir, "--prompt", "Hi", "--max-new-tokens", 2, "--no-plan")
+    assert result.exit_code == 0, result.output
+    err = result.stderr.splitlines()
+    visible = torch.cuda.is_available()
+    assert err[0] == ("moegen: device cuda (auto: torch sees " + torch.cuda.get_device_name(0) + ")" if visible
+                      else "moegen: device cpu (auto: no GPU visible)")
+    if not visible:
+        assert err[1] == "moegen: dtype float32 (auto: float32 on cpu)"
+        assert "runtime engine, cpu, float32)" in err[-1]
+    given = invoke("generate", olmoe_dir, "--prompt", "Hi", "--max-new-tokens", 2, "--no-plan", "--device", "cpu",
+                   "--dtype", "float32")
+    assert given.exit_code == 0 and "auto" not in given.stderr
+
+
+def test_on_a_gpu_machine_auto_takes_cuda_and_the_checkpoints_dtype(olmoe_dir, monkeypatch):
+    """What torch sees is patched to one GPU; the reference engine runs on the host whatever the device,
+    so the choice shows without a GPU here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
+    named = json.loads((olmoe_dir / "config.json").read_text())["torch_dtype"]
+    assert named == "bfloat16"
+    result = invoke("generate", olmoe_dir, "--prompt", "Hi", "--max-new-tokens", 2, "--engine", "reference")
+    assert result.exit_code == 0, result.output
+    err = result.stderr.splitlines()
+    assert err[:2] == ["moegen: device cuda (auto: torch sees NVIDIA H200)",
+                       "moegen: dtype bfloat16 (auto: the checkpoint's dtype)"]
+    assert "reference engine, cuda, bfloat16)" in err[-1]
+    linked = invoke("generate", olmoe_dir, "--prompt", "Hi", "--max-new-tokens", 2, "--engine", "reference",
+                    "--sim-link-gbps", "4")
+    assert linked.exit_code == 0, linked.output
+    assert linked.stderr.splitlines()[:2] == [
+        "moegen: device cpu (auto: --sim-link-gbps simulates a link on the cpu backend)",
+        "moegen: dtype float32 (auto: float32 on cpu)"]

@@ -28,18 +28,22 @@ def machine() -> dict:
     }
 
 
-def gemm_flops(tokens: int, k: int, n: int, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
-    """Measured FLOP/s of x[tokens, k] @ w[n, k]^T on this CPU (best of repeated runs over ~`seconds`)."""
-    x, w = torch.randn(tokens, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+def gemm_flops(tokens: int, k: int, n: int, dtype: torch.dtype = torch.float32, seconds: float = 1.0,
+               device: str = "cpu") -> float:
+    """Measured FLOP/s of x[tokens, k] @ w[n, k]^T on `device` (best of repeated runs over ~`seconds`)."""
+    x, w = torch.randn(tokens, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     F.linear(x, w)  # warm-up: thread pool, packing buffers
+    sync()
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         F.linear(x, w)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * tokens * k * n / best
 
 
-def matmul_peak() -> float:
-    """FLOP/s of a large square float32 GEMM: the ceiling a run's achieved FLOP/s is set against."""
-    return max(gemm_flops(2048, 2048, 2048), gemm_flops(4096, 1024, 4096))
+def matmul_peak(device: str = "cpu") -> float:
+    """FLOP/s of a large square float32 GEMM on `device`: the ceiling a run's achieved FLOP/s is set against."""
+    return max(gemm_flops(2048, 2048, 2048, device=device), gemm_flops(4096, 1024, 4096, device=device))

@@ -23,7 +23,8 @@ from pathlib import Path
 from moegen.bench.flops import model_work
 from moegen.bench.machine import gemm_flops
 from moegen.models.hf_config import load_model_config
-from moegen.trace.summarize import Slice, parse
+from moegen.trace.slices import Slice
+from moegen.trace.summarize import parse
 
 
 def link_for(model_dir: Path, hide_tokens: int) -> tuple[float, float]:
@@ -72,9 +73,9 @@ def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: flo
     # to its KV).
     prompt_len = max(map(len, prompts))
     set_here = {"batch_size", "attn_micro_batch", "max_step_tokens"} | ({"expert_slots"} if expert_slots else set())
-    rcfg = RuntimeConfig(batch_size=batch, gpu_memory=budget, sim_link_gbps=link_gbps, max_seq_len=seq_len,
-                         batching=mode, max_step_tokens=batch * prompt_len + seq_len, attn_micro_batch=64,
-                         expert_slots=expert_slots)
+    rcfg = RuntimeConfig(device="cpu", batch_size=batch, gpu_memory=budget, sim_link_gbps=link_gbps,
+                         max_seq_len=seq_len, batching=mode, max_step_tokens=batch * prompt_len + seq_len,
+                         attn_micro_batch=64, expert_slots=expert_slots)
     cfg, weights, _ = load_checkpoint(model_dir)
     if mode == "module":  # as serve-offline runs it: the knobs set here stay, the planner chooses the rest
         rcfg = plan_run(cfg, weights, rcfg, frozenset(set_here), Workload(batch, prompt_len, new_tokens, seq_len)).rcfg

@@ -61,7 +61,7 @@ def run_config(c: Config, say: Callable[[str], None]) -> dict:
     weight_bytes = facts.arena_bytes + facts.core_bytes + weights.embed_tokens.numel() * 4
     budget = None if c.budget_share is None else int(weight_bytes * c.budget_share)
     S = c.prompt_len + c.new_tokens
-    base = RuntimeConfig(max_seq_len=S, gpu_memory=budget, sim_link_gbps=c.link_gbps)
+    base = RuntimeConfig(device="cpu", max_seq_len=S, gpu_memory=budget, sim_link_gbps=c.link_gbps)
     workload = Workload(c.requests, c.prompt_len, c.new_tokens, S)
     plan = plan_run(cfg, weights, base, frozenset(), workload, say)
     say(f"  plan: {', '.join(f'{k}={v}' for k, v in plan.best.knobs().items())}; predicted job "

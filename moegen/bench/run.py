@@ -6,16 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from moegen.bench import offload, planner, report, vs_transformers
 from moegen.bench.machine import machine, matmul_peak
 from moegen.checkpoints.demo import cached_checkpoint
+from moegen.io import json_bytes
 
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     scenario: str  # all (vs-transformers and offload), vs-transformers, offload or planner
+    device: str  # vs-transformers: what both engines run on, cpu or cuda (offload, planner: the cpu backend)
     models: list[Path]  # vs-transformers checkpoints; empty: the bench Mixtral- and DeepSeek-V2-Lite-like ones
     prompts: int  # vs-transformers: prompts of 32-128 tokens
     new_tokens: int  # vs-transformers: generated per prompt
@@ -31,20 +31,20 @@ class BenchOptions:
 
 def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
     """Run the chosen scenarios; returns the tables' lines."""
-    out = {"machine": machine(), "matmul_peak_flop_s": matmul_peak(), "scenarios": {}}
-    say(f"moegen bench on {out['machine']['cpu']} ({out['machine']['cores']} cores); float32 matmul peak "
-        f"{out['matmul_peak_flop_s'] / 1e9:.0f} GFLOP/s")
+    out = {"machine": machine(), "device": o.device, "matmul_peak_flop_s": matmul_peak(o.device), "scenarios": {}}
+    on = out["machine"]["gpu"] if o.device == "cuda" else f"{out['machine']['cpu']} ({out['machine']['cores']} cores)"
+    say(f"moegen bench on {on}; float32 matmul peak {out['matmul_peak_flop_s'] / 1e9:.0f} GFLOP/s")
 
     def save() -> None:  # after each scenario, so a later failure loses nothing measured
         if o.json_path is not None:
-            o.json_path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+            o.json_path.write_bytes(json_bytes.dumps(out, indent=True))
 
     tables: list[str] = []
     if o.scenario in ("all", "vs-transformers"):
         for model_dir in o.models or [cached_checkpoint(f, "bench", "bench") for f in ("mixtral", "deepseek_v2")]:
             say(f"vs transformers: {model_dir}")
             result = vs_transformers.scenario(model_dir, o.prompts, o.new_tokens, o.hf_batches,
-                                              out["matmul_peak_flop_s"], say)
+                                              out["matmul_peak_flop_s"], say, o.device)
             out["scenarios"].setdefault("vs_transformers", []).append(result)
             save()
             lines = report.vs_transformers_table(result)

@@ -1,9 +1,10 @@
-"""moegen against transformers `generate` on this CPU: same checkpoint, prompts and token counts.
+"""moegen against transformers `generate` on one device (the cpu or a GPU): same checkpoint,
+prompts and token counts.
 
 transformers runs with its library defaults under `inference_mode`, left padding, in batches,
 float32 (the one setting changed: its default would load the bfloat16 checkpoint as bfloat16,
-and the parity rule is defined in float32, moegen's default), timed around `generate` only.
-moegen runs as a user runs it: `python -m moegen serve-offline` with no knobs, timed from
+and the parity rule is defined in float32), timed around `generate` only. moegen runs as a user
+runs it: `python -m moegen serve-offline` with no knobs but the device and float32, timed from
 process start to exit (imports, loading, tokenizing, writing results included). Tokens are
 checked by the parity rule against the first transformers batch size.
 """
@@ -17,10 +18,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import orjson
 import torch
 
 from moegen.bench.flops import model_work
+from moegen.io import json_bytes
 from moegen.parity import compare_greedy
 
 
@@ -49,19 +50,19 @@ def bench_prompts(tokenizer, count: int, shortest: int = 32, longest: int = 128)
 
 
 def run_transformers(model_dir: Path, prompt_ids: list[list[int]], new_tokens: int, batch: int,
-                     pad_id: int) -> tuple[float, list[list[int]]]:
+                     pad_id: int, device: str = "cpu") -> tuple[float, list[list[int]]]:
     """(seconds of generate, completions) for transformers in batches of `batch`, left padded."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
     outputs = []
     start = time.perf_counter()
     with torch.inference_mode():
         for first in range(0, len(prompt_ids), batch):
             group = prompt_ids[first: first + batch]
             width = max(map(len, group))
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in group])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in group], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
             outputs += out[:, width:].tolist()
@@ -72,7 +73,7 @@ def run_moegen(model_dir: Path, prompts: list[str], new_tokens: int, workdir: Pa
                extra: tuple[str, ...] = ()) -> tuple[float, list[list[int]], dict]:
     """(seconds from process start to exit, completions, the run's stats JSON) of serve-offline."""
     dataset, output, stats = workdir / "prompts.jsonl", workdir / "results.jsonl", workdir / "stats.json"
-    dataset.write_bytes(b"".join(orjson.dumps({"prompt": p}) + b"\n" for p in prompts))
+    dataset.write_bytes(b"".join(json_bytes.dumps({"prompt": p}) + b"\n" for p in prompts))
     command = [sys.executable, "-m", "moegen", "serve-offline", str(model_dir), "--dataset", str(dataset),
                "--output", str(output), "--overwrite", "--max-new-tokens", str(new_tokens), "--ignore-eos",
                "--output-token-ids", "--stats-json", str(stats), *extra]
@@ -81,8 +82,8 @@ def run_moegen(model_dir: Path, prompts: list[str], new_tokens: int, workdir: Pa
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    records = {r["id"]: r for r in map(orjson.loads, output.read_bytes().splitlines())}
-    return seconds, [records[i]["token_ids"] for i in range(len(prompts))], orjson.loads(stats.read_bytes())
+    records = {r["id"]: r for r in map(json_bytes.loads, output.read_bytes().splitlines())}
+    return seconds, [records[i]["token_ids"] for i in range(len(prompts))], json_bytes.loads(stats.read_bytes())
 
 
 def check_parity(model_dir: Path, prompt_ids: list[list[int]], ours: list[list[int]],
@@ -111,7 +112,7 @@ def check_parity(model_dir: Path, prompt_ids: list[list[int]], ours: list[list[i
 
 
 def scenario(model_dir: Path, prompts: int, new_tokens: int, hf_batches: tuple[int, ...], peak: float,
-             say=print) -> dict:
+             say=print, device: str = "cpu") -> dict:
     """Both engines on one checkpoint; returns every number (runs, parity, ratios) for the JSON."""
     from transformers import AutoTokenizer
 
@@ -123,16 +124,17 @@ def scenario(model_dir: Path, prompts: int, new_tokens: int, hf_batches: tuple[i
     generated = prompts * new_tokens
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    _calibrate(model_dir, say)
+    _calibrate(model_dir, say, device)
     with tempfile.TemporaryDirectory(prefix="moegen-bench-") as tmp:
         say(f"  moegen serve-offline on {prompts} prompts ...")
-        seconds, ours, stats = run_moegen(model_dir, texts, new_tokens, Path(tmp))
+        seconds, ours, stats = run_moegen(model_dir, texts, new_tokens, Path(tmp),
+                                          ("--device", device, "--dtype", "float32"))
     runs = [EngineRun("moegen serve-offline (no knobs)", seconds, generated, generated / seconds, flops / seconds,
                       stats["peak_host_memory_gib"])]
     oracle = None
     for batch in hf_batches:
         say(f"  transformers generate, batch {batch} ...")
-        seconds, outputs = run_transformers(model_dir, prompt_ids, new_tokens, batch, pad_id)
+        seconds, outputs = run_transformers(model_dir, prompt_ids, new_tokens, batch, pad_id, device)
         oracle = oracle or outputs
         runs.append(EngineRun(f"transformers generate, batch {batch}", seconds, generated, generated / seconds,
                               flops / seconds))
@@ -148,7 +150,7 @@ def scenario(model_dir: Path, prompts: int, new_tokens: int, hf_batches: tuple[i
     }
 
 
-def _calibrate(model_dir: Path, say) -> None:
+def _calibrate(model_dir: Path, say, device: str) -> None:
     """The planner's calibration of this machine and model, made (and cached) before the timed run: a
     one-time cost per machine, as a user pays it once, not per job."""
     from moegen.models.loader import load_checkpoint
@@ -156,4 +158,4 @@ def _calibrate(model_dir: Path, say) -> None:
     from moegen.runtime.config import RuntimeConfig
 
     cfg, weights, _ = load_checkpoint(model_dir)
-    calibration_for(cfg, weights, RuntimeConfig(), lambda line: say("  " + line))
+    calibration_for(cfg, weights, RuntimeConfig(device=device), lambda line: say("  " + line))

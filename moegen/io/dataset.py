@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import orjson
+from moegen.io import json_bytes
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "openai")
 # Per-row override fields -> Request field. `max_tokens` is the OpenAI spelling.
@@ -77,8 +77,8 @@ def _jsonl(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Ro
         where = f"line {number}"
         index += 1  # every non-empty line is a row: fixing a bad one later renumbers nothing
         try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+            obj = json_bytes.loads(raw)
+        except json_bytes.JSONDecodeError as exc:
             kind = "invalid UTF-8" if _bad_utf8(raw) else "malformed JSON"
             yield Row(id=f"line:{number}", where=where, error=f"{path}, {where}: {kind} ({exc})")
             continue
@@ -95,8 +95,8 @@ def _bad_utf8(raw: bytes) -> bool:
 
 def _json(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Row]:
     try:
-        items = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        items = json_bytes.loads(data)
+    except json_bytes.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc}); a .json dataset is one array of objects") from exc
     if not isinstance(items, list):
         raise DatasetError(f"{path}: a .json dataset must be an array of objects, found {type(items).__name__}")
@@ -150,8 +150,8 @@ def _row(obj: Any, index: int, where: str, fields: Fields, path: Path) -> Row:
         row.messages = obj[fields.messages]
         if isinstance(row.messages, str):  # CSV cells hold messages as JSON text
             try:
-                row.messages = orjson.loads(row.messages)
-            except orjson.JSONDecodeError:
+                row.messages = json_bytes.loads(row.messages)
+            except json_bytes.JSONDecodeError:
                 row.error = f"{path}, {where}: field {fields.messages!r} is not a JSON list of messages"
     elif fields.prompt in obj:
         row.prompt = obj[fields.prompt]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
+from moegen.io import json_bytes
 
 
 class OutputError(ValueError):
@@ -23,7 +23,7 @@ class OutputError(ValueError):
 
 def id_key(rid: Any) -> bytes:
     """Ids compare by their JSON spelling: 3 and "3" are different ids."""
-    return orjson.dumps(rid)
+    return json_bytes.dumps(rid)
 
 
 @dataclass(slots=True)
@@ -42,8 +42,8 @@ def scan(path: Path, fmt: str) -> Existing:
         if not line.strip():
             continue
         try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
+            record = json_bytes.loads(line)
+        except json_bytes.JSONDecodeError as exc:
             raise OutputError(f"{path}: a complete line is not JSON ({exc}); is this a moegen results file?") from exc
         rid = record.get("custom_id") if fmt == "openai" else record.get("id")
         failed = record.get("error") is not None
@@ -61,7 +61,7 @@ def drop_error_records(path: Path, fmt: str) -> None:
     data = path.read_bytes()
     keep = []
     for line in data[: data.rfind(b"\n") + 1].splitlines(keepends=True):  # a partial last line is dropped too
-        if line.strip() and orjson.loads(line).get("error") is None:
+        if line.strip() and json_bytes.loads(line).get("error") is None:
             keep.append(line)
     scratch = path.with_name(path.name + ".moegen-tmp")
     scratch.write_bytes(b"".join(keep))
@@ -99,7 +99,7 @@ class ResultWriter:
         self._write(record)
 
     def _write(self, record: dict) -> None:
-        self._file.write(orjson.dumps(record) + b"\n")
+        self._file.write(json_bytes.dumps(record) + b"\n")
 
 
 def _suffix(rid: Any) -> str:

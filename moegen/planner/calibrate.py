@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-import orjson
 import torch
 
+from moegen.io import json_bytes
 from moegen.runtime.cpu_threads import cpu_lanes
 
 CACHE_FORMAT = 7  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread;
@@ -110,7 +110,7 @@ def device_key(device: str) -> dict:
     """What a calibration is only valid for."""
     key = {"format": CACHE_FORMAT, "device": device, "moegen": version("moegen"), "torch": torch.__version__,
            "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-           "grid": orjson.loads(orjson.dumps([TOKENS, DECODE, PREFILL]))}  # as JSON holds it, for comparing
+           "grid": json_bytes.loads(json_bytes.dumps([TOKENS, DECODE, PREFILL]))}  # as JSON holds it, for comparing
     if device == "cpu":
         key["lanes"] = cpu_lanes()
     if device == "cuda":
@@ -125,7 +125,7 @@ def device_key(device: str) -> dict:
 def cache_path(key: dict) -> Path:
     from moegen.checkpoints.demo import cache_dir
 
-    digest = hashlib.sha256(orjson.dumps(key, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    digest = hashlib.sha256(json_bytes.dumps(key, sort_keys=True)).hexdigest()[:16]
     return cache_dir() / "calibration" / f"{key['device']}-{digest}.json"
 
 
@@ -135,8 +135,8 @@ def load(device: str) -> Calibration | None:
     key = device_key(device)
     path = cache_path(key)
     try:
-        raw = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
+        raw = json_bytes.loads(path.read_bytes())
+    except (OSError, json_bytes.JSONDecodeError):
         return None
     if raw.get("key") != key:
         return None
@@ -148,7 +148,7 @@ def save(cal: Calibration) -> Path:
     path = cache_path(cal.key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(asdict(cal), option=orjson.OPT_INDENT_2))
+    tmp.write_bytes(json_bytes.dumps(asdict(cal), indent=True))
     tmp.replace(path)
     return path
 

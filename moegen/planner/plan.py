@@ -102,8 +102,10 @@ def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] |
     `user` None runs `rcfg` as it is (plan None)."""
     from moegen.models.hf_config import generation_eos_ids
     from moegen.models.loader import load_checkpoint
+    from moegen.runtime.auto import resolve_dtype
     from moegen.runtime.engine import Engine
 
+    rcfg = resolve_dtype(rcfg, model_dir, say=say)
     cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
     plan = None
     if user is not None:

@@ -205,16 +205,15 @@ def describe_profile(p: Profile, cfg: ModelConfig) -> str:
 def measure_in_run(cfg: ModelConfig, weights: ModelWeights, rcfg, profile: Profile, sequences: int = 128,
                    prompt_len: int = 16, new_tokens: int = 6) -> dict[str, float]:
     """Per module type, the time a launch takes in a real run beyond what `profile` says it takes alone:
-    short traced runs of the engine (random prompts, EOS ignored), each compute slice set against the
-    profile at its own size; the median per run, the lower of two runs (a busy moment of a shared
-    machine inflates one run, not both)."""
+    short runs of the engine (random prompts, EOS ignored) recorded in memory, each compute slice set
+    against the profile at its own size; the median per run, the lower of two runs (a busy moment of
+    a shared machine inflates one run, not both). In memory, not in a trace file: this runs on a
+    user's first serve-offline, where tracing is off and the perfetto package may be missing."""
     import dataclasses
-    import tempfile
-    from pathlib import Path
 
     from moegen.runtime.engine import Engine
     from moegen.runtime.requests import Request
-    from moegen.trace.summarize import parse
+    from moegen.trace.memory import MemoryRecorder
 
     gen = torch.Generator().manual_seed(0)
     requests = [Request(torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist(), new_tokens,
@@ -224,17 +223,16 @@ def measure_in_run(cfg: ModelConfig, weights: ModelWeights, rcfg, profile: Profi
                               max_seq_len=prompt_len + new_tokens, gpu_memory=None, sim_link_gbps=None,
                               expert_slots=None, resident_experts=None, batching="module", max_step_tokens=8192)
     medians: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(2):
-            trace = Path(tmp) / f"in-run-{i}.pftrace"
-            with Engine(cfg, weights, run, (), trace=trace) as engine:
-                for _ in engine.generate(requests):
-                    pass
-            extra: dict[str, list[float]] = {}
-            for kind, seconds, alone in _launch_times(parse(trace).slices, profile, cfg):
-                extra.setdefault(kind, []).append(seconds - alone)
-            for kind, v in extra.items():
-                medians[kind] = min(medians.get(kind, math.inf), max(0.0, sorted(v)[len(v) // 2]))
+    for _ in range(2):
+        recorder = MemoryRecorder()
+        with Engine(cfg, weights, run, (), trace=recorder) as engine:
+            for _ in engine.generate(requests):
+                pass
+        extra: dict[str, list[float]] = {}
+        for kind, seconds, alone in _launch_times(recorder.slices, profile, cfg):
+            extra.setdefault(kind, []).append(seconds - alone)
+        for kind, v in extra.items():
+            medians[kind] = min(medians.get(kind, math.inf), max(0.0, sorted(v)[len(v) // 2]))
     return medians
 
 
@@ -242,7 +240,7 @@ def _launch_times(slices, profile: Profile, cfg: ModelConfig) -> list[tuple[str,
     """(module type, seconds in the run, seconds alone per the profile) of each compute launch. Launches
     that ran side by side on lanes are taken by group (overlapping slices): the group's time, shared
     out in proportion to the launches' profiled times."""
-    from moegen.trace.summarize import module_kind, stream_of
+    from moegen.trace.slices import module_kind, stream_of
 
     out, lanes = [], []
     for s in slices:

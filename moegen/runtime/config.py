@@ -12,10 +12,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
-    device: Literal["cpu", "cuda"] = "cpu"
-    """Backend: `cuda` (torch streams and events) or `cpu` (worker threads; can simulate a device)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Backend: `cuda` (torch streams and events) or `cpu` (worker threads; can simulate a device); `auto`
+    becomes cuda where torch sees a GPU and no link is simulated, else cpu, when the config is made."""
     dtype: str = "float32"
-    """Compute and weight dtype on the device: float32, bfloat16 or float16."""
+    """Compute and weight dtype on the device: float32, bfloat16 or float16; `auto` is decided against the
+    checkpoint (`auto.resolve_dtype`: its own dtype on cuda, float32 on cpu)."""
     batch_size: int = 256
     """B: sequences in flight. Finished ones are replaced by waiting prompts at once. Larger B gives each
     expert more tokens per launch (on 2 cpu cores: 64 -> 256 sequences took the bench Mixtral from 227 to
@@ -46,10 +48,13 @@ class RuntimeConfig:
     """cpu backend: pace host->device copies to this bandwidth (GB/s) to simulate a PCIe link."""
 
     def __post_init__(self):
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from moegen.runtime.auto import resolve_device
+
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        object.__setattr__(self, "device", resolve_device(self.device, self.sim_link_gbps))  # frozen: once, here
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("batch_size", "attn_micro_batch", "max_seq_len", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -66,4 +71,7 @@ class RuntimeConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ValueError("dtype auto is decided against a checkpoint: pass the config through "
+                             "moegen.runtime.auto.resolve_dtype(rcfg, model_dir) first, or give a dtype")
         return DTYPES[self.dtype]

@@ -152,7 +152,7 @@ class Runtime:
         """A slice label for a stream work item, or None when not tracing."""
         if self.backend.recorder is None:
             return None
-        from moegen.trace.recorder import Label
+        from moegen.trace.slices import Label
 
         return Label(name, args, flows_out=flows_out, flows_in=flows_in)
 
@@ -173,7 +173,7 @@ class Runtime:
     def mark_unused_copy(self, module, flow: int) -> Event:
         """A weight copy nobody used (its expert got no tokens once routed): its flow ends on an empty
         marker queued on the copy stream itself, so it lands right after that copy in the trace."""
-        from moegen.trace.recorder import Label
+        from moegen.trace.slices import Label
 
         return self.backend.h2d_weights.submit(lambda: None, Label(f"unused {module}", {}, flows_in=(flow,)))
 

@@ -15,11 +15,13 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moegen.config import ModelConfig
 from moegen.models.hf_config import generation_eos_ids
 from moegen.models.loader import load_checkpoint
 from moegen.models.weights import ModelWeights
+from moegen.runtime.auto import resolve_dtype
 from moegen.runtime.backend import Backend
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.context import STOP, EngineStats, Runtime
@@ -29,12 +31,19 @@ from moegen.runtime.requests import Request, Result
 from moegen.runtime.scheduler import Scheduler
 from moegen.runtime.tasks import all_tasks, prefetch_task
 
+if TYPE_CHECKING:
+    from moegen.trace.memory import MemoryRecorder
+
 
 class Engine:
-    """A model directory on a backend. `generate(requests)` yields each result as it finishes."""
+    """A model directory on a backend. `generate(requests)` yields each result as it finishes.
+    `trace`: a Perfetto trace file to write (`--trace`), or a recorder to record into (the planner's
+    in-memory one); None records nothing."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, eos_ids: tuple[int, ...],
-                 record_intervals: bool = False, trace: Path | None = None, trace_steps: range | None = None):
+                 record_intervals: bool = False, trace: Path | MemoryRecorder | None = None,
+                 trace_steps: range | None = None):
+        rcfg = resolve_dtype(rcfg, loaded=weights.norm.dtype)  # --dtype auto: the weights' own
         self.cfg, self.rcfg, self.eos_ids = cfg, rcfg, eos_ids
         limit_malloc_arenas()  # before the stream threads: they would each hoard freed activations
         self.backend = make_backend(rcfg, record_intervals)
@@ -53,6 +62,7 @@ class Engine:
     @classmethod
     def from_model_dir(cls, model_dir: Path, rcfg: RuntimeConfig, record_intervals: bool = False,
                        trace: Path | None = None, trace_steps: range | None = None) -> Engine:
+        rcfg = resolve_dtype(rcfg, model_dir)
         cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
         return cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), record_intervals, trace, trace_steps)
 

@@ -270,7 +270,7 @@ class Placement:
         dst = pool.buffers[slot][: block.flat.numel()]
         label, flow = None, 0
         if self.backend.recorder is not None:
-            from moegen.trace.recorder import Label
+            from moegen.trace.slices import Label
 
             flow = self.backend.recorder.new_flow()
             label = Label(f"copy {module}", {"layer": module.layer, "expert": module.expert, "bytes": block.nbytes,

@@ -1,1 +1,1 @@
-"""Perfetto traces of runs: recording, and summaries computed from the file alone."""
+"""Traces of runs: recording (to a Perfetto file, or in memory), and summaries computed from the file alone."""

@@ -3,7 +3,8 @@
 One writer sequence for the whole trace: packets from the loop thread and the stream workers go
 through one lock, event names are interned (each name's string is written once), and timestamps
 are `time.time_ns()` on the REALTIME clock, with a clock snapshot so trace processors align them.
-Nothing here runs when tracing is off: every caller holds `None` instead of a recorder.
+Nothing here runs when tracing is off: every caller holds `None` instead of a recorder (and the
+planner's in-run calibration records in memory instead: `memory.MemoryRecorder`).
 """
 
 from __future__ import annotations
@@ -11,30 +12,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import (
-    BuiltinClock,
-    TracePacket,
-    TrackDescriptor,
-    TrackEvent,
-)
-from perfetto.trace_builder.proto_builder import StreamingTraceProtoBuilder
+from moegen.trace.protos import BuiltinClock, StreamingTraceProtoBuilder, TracePacket, TrackDescriptor, TrackEvent
+from moegen.trace.slices import Label
 
 SEQUENCE = 0x6D6F65  # trusted_packet_sequence_id of every packet ("moe")
 ROOT_UUID = 1
-
-
-@dataclass(slots=True)
-class Label:
-    """What a stream work item is, for its slice: name, args, flows it starts and ends."""
-
-    name: str
-    args: dict[str, Any] = field(default_factory=dict)  # layer, expert, tokens, bytes, flops, step, micro_batch
-    flows_out: tuple[int, ...] = ()  # flows starting at this slice (a copy feeding a compute)
-    flows_in: tuple[int, ...] = ()  # flows ending here
 
 
 class TraceRecorder:

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moegen.runtime.backend import Backend
 from moegen.runtime.scheduler import StepPlan
-from moegen.trace.recorder import Label, TraceRecorder
+from moegen.trace.slices import Label
+
+if TYPE_CHECKING:
+    from moegen.trace.memory import MemoryRecorder
 
 
 class StepTracer:
     """The loop's side of a trace: a track for the event loop (step slices), then the streams', then
-    counters; `--trace-steps A:B` records only those steps."""
+    counters; `--trace-steps A:B` records only those steps.
 
-    def __init__(self, path: Path, steps: range | None, backend: Backend):
-        self.recorder = TraceRecorder(path, steps)
+    `trace` is a file to write (a Perfetto `TraceRecorder`, recording `steps`) or a recorder already
+    made, such as a `MemoryRecorder` (which brings its own `steps`)."""
+
+    def __init__(self, trace: Path | MemoryRecorder, steps: range | None, backend: Backend):
+        if isinstance(trace, (str, Path)):
+            from moegen.trace.recorder import TraceRecorder  # the perfetto package: only for trace files
+
+            trace = TraceRecorder(Path(trace), steps)
+        self.recorder = trace
         self.backend = backend
         self.loop_track = self.recorder.track("event loop")
         backend.trace_to(self.recorder)

@@ -10,31 +10,17 @@ type's time is the time any of its launches ran.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf.message import DecodeError
-from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
-
 from moegen.intervals import intersect, length, union
+from moegen.trace.protos import DecodeError, Trace, TrackEvent
+from moegen.trace.slices import Slice, module_kind, stream_of
 
 
 class TraceFileError(ValueError):
     """The file is not a trace this tool can read."""
-
-
-@dataclass(slots=True)
-class Slice:
-    track: str
-    name: str
-    start: int  # ns
-    end: int  # ns
-    args: dict = field(default_factory=dict)
-    depth: int = 0
-    flows_in: tuple[int, ...] = ()
-    flows_out: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -148,16 +134,6 @@ def _bubbles(t: ParsedTrace, compute: list[tuple[int, int]]) -> dict:
 def _next_name(starts: dict, ts: int) -> str:
     later = [k for k in starts if k >= ts]
     return starts[min(later)].name if later else "?"
-
-
-def stream_of(track: str) -> str:
-    """The stream a track belongs to: "compute stream lane 2" -> "compute stream"."""
-    return re.sub(r" lane \d+$", "", track)
-
-
-def module_kind(name: str) -> str:
-    """A compute slice's module type: "expert[3][7]" -> "expert", "lm_head + sample" -> "lm_head"."""
-    return name.split("[")[0].split(" ")[0]
 
 
 def _modules(top: list[Slice], wall: int) -> dict:

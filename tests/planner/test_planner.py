@@ -223,7 +223,7 @@ def test_in_run_times_of_launches_side_by_side_are_shared_out_by_group():
     an expert over t tokens takes t ms; lanes run expert 2 tok [0, 3) and 6 tok [1, 9) (group: 9 ms
     for 8 ms alone), then 4 tok [12, 16) alone on a lane (a group of one); the stream runs a
     router [9, 10) (profile 1 ms)."""
-    from moegen.trace.summarize import Slice
+    from moegen.trace.slices import Slice
 
     c = Curve([(1.0, MS), (1e9, 1e9 * MS)])
     profile = dataclasses.replace(flat_profile(), expert=c)

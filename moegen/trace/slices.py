@@ -1,0 +1,46 @@
+"""What a trace is made of, without Perfetto: the label a work item carries, the slice it becomes,
+and what a track's or a slice's name says (its stream, its module type).
+
+The runtime labels work with these while any recorder is attached (a Perfetto file or the
+planner's in-memory one), so importing this module must never need the perfetto package.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Label:
+    """What a stream work item is, for its slice: name, args, flows it starts and ends."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)  # layer, expert, tokens, bytes, flops, step, micro_batch
+    flows_out: tuple[int, ...] = ()  # flows starting at this slice (a copy feeding a compute)
+    flows_in: tuple[int, ...] = ()  # flows ending here
+
+
+@dataclass(slots=True)
+class Slice:
+    """A recorded slice: on which track, what, when."""
+
+    track: str  # the track's name ("compute stream lane 1", "event loop", ...)
+    name: str
+    start: int  # ns
+    end: int  # ns
+    args: dict = field(default_factory=dict)
+    depth: int = 0  # nesting on its track (0: top level)
+    flows_in: tuple[int, ...] = ()
+    flows_out: tuple[int, ...] = ()
+
+
+def stream_of(track: str) -> str:
+    """The stream a track belongs to: "compute stream lane 2" -> "compute stream"."""
+    return re.sub(r" lane \d+$", "", track)
+
+
+def module_kind(name: str) -> str:
+    """A compute slice's module type: "expert[3][7]" -> "expert", "lm_head + sample" -> "lm_head"."""
+    return name.split("[")[0].split(" ")[0]
