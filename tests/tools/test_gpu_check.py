@@ -127,12 +127,15 @@ def test_scheduled_steps_count_admission_and_the_whole_job():
 
 def test_sizing_shrinks_the_model_to_fit_host_memory_and_time():
     roomy = Budget(device="cpu", link_gbps=1.0, link_source="test", host_available=2**40, disk_free=2**40,
-                   write_s=1e6, module_s=1e6, model_s=1e6, write_gbps=1.0, load_gbps=1.0)
+                   disk_in_memory=False, write_s=1e6, module_s=1e6, model_s=1e6, write_gbps=1.0, load_gbps=1.0)
     big = choose(DRY, 8, roomy, 12 * 2**20, 32, 8)
     assert big.layers == 8 and big.fits and big.batch == 2 * big.model_batch
     small_host = replace(roomy, host_available=int(0.75 * big.weight_bytes / 0.85))
     tight = choose(DRY, 8, small_host, 12 * 2**20, 32, 8)
     assert tight.fits and tight.layers < 8 and tight.weight_bytes + tight.host_kv_bytes <= tight.host_limit
+    in_ram = choose(DRY, 8, replace(roomy, host_available=int(1.5 * big.weight_bytes / 0.85), disk_in_memory=True),
+                    12 * 2**20, 32, 8)  # room for the weights and KV once, but a tmpfs work dir holds them twice
+    assert in_ram.fits and in_ram.layers < 8 and 2 * in_ram.weight_bytes + in_ram.host_kv_bytes <= in_ram.host_limit
     # 1 MB/s to disk and time for half of the 8 layers' bytes
     slow_disk = replace(roomy, write_gbps=1e-3, write_s=big.weight_bytes / 1e6 / 2 / 0.8)
     slow = choose(DRY, 8, slow_disk, 12 * 2**20, 32, 8)

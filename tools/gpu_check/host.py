@@ -38,3 +38,17 @@ def disk_free(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+def in_memory(path: Path) -> bool:
+    """Whether `path` lies on a RAM-backed filesystem (tmpfs, ramfs): a file there takes host memory."""
+    path, best, kind = Path(path).resolve(), "", ""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3 and (str(path) + "/").startswith(fields[1].rstrip("/") + "/") and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind in ("tmpfs", "ramfs")

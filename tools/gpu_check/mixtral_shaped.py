@@ -14,7 +14,7 @@ and synced one by one, so the measured rate is the disk's; the writer stops afte
 would push it past its time budget and writes the config for the layers it wrote. A complete
 checkpoint of the same widths left by an earlier call is reused.
 
-Record: `layers`, `weight_bytes`, `write_s`, `write_gbps`, `reused`, `stopped_early`, `plan`
+Record: `layers`, `weight_bytes`, `write_s`, `write_gbps` (shards only), `reused`, `stopped_early`, `plan`
 (sizing.OffloadPlan), `planned` (the plan made before writing, from which `layers` was the target).
 """
 
@@ -28,6 +28,7 @@ import shutil
 import struct
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,31 +59,38 @@ def run(opts: CheckOptions, name: str) -> Outcome:
     most = max(1, target // layer_bytes)
     planned = choose(shape, most, budget, gpu_memory, opts.prompt, opts.decode, opts.batch)
     reused = _complete(model_dir, shape)
-    started = time.perf_counter()
-    if reused is not None:
-        layers, stopped = reused, False
-    else:
+    if reused is None:
         write_s = float(os.environ.get("GPU_CHECK_TIMEOUT_S", budget.write_s)) * 0.85 - 5  # the sizing above took some
-        layers, stopped = write_checkpoint(model_dir, shape, planned.layers, write_s)
-    seconds = time.perf_counter() - started
-    written = dataclasses.replace(budget, disk_free=2**62)  # the checkpoint exists: only B is chosen now
-    plan = choose(shape, layers, written, gpu_memory, opts.prompt, opts.decode, opts.batch, fixed_layers=True)
+        written = write_checkpoint(model_dir, shape, planned.layers, write_s)
+        layers, rate = written.layers, written.bytes / written.seconds / 1e9
+    else:
+        layers, rate = reused, None
+    at_size = dataclasses.replace(budget, disk_free=2**62)  # the checkpoint exists: only B is chosen now
+    plan = choose(shape, layers, at_size, gpu_memory, opts.prompt, opts.decode, opts.batch, fixed_layers=True)
     plan.save(plan_file)
-    rate = plan.weight_bytes / seconds / 1e9 if reused is None else None
     numbers = {"layers": layers, "weight_bytes": plan.weight_bytes, "reused": reused is not None,
-               "stopped_early": stopped, "write_s": seconds, "write_gbps": rate, "model_dir": str(model_dir),
-               "plan": dataclasses.asdict(plan), "planned": dataclasses.asdict(planned),
+               "stopped_early": reused is None and written.stopped_early,
+               "write_s": None if reused is not None else written.seconds, "write_gbps": rate,
+               "model_dir": str(model_dir), "plan": dataclasses.asdict(plan), "planned": dataclasses.asdict(planned),
                "headline": f"{layers} layers, {plan.weight_bytes / 2**30:.2f} GiB "
-                           + ("reused" if reused is not None else f"written at {rate:.2f} GB/s")
-                           + (" (stopped early: time)" if stopped else "")
+                           + ("reused" if rate is None else f"written at {rate:.2f} GB/s")
+                           + (" (stopped early: time)" if reused is None and written.stopped_early else "")
                            + f"; budget {plan.gpu_memory / 2**30:.2f} GiB, B {plan.batch} "
                            f"(model-based fits {plan.model_batch}), link {plan.link_gbps:.1f} GB/s ({plan.link_source})"}
     return Outcome(numbers, None if plan.fits else "no B fits the mode runs' time estimates at the written size")
 
 
-def write_checkpoint(out: Path, shape: Shape, layers: int, seconds: float, say=print) -> tuple[int, bool]:
+@dataclass(frozen=True, slots=True)
+class Written:
+    layers: int
+    stopped_early: bool  # the next layer would have passed the time budget
+    seconds: float  # writing and syncing the shards (the tokenizer and configs not counted)
+    bytes: int  # the tensors'
+
+
+def write_checkpoint(out: Path, shape: Shape, layers: int, seconds: float, say=print) -> Written:
     """Write the checkpoint with up to `layers` layers, stopping early when the next layer would pass
-    `seconds`; return (layers written, whether it stopped early)."""
+    `seconds`."""
     from moegen.checkpoints.make import meta_checkpoint, write_index, write_metadata
 
     if out.exists():
@@ -111,10 +119,11 @@ def write_checkpoint(out: Path, shape: Shape, layers: int, seconds: float, say=p
         path.rename(final)
         weight_map |= {n: final.name for n in shard}
         total += sum(2 * _numel(s) for s in shard.values())
+    seconds = time.perf_counter() - started
     write_index(out, weight_map, total)
     (out / COMPLETE).write_text(json.dumps({"layers": done, "shape": dataclasses.asdict(shape), "bytes": total}))
-    say(f"wrote {done} layers, {total / 2**30:.2f} GiB in {time.perf_counter() - started:.1f} s")
-    return done, done < layers
+    say(f"wrote {done} layers, {total / 2**30:.2f} GiB in {seconds:.1f} s")
+    return Written(done, done < layers, seconds, total)
 
 
 def _shards(shapes: dict[str, tuple[int, ...]], layers: int) -> list[dict[str, tuple[int, ...]]]:
@@ -190,5 +199,5 @@ def _budget(opts: CheckOptions) -> Budget:
         link, source = opts.fallback_link_gbps, "fallback (no bandwidth record)"
     part_s = {name: stage_timeout(opts, by_name(name)) for name in ("offload.write", "offload.module", "offload.model")}
     return Budget(opts.device, link, source, host.memory()["available"], host.disk_free(opts.work),
-                  part_s["offload.write"], part_s["offload.module"], part_s["offload.model"], opts.write_gbps,
+                  host.in_memory(opts.work), part_s["offload.write"], part_s["offload.module"], part_s["offload.model"], opts.write_gbps,
                   opts.load_gbps)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,8 +118,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def from_args(args: argparse.Namespace, stages: tuple[str, ...], timeouts: dict[str, float]) -> CheckOptions:
-    import os
-
     dry, device = args.dry_run, args.device
     tag = f"{device}{'-dry' if dry else ''}"
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results"

@@ -63,7 +63,6 @@ def run(opts: CheckOptions, name: str) -> Outcome:
     total = sum(r["of"] for r in rows)
     syncs = sum(r["sync_error"] is not None for r in rows)
     numbers = {"rows": rows, "failures": failures, "tf32": torch.backends.cuda.matmul.allow_tf32,
-               "prepared": found,
                "headline": f"{equal}/{total} prompts token-identical over {len(rows)} runs; "
                            f"{len(failures)} failures" + (f" ({syncs} runs hit a sync)" if syncs else "")}
     return Outcome(numbers, "; ".join(failures[:6]) + (" …" if len(failures) > 6 else "") if failures else None)
@@ -86,7 +85,7 @@ def _check(opts: CheckOptions, cfg, weights, want: Expected, dtype: str, knobs: 
     found = divergences(got, want.tokens, want.logits)
     tolerance = 0.0 if dtype == "float32" else want.bf16_tolerance
     row = {"equal": len(got) - len(found), "of": len(got), "divergences": found, "tolerance": tolerance,
-           "accepted": all(d["gap"] < tolerance for d in found), "sync_error": sync_error,
+           "accepted": all(d["gap"] is not None and d["gap"] < tolerance for d in found), "sync_error": sync_error,
            "seconds": time.perf_counter() - started} | stats
     return row, stats["device_high_water"], stats["module_bytes"]
 
@@ -116,7 +115,8 @@ def _why(row: dict) -> list[str]:
     if row["sync_error"] is not None:
         out.append(f"sync under set_sync_debug_mode('error'): {row['sync_error']}")
     if not row["accepted"]:
-        worst = max(row["divergences"], key=lambda d: d["gap"])
+        worst = max(row["divergences"], key=lambda d: float("inf") if d["gap"] is None else d["gap"])
+        gap = "a different length" if worst["gap"] is None else f"gap {worst['gap']:.4f}"
         out.append(f"{len(row['divergences'])}/{row['of']} prompts diverged, prompt {worst['prompt']} at token "
-                   f"{worst['position']} with gap {worst['gap']:.4f} >= tolerance {row['tolerance']:.4f}")
+                   f"{worst['position']} with {gap} (tolerance {row['tolerance']:.4f})")
     return out

@@ -13,9 +13,8 @@ import importlib
 import os
 import platform
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
 
-from tools.gpu_check import host
+from tools.gpu_check import host, records
 from tools.gpu_check.options import CheckOptions
 from tools.gpu_check.prepare import manifest
 from tools.gpu_check.stages import Outcome
@@ -37,10 +36,10 @@ def run(opts: CheckOptions, name: str) -> Outcome:
     smi = _nvidia_smi() if opts.device == "cuda" else {"skipped": "--device cpu"}
     memory = host.memory()
     numbers = {
-        "platform": platform.platform(), "versions_all": {p: _version(p) for p in PACKAGES},
+        "platform": platform.platform(), "versions_all": {p: records.installed(p) for p in PACKAGES},
         "imports": imports, "optional": optional, "cuda": cuda, "nvidia_smi": smi,
         "host": {"cores": os.cpu_count(), "memory_bytes": memory["total"], "available_bytes": memory["available"],
-                 "work_disk_free_bytes": host.disk_free(opts.work)},
+                 "work_disk_free_bytes": host.disk_free(opts.work), "work_in_memory": host.in_memory(opts.work)},
         "wheels": {"installed": os.environ.get("GPU_CHECK_WHEELS", "").split(),
                    "status": os.environ.get("GPU_CHECK_WHEELS_STATUS", "none carried")},
         "prepared": manifest(opts.prepared),
@@ -66,13 +65,6 @@ def _try_import(module: str) -> str:
         return "ok"
     except Exception as exc:  # ImportError, or anything a broken package raises while importing
         return f"{type(exc).__name__}: {exc}"
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package.replace("_", "-"))
-    except PackageNotFoundError:
-        return None
 
 
 def _cuda() -> dict:

@@ -21,15 +21,17 @@ FILE = "records.jsonl"
 STATUSES = ("ok", "failed", "timeout", "skipped")
 
 
+def installed(package: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    try:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        return None
+
+
 def versions() -> dict[str, str | None]:
     """python, torch, its CUDA, transformers: the versions each record carries."""
     import torch
-
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": installed("transformers")}

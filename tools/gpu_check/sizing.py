@@ -70,6 +70,7 @@ class Budget:
     link_source: str  # where link_gbps came from
     host_available: int  # bytes, MemAvailable
     disk_free: int  # bytes under the work dir (after writing: unbounded)
+    disk_in_memory: bool  # the work dir is tmpfs: the checkpoint's files take host memory too
     write_s: float  # part timeouts, seconds
     module_s: float
     model_s: float
@@ -179,7 +180,8 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
     limits = {"write": TIME_SHARE * budget.write_s, "module": TIME_SHARE * budget.module_s,
               "model": TIME_SHARE * budget.model_s}
     host_limit = int(min(HOST_CAP, HOST_SHARE * budget.host_available))
-    fits = (all(estimate[k] <= limits[k] for k in limits) and weight_bytes + host_kv <= host_limit
+    in_memory = weight_bytes if budget.disk_in_memory else 0
+    fits = (all(estimate[k] <= limits[k] for k in limits) and weight_bytes + host_kv + in_memory <= host_limit
             and weight_bytes <= budget.disk_free - DISK_MARGIN)
     return OffloadPlan(layers, weight_bytes, gpu_memory, B, fit, prompt, decode, step_tokens, admission, host_kv,
                        budget.link_gbps, budget.link_source, {k: round(v, 1) for k, v in estimate.items()},

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from tools.gpu_check import records
+from tools.gpu_check.mixtral_shaped import paths
 from tools.gpu_check.options import CheckOptions
 
 WORST_FIRST = ("failed", "timeout", "skipped", "ok")
@@ -13,7 +16,8 @@ def offload_summary(opts: CheckOptions, parts: list[dict]) -> dict:
     side (module-based over model-based decode tokens/s as `speedup`)."""
     by_part = {r["stage"]: r for r in parts}
     status = next(s for s in WORST_FIRST if any(r["status"] == s for r in parts))
-    plan = by_part.get("offload.write", {}).get("plan") or {}
+    plan_file = paths(opts)[1]  # the plan the mode runs followed (a rerun of one part: an earlier call's)
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     keys = ("batch", "decode_tok_s", "link_bound_tok_s", "weights_bound_tok_s", "of_bound", "bytes_per_step",
             "peak_host_bytes", "max_memory_reserved", "device_high_water", "load_s", "run_s", "kv_bound")
     modes = {mode: {k: by_part[f"offload.{mode}"].get(k) for k in keys} | {"status": by_part[f"offload.{mode}"]["status"]}
