@@ -132,11 +132,24 @@ def test_sizing_shrinks_the_model_to_fit_host_memory_and_time():
     assert big.layers == 8 and big.fits and big.batch == 2 * big.model_batch
     small_host = replace(roomy, host_available=int(0.75 * big.weight_bytes / 0.85))
     tight = choose(DRY, 8, small_host, 12 * 2**20, 32, 8)
-    assert tight.fits and tight.layers < 8 and tight.weight_bytes + tight.host_kv_bytes <= tight.host_limit
+    assert tight.fits and tight.layers < 8 and tight.host_bytes == tight.weight_bytes - _outside_arena(tight) + tight.host_kv_bytes
+    assert tight.host_bytes <= tight.host_limit
     in_ram = choose(DRY, 8, replace(roomy, host_available=int(1.5 * big.weight_bytes / 0.85), disk_in_memory=True),
                     12 * 2**20, 32, 8)  # room for the weights and KV once, but a tmpfs work dir holds them twice
-    assert in_ram.fits and in_ram.layers < 8 and 2 * in_ram.weight_bytes + in_ram.host_kv_bytes <= in_ram.host_limit
+    assert in_ram.fits and in_ram.layers < 8 and in_ram.host_bytes + in_ram.weight_bytes <= in_ram.host_limit
     # 1 MB/s to disk and time for half of the 8 layers' bytes
     slow_disk = replace(roomy, write_gbps=1e-3, write_s=big.weight_bytes / 1e6 / 2 / 0.8)
     slow = choose(DRY, 8, slow_disk, 12 * 2**20, 32, 8)
     assert slow.fits and 2 <= slow.layers <= 4 and slow.estimate_s["write"] <= slow.limits_s["write"]
+    # cuda: torch's pinned allocator rounds each allocation up to a power of two
+    on_cuda = choose(DRY, 8, replace(roomy, device="cuda"), 12 * 2**20, 32, 8)
+    arena = on_cuda.weight_bytes - _outside_arena(on_cuda)
+    kv_half_layer = on_cuda.host_kv_bytes // (2 * on_cuda.layers)  # one layer's K (or V)
+    assert on_cuda.host_bytes == 2 ** math.ceil(math.log2(arena)) + 2 * on_cuda.layers * 2 ** math.ceil(
+        math.log2(kv_half_layer))
+
+
+def _outside_arena(plan) -> int:
+    """Bytes of the tensors that are not in the host arena: embedding, lm_head, norms and routers."""
+    H, V, L = DRY.hidden, DRY.vocab, plan.layers
+    return 2 * (2 * V * H + H + L * (2 * H + 8 * H))

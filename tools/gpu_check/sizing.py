@@ -6,13 +6,18 @@ on the device; kv_bytes_per_token; the Scheduler, run on fake tokens, for the st
 over meta tensors of the checkpoint (nothing allocated). What is estimated here is only time:
 
     write  = weights / write GB/s                               (random bytes to disk, synced)
-    mode   = weights / load GB/s + STARTUP_S                    (read into pinned host memory)
+    mode   = (host bytes + weights) / load GB/s + STARTUP_S     (allocate and pin the host buffers,
+                                                                 then copy the weights in from the files)
            + steps × streamed weights / link                    (every step streams what is not resident)
            + decode steps × B × context × KV bytes/token / link (module: the KV is staged every step)
            + 2 × B × prompt × active parameters / FLOP/s        (prefill compute)
 
 with streamed = weights - budget for module-based batching (the budget's rest holds residents) and
-weights - lm_head for model-based (its budget goes to KV). The largest layer count, and then the
+weights - lm_head for model-based (its budget goes to KV). On cuda every pinned allocation is
+rounded up to a power of two by torch's caching host allocator (CachingHostAllocator.h:
+`PowerOf2Ceil(size)` before `cudaHostAlloc`): the runtime's one weight arena of 32.4 GiB pins
+64 GiB, and each layer's K and V of the host KV cache are rounded too. Host memory is counted as
+pinned, and what crosses a power of two costs its load time as well. The largest layer count, and then the
 largest B (BATCH_FACTORS × what model-based batching fits: it is then bound by its KV), whose
 estimates fit TIME_SHARE of each part's timeout and whose weights + host KV fit the host is chosen.
 """
@@ -92,6 +97,7 @@ class OffloadPlan:
     max_step_tokens: int
     admission_steps: int  # steps until every prompt of the batch is admitted (then pure decode)
     host_kv_bytes: int  # module-based batching's KV cache in host memory
+    host_bytes: int  # what module-based batching holds in host memory (cuda: pinned, rounded), the larger
     link_gbps: float
     link_source: str
     estimate_s: dict  # write, module, model
@@ -145,6 +151,7 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
     from moegen.runtime.backend import DeviceBudgetError
     from moegen.runtime.config import RuntimeConfig
     from moegen.runtime.context import model_batch_size
+    from moegen.runtime.placement import module_numels
 
     cfg = model_config(shape, layers)
     tensors, weights = meta_checkpoint(cfg)
@@ -161,10 +168,14 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
     B = batch or max(fit + 1, math.ceil(factor * fit))
     kv_token = kv_bytes_per_token(cfg, torch.bfloat16)
     host_kv = B * seq * kv_token
+    arena = 2 * sum(module_numels(weights).values())  # attention and experts: the host weight arena
+    pin = pinned if budget.device == "cuda" else (lambda n: n)
+    model_host = pin(arena)
+    host_bytes = model_host + 2 * layers * pin(host_kv // (2 * layers))  # module: + each layer's K and V
     admission, module_steps = scheduled_steps(B, prompt, decode, step_tokens)
     _, model_steps = scheduled_steps(fit, prompt, decode, step_tokens)
     link = budget.link_gbps * 1e9
-    load = weight_bytes / (budget.load_gbps * 1e9) + STARTUP_S
+    rate = budget.load_gbps * 1e9
     lm_head = 2 * weights.lm_head.numel()
     layer0 = weights.layers[0]
     # parameters each token multiplies by, per layer: attention and its top-k experts
@@ -172,20 +183,26 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
     flops = FLOPS[budget.device]
     estimate = {
         "write": weight_bytes / (budget.write_gbps * 1e9),
-        "module": load + module_steps * max(weight_bytes - gpu_memory, 0) / link
+        "module": STARTUP_S + (host_bytes + weight_bytes) / rate + module_steps * max(weight_bytes - gpu_memory, 0) / link
                   + (module_steps - admission) * B * (prompt + decode / 2) * kv_token / link
                   + 2 * B * prompt * active * layers / flops,
-        "model": load + model_steps * (weight_bytes - lm_head) / link + 2 * fit * prompt * active * layers / flops,
+        "model": STARTUP_S + (model_host + weight_bytes) / rate + model_steps * (weight_bytes - lm_head) / link
+                 + 2 * fit * prompt * active * layers / flops,
     }
     limits = {"write": TIME_SHARE * budget.write_s, "module": TIME_SHARE * budget.module_s,
               "model": TIME_SHARE * budget.model_s}
     host_limit = int(min(HOST_CAP, HOST_SHARE * budget.host_available))
     in_memory = weight_bytes if budget.disk_in_memory else 0
-    fits = (all(estimate[k] <= limits[k] for k in limits) and weight_bytes + host_kv + in_memory <= host_limit
+    fits = (all(estimate[k] <= limits[k] for k in limits) and host_bytes + in_memory <= host_limit
             and weight_bytes <= budget.disk_free - DISK_MARGIN)
     return OffloadPlan(layers, weight_bytes, gpu_memory, B, fit, prompt, decode, step_tokens, admission, host_kv,
-                       budget.link_gbps, budget.link_source, {k: round(v, 1) for k, v in estimate.items()},
+                       host_bytes, budget.link_gbps, budget.link_source, {k: round(v, 1) for k, v in estimate.items()},
                        {k: round(v, 1) for k, v in limits.items()}, host_limit, fits)
+
+
+def pinned(nbytes: int) -> int:
+    """What torch's pinned host allocator takes for an allocation of `nbytes`: the next power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length()
 
 
 def scheduled_steps(batch: int, prompt: int, decode: int, step_tokens: int) -> tuple[int, int]:
