@@ -44,6 +44,9 @@ def test_dry_run_writes_one_ok_record_per_stage_with_its_numbers(tmp_path):
         assert r["status"] == "ok", r
         assert r["device"] == "cpu" and r["dry_run"] is True and r["seconds"] > 0
         assert r["versions"]["torch"] == torch.__version__
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())  # what comes back: 8 files of 16 MiB at most
+    assert files == ["gpu_check.log", "offload-module.pftrace", "records.jsonl"]
+    assert all(p.stat().st_size < 16 * 2**20 for p in (tmp_path / "out").iterdir())
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert all(f" {name} (timeout" in log for name in STAGES if name != "offload")
     assert "stage           status" in done.stdout  # the table, last

@@ -129,4 +129,4 @@ def from_args(args: argparse.Namespace, stages: tuple[str, ...], timeouts: dict[
         batch=args.batch, prompt=args.prompt or (32 if dry else 512), decode=args.decode or (8 if dry else 32),
         fallback_link_gbps=args.fallback_link_gbps, sim_link_gbps=args.sim_link_gbps, write_gbps=args.write_gbps,
         load_gbps=args.load_gbps, deadline_s=args.deadline or (170.0 if dry else 470.0),
-        force_fail=tuple(args.force_fail), force_hang=tuple(args.force_hang), run_id=time.strftime("%Y%m%d-%H%M%S"))
+        force_fail=tuple(args.force_fail), force_hang=tuple(args.force_hang), run_id=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")

@@ -11,12 +11,14 @@ mode, so its tokens are still checked (cpu: no sync mode).
 
 Record: `rows` (one per family, dtype and knob set: `equal`/`of` prompts identical,
 `divergences` [{prompt, position, ours, oracle, gap}], `tolerance`, `accepted`, `sync_error`,
-`seconds`, `h2d_weight_bytes`, `device_high_water`), `failures` (one line each), `tf32`.
+`error` (the run raised: its other fields are missing), `seconds`, `h2d_weight_bytes`,
+`device_high_water`, `budget`), `failures` (one line each), `tf32`.
 """
 
 from __future__ import annotations
 
 import time
+import traceback
 
 import torch
 
@@ -40,32 +42,48 @@ def run(opts: CheckOptions, name: str) -> Outcome:
                    "CPU before the session and carry .gpu_check")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    from moegen.models.loader import load_checkpoint
-
     rows = []
     for family in found["families"]:
         want = expected(opts.prepared, family)
         for dtype in ("float32", "bfloat16"):
-            module_bytes = None
-            for knob_name, knobs in KNOBS.items():
-                knobs = dict(knobs)
-                if knobs.get("gpu_memory") == "auto":
-                    knobs["gpu_memory"] = module_bytes
-                # loaded afresh for each engine: an engine packs the weights it is given (in its dtype, and
-                # on the cpu reordered for oneDNN), and the next would start from that
-                cfg, weights, _ = load_checkpoint(opts.prepared / "parity" / family)
-                row, high_water, blocks = _check(opts, cfg, weights, want, dtype, knobs)
-                if module_bytes is None:  # room for the core, staging and a quarter of the modules
-                    module_bytes = high_water - 3 * blocks // 4
-                rows.append({"family": family, "dtype": dtype, "knobs": knob_name} | row)
+            rows += _runs(opts, family, want, dtype)
     failures = [f"{r['family']} {r['dtype']} {r['knobs']}: {why}" for r in rows for why in _why(r)]
-    equal = sum(r["equal"] for r in rows)
-    total = sum(r["of"] for r in rows)
-    syncs = sum(r["sync_error"] is not None for r in rows)
+    equal = sum(r.get("equal", 0) for r in rows)
+    total = len(PROMPTS) * len(rows)
+    syncs = sum(r.get("sync_error") is not None for r in rows)
     numbers = {"rows": rows, "failures": failures, "tf32": torch.backends.cuda.matmul.allow_tf32,
                "headline": f"{equal}/{total} prompts token-identical over {len(rows)} runs; "
                            f"{len(failures)} failures" + (f" ({syncs} runs hit a sync)" if syncs else "")}
     return Outcome(numbers, "; ".join(failures[:6]) + (" …" if len(failures) > 6 else "") if failures else None)
+
+
+def _runs(opts: CheckOptions, family: str, want: Expected, dtype: str) -> list[dict]:
+    """A row per knob set; a run that raises is its row's `error`, and the others still run."""
+    from moegen.models.loader import load_checkpoint
+
+    rows, module_bytes = [], None
+    for knob_name, knobs in KNOBS.items():
+        row = {"family": family, "dtype": dtype, "knobs": knob_name, "error": None}
+        knobs = dict(knobs)
+        if knobs.get("gpu_memory") == "auto":
+            if module_bytes is None:
+                rows.append(row | {"error": "no defaults run to size the offload budget from", "seconds": 0.0})
+                continue
+            knobs["gpu_memory"] = module_bytes
+        # loaded afresh for each engine: an engine packs the weights it is given (in its dtype, and on
+        # the cpu reordered for oneDNN), and the next would start from that
+        cfg, weights, _ = load_checkpoint(opts.prepared / "parity" / family)
+        started = time.perf_counter()
+        try:
+            checked, high_water, blocks = _check(opts, cfg, weights, want, dtype, knobs)
+        except Exception as exc:
+            traceback.print_exc()
+            rows.append(row | {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started})
+            continue
+        if module_bytes is None:  # room for the core, staging and a quarter of the modules
+            module_bytes = high_water - 3 * blocks // 4
+        rows.append(row | checked)
+    return rows
 
 
 def _check(opts: CheckOptions, cfg, weights, want: Expected, dtype: str, knobs: dict) -> tuple[dict, int, int]:
@@ -111,6 +129,8 @@ def _generate(cfg, weights, rcfg, eos: tuple[int, ...], sync_debug: bool) -> tup
 
 
 def _why(row: dict) -> list[str]:
+    if row["error"] is not None:
+        return [row["error"]]
     out = []
     if row["sync_error"] is not None:
         out.append(f"sync under set_sync_debug_mode('error'): {row['sync_error']}")

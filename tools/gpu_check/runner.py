@@ -25,21 +25,28 @@ from tools.gpu_check.summary import offload_summary, table
 
 KILL_GRACE_S = 3  # after SIGTERM, before SIGKILL (a process stuck in a CUDA call ignores SIGTERM)
 LOG = "gpu_check.log"
+MAX_LOG_BYTES = 8 * 2**20
 
 
 class Log:
-    """Everything printed: to this terminal and appended to OUT/gpu_check.log."""
+    """Everything printed: to this terminal and appended to OUT/gpu_check.log, up to MAX_LOG_BYTES
+    (what comes back from the GPU machine is at most 16 MiB a file; a stage printing in a loop must
+    not cost the log its end)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", buffering=1)
         self.lock = threading.Lock()
+        self.left = MAX_LOG_BYTES
 
     def say(self, text: str) -> None:
+        line = text if text.endswith("\n") else text + "\n"
         with self.lock:
-            for stream in (sys.stdout, self.file):
-                stream.write(text if text.endswith("\n") else text + "\n")
-                stream.flush()
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if self.left > 0:
+                self.left -= len(line.encode())
+                self.file.write(line if self.left > 0 else f"... log cut at {MAX_LOG_BYTES} bytes\n")
 
 
 def run_all(opts: CheckOptions) -> list[dict]:
@@ -50,7 +57,7 @@ def run_all(opts: CheckOptions) -> list[dict]:
     opts.save(options_file)
     log = Log(opts.out / LOG)
     pip_log = os.environ.get("GPU_CHECK_PIP_LOG")
-    if pip_log and Path(pip_log).is_file():
+    if pip_log and Path(pip_log).is_file() and Path(pip_log).read_text().strip():  # tools/gpu_check.sh's wheels
         log.say(Path(pip_log).read_text())
     log.say(f"gpu_check {opts.run_id}: device {opts.device}{' (dry run)' if opts.dry_run else ''}, stages "
             f"{', '.join(opts.stages)}; out {opts.out}; work {opts.work}; deadline {opts.deadline_s:.0f} s")
@@ -94,6 +101,9 @@ def run_stage(opts: CheckOptions, stage: Stage, options_file: Path, deadline: fl
     except subprocess.TimeoutExpired:
         timed_out = True
         _kill_group(proc)
+    except BaseException:  # Ctrl-C: the stage is in a session of its own and would go on without us
+        _kill_group(proc)
+        raise
     relay.join(KILL_GRACE_S)  # the pipe closes when the last process holding it is gone
     seconds = time.monotonic() - started
     record = _written(opts, stage.name)
