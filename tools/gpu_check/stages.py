@@ -41,9 +41,9 @@ class StageGroup:
 
 
 STAGES: tuple[Stage | StageGroup, ...] = (
-    Stage("1", "preflight", "preflight", 30, 30),
-    Stage("2", "bandwidth", "bandwidth", 40, 30),
-    Stage("3", "parity", "parity", 110, 90),
+    Stage("1", "preflight", "preflight", 45, 30),  # a fresh machine's first torch import reads a cold disk
+    Stage("2", "bandwidth", "bandwidth", 35, 30),
+    Stage("3", "parity", "parity", 100, 90),
     StageGroup("4", "offload", (
         Stage("4.1", "offload.write", "mixtral_shaped", 75, 30),
         Stage("4.2", "offload.module", "offload", 100, 40),
