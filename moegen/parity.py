@@ -23,6 +23,7 @@ class ParityResult:
     near_tie: bool  # the divergence is a float near-tie in the oracle's logits
     max_logit_error: float  # max over compared positions of max|ours - oracle| / max|oracle|
     detail: str  # one line for a report
+    gap: float | None = None  # at the divergence: |oracle logit of our token - of its own| / max|logit|
 
 
 def compare_greedy(ours: list[int], oracle: list[int], ours_logits: list[Tensor] | None = None,
@@ -34,7 +35,7 @@ def compare_greedy(ours: list[int], oracle: list[int], ours_logits: list[Tensor]
     if divergence is None and len(ours) != len(oracle):
         return ParityResult(False, common, False, 0.0,
                             f"lengths differ ({len(ours)} vs oracle {len(oracle)}) with equal tokens up to {common}")
-    error, near_tie = 0.0, False
+    error, near_tie, gap = 0.0, False, None
     if ours_logits is not None and oracle_logits is not None:
         last = common - 1 if divergence is None else divergence  # same prefix up to and including here
         for i in range(last + 1):
@@ -54,4 +55,4 @@ def compare_greedy(ours: list[int], oracle: list[int], ours_logits: list[Tensor]
                   f"max logit error {error:.1e}")
     if not logits_ok:
         detail += f" > tolerance {logit_tol:.0e}"
-    return ParityResult(ok, divergence, near_tie, error, detail)
+    return ParityResult(ok, divergence, near_tie, error, detail, gap)

@@ -28,13 +28,14 @@ def test_divergence_at_a_near_tie_passes_and_is_reported():
     ours = logits([1.0, 1.0, -10.0], [9.99995, 10.0, 0.0])
     r = compare_greedy([2, 1], [2, 0], ours, oracle)
     assert r.ok and r.divergence == 1 and r.near_tie and "near-tie" in r.detail
+    assert abs(r.gap - 5e-6) < 1e-7
 
 
 def test_divergence_without_a_near_tie_fails():
     oracle = logits([10.0, 9.0, 0.0])
     ours = logits([9.0, 10.0, 0.0])
     r = compare_greedy([1], [0], ours, oracle)
-    assert not r.ok and r.divergence == 0 and not r.near_tie
+    assert not r.ok and r.divergence == 0 and not r.near_tie and abs(r.gap - 0.1) < 1e-6
 
 
 def test_different_lengths_with_equal_prefix_fail():

@@ -28,6 +28,7 @@ from moegen.config import ModelConfig
 from moegen.models.hf_config import load_model_config
 from moegen.models.families import FAMILIES, FUSED_NAMES, LAYER, Family
 from moegen.models.loader import INDEX_FILE, SINGLE_FILE, layer_weights, model_weights
+from moegen.models.weights import ModelWeights
 from moegen.models.reference import ReferenceModel
 
 DEFAULT_SHARD_BYTES = 100 * 2**20  # small/bench checkpoints come sharded, as real ones do
@@ -131,13 +132,7 @@ def make_model(
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("*.safetensors")) + [out / INDEX_FILE]:  # --overwrite: no stale shards left behind
         old.unlink(missing_ok=True)
-    tok = write_tokenizer(out, TOKENIZER_KIND[size], CHAT_TEMPLATES[FAMILY_TEMPLATE[family]])
-    raw = config_json(family, size, tok.vocab_size, tok.bos_token_id, tok.eos_token_id) | (overrides or {})
-    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    generation = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-
-    cfg = load_model_config(out)
+    cfg = write_metadata(out, family, size, overrides)
     tensors, weights = _random_weights(cfg, _RandomTensors(seed, cfg.family_spec), expert_layout == "fused")
     weights.lm_head[list(cfg.eos_token_ids)] *= EOS_LOGIT_SCALE
     min_load = balance_routers(ReferenceModel(cfg, weights), calibration_ids(out / "tokenizer.json"))
@@ -173,8 +168,32 @@ def count_parameters(family: str, size: str, expert_layout: str = "per-expert") 
     vocab = TOKENIZER_VOCAB[TOKENIZER_KIND[size]]
     raw = config_json(family, size, vocab, bos=1, eos=2)
     cfg = from_hf_config(AutoConfig.for_model(raw.pop("model_type"), **raw), FAMILIES[family])
-    tensors, _ = _random_weights(cfg, _ShapesOnly(0, FAMILIES[family]), expert_layout == "fused")
+    tensors, _ = meta_checkpoint(cfg, expert_layout == "fused")
     return sum(t.numel() for t in tensors.values())
+
+
+def meta_checkpoint(cfg: ModelConfig, fused: bool = False) -> tuple[dict[str, Tensor], ModelWeights]:
+    """Every tensor a checkpoint of `cfg` holds (name -> a meta tensor of its shape: nothing is
+    allocated), and the model's weights over those meta tensors (for sizing a run before writing it)."""
+    return _random_weights(cfg, _ShapesOnly(0, cfg.family_spec), fused)
+
+
+def write_metadata(out: Path, family: str, size: str, overrides: dict | None = None,
+                   tokenizer_kind: str | None = None) -> ModelConfig:
+    """Tokenizer files, config.json and generation_config.json of a `family` checkpoint at `size`
+    (`overrides` replace config.json fields; `tokenizer_kind` replaces the size's tokenizer)."""
+    tok = write_tokenizer(out, tokenizer_kind or TOKENIZER_KIND[size], CHAT_TEMPLATES[FAMILY_TEMPLATE[family]])
+    raw = config_json(family, size, tok.vocab_size, tok.bos_token_id, tok.eos_token_id) | (overrides or {})
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    generation = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return load_model_config(out)
+
+
+def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: tensor name -> shard file name, and the tensors' total bytes."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _random_weights(cfg: ModelConfig, draw: _RandomTensors, fused: bool):
@@ -209,9 +228,6 @@ def _save(out: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> list[P
     files = [out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for path, shard in zip(files, shards):
         save_file(shard, str(path), metadata={"format": "pt"})
-    index = {
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in stored.values())},
-        "weight_map": {name: path.name for path, shard in zip(files, shards) for name in shard},
-    }
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    write_index(out, {name: path.name for path, shard in zip(files, shards) for name in shard},
+                sum(t.numel() * t.element_size() for t in stored.values()))
     return files

@@ -1,0 +1,158 @@
+"""tools/gpu_check.sh on the cpu: the whole dry run, and the runner's handling of a stage that fails
+and one that hangs. The records are checked against what is on disk (the checkpoint re-read with
+moegen's loader, the trace re-parsed) and against each other, not against captured values."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moegen.models.loader import load_checkpoint
+from moegen.trace.summarize import parse
+from tools.gpu_check.sizing import Budget, DRY, choose, scheduled_steps
+from tools.gpu_check.stages import resolve
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ("preflight", "bandwidth", "parity", "offload.write", "offload.module", "offload.model", "offload", "trace")
+
+
+def check(tmp: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
+    """Run the check (cpu, dry run) into `tmp`; (the process, the records by stage)."""
+    done = subprocess.run(["bash", "tools/gpu_check.sh", "--device", "cpu", "--dry-run", "--out", str(tmp / "out"),
+                           "--work", str(tmp / "work"), "--prepared", str(tmp / "prepared"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    lines = (tmp / "out" / "records.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    by_stage = {r["stage"]: r for r in records}
+    assert len(by_stage) == len(records), "one record per stage"
+    return done, by_stage
+
+
+def test_dry_run_writes_one_ok_record_per_stage_with_its_numbers(tmp_path):
+    done, records = check(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert tuple(records) == STAGES
+    for r in records.values():
+        assert r["status"] == "ok", r
+        assert r["device"] == "cpu" and r["dry_run"] is True and r["seconds"] > 0
+        assert r["versions"]["torch"] == torch.__version__
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())  # what comes back: 8 files of 16 MiB at most
+    assert files == ["gpu_check.log", "offload-module.pftrace", "records.jsonl"]
+    assert all(p.stat().st_size < 16 * 2**20 for p in (tmp_path / "out").iterdir())
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert all(f" {name} (timeout" in log for name in STAGES if name != "offload")
+    assert "stage           status" in done.stdout  # the table, last
+
+    bw = records["bandwidth"]
+    assert "host memcpy" in bw["what"] and bw["h2d_gbps"] > 0 and bw["small_copy_us"] > 0
+    assert math.isclose(bw["small_copy_gbps"], bw["small_copy_bytes"] / (bw["small_copy_us"] * 1e3), rel_tol=1e-6)
+
+    rows = records["parity"]["rows"]
+    assert {(r["family"], r["dtype"]) for r in rows} == {(f, d) for f in ("mixtral", "qwen3_moe", "deepseek_v3")
+                                                         for d in ("float32", "bfloat16")}
+    assert len(rows) == 24
+    for r in rows:
+        assert r["equal"] + len(r["divergences"]) == r["of"] == 5
+        assert r["accepted"] and all(d["gap"] < r["tolerance"] for d in r["divergences"])
+        if r["dtype"] == "float32":
+            assert r["equal"] == 5  # tolerance 0: every token as the reference's
+
+    write = records["offload.write"]
+    plan = write["plan"]
+    cfg, weights, report = load_checkpoint(Path(write["model_dir"]), torch.bfloat16)  # re-read from disk
+    assert cfg.num_layers == write["layers"] == plan["layers"] and cfg.hidden_size == DRY.hidden
+    assert "model.layers.0.block_sparse_moe.experts.7.w2.weight" in report.loaded
+    stored = 0
+    for path in report.files:  # every tensor in the shards, from their headers
+        with safe_open(str(path), framework="pt") as f:
+            stored += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert 2 * stored == write["weight_bytes"] and len(report.files) == write["layers"] + 1
+
+    module, model = records["offload.module"], records["offload.model"]
+    assert module["batch"] == plan["batch"] > model["batch"] == plan["model_batch"]
+    assert model["kv_bound"] and not module["kv_bound"]
+    for run in (module, model):
+        moved = run["bytes_per_step"]["h2d"] + run["bytes_per_step"]["d2h"]
+        assert run["decode_steps"] > 0 and run["decode_tok_s"] > 0 and run["decode_sequences"] == run["batch"]
+        assert math.isclose(run["link_bound_tok_s"], run["batch"] * run["link_gbps"] * 1e9 / moved, rel_tol=1e-6)
+        # each full-batch decode step streams every streamed module once (prefetch may shift a copy
+        # across a step's edge)
+        assert run["bytes_per_step"]["h2d_weight"] == pytest.approx(run["knobs"]["streamed_bytes"], rel=0.1)
+        assert 0 < run["device_high_water"] <= run["gpu_memory"] and run["peak_host_bytes"] > 0
+    summary = records["offload"]
+    assert summary["speedup"] == pytest.approx(module["decode_tok_s"] / model["decode_tok_s"])
+
+    trace = records["trace"]
+    kept = Path(trace["trace"])
+    assert kept.parent == tmp_path / "out" and kept.stat().st_size == trace["trace_bytes"]
+    steps = [s for s in parse(kept).slices if s.track == "event loop"]
+    assert len(steps) == trace["steps"] == 2  # --trace-steps, dry run default
+    assert all(s.args["phase"] == "decode" and s.args["sequences"] == module["batch"] for s in steps)
+    assert trace["misplaced"] == 0 and trace["summary"]["streams"]
+
+
+@pytest.mark.parametrize("forced", ["--force-fail", "--force-hang"])
+def test_a_failed_or_hung_stage_is_recorded_and_the_next_still_runs(tmp_path, forced):
+    started = time.monotonic()
+    done, records = check(tmp_path, "--stages", "1,2", forced, "preflight", "--timeout", "preflight=4", timeout=120)
+    assert done.returncode == 1  # not every stage passed
+    first, second = records["preflight"], records["bandwidth"]
+    if forced == "--force-fail":
+        assert first["status"] == "failed" and "forced failure" in first["error"]
+    else:  # killed at its timeout: the runner wrote its record
+        assert first["status"] == "timeout" and "4 s timeout" in first["error"]
+        assert 4 <= first["seconds"] < 4 + 3 + 5  # the timeout, the kill's grace, start-up
+    assert second["status"] == "ok" and second["h2d_gbps"] > 0
+    assert time.monotonic() - started < 60
+
+
+def test_stages_resolve_by_name_number_and_part():
+    assert resolve("1,offload") == ("preflight", "offload.write", "offload.module", "offload.model")
+    assert resolve("4.2,trace") == ("offload.module", "trace")
+    with pytest.raises(ValueError, match="unknown 7"):
+        resolve("7")
+
+
+def test_scheduled_steps_count_admission_and_the_whole_job():
+    # 4 prompts of 4 tokens, 2 new each, 8 tokens a step, by hand: step 0 admits p0 and p1 (8 tokens);
+    # step 1: their 2 decode tokens + p2 (6), then p0 and p1 finish; step 2: p2's token + p3 (5), all
+    # admitted, p2 finishes; step 3: p3's last token.
+    assert scheduled_steps(4, 4, 2, 8) == (3, 4)
+
+
+def test_sizing_shrinks_the_model_to_fit_host_memory_and_time():
+    roomy = Budget(device="cpu", link_gbps=1.0, link_source="test", host_available=2**40, disk_free=2**40,
+                   disk_in_memory=False, write_s=1e6, module_s=1e6, model_s=1e6, write_gbps=1.0, load_gbps=1.0)
+    big = choose(DRY, 8, roomy, 12 * 2**20, 32, 8)
+    assert big.layers == 8 and big.fits and big.batch == 2 * big.model_batch
+    small_host = replace(roomy, host_available=int(0.75 * big.weight_bytes / 0.85))
+    tight = choose(DRY, 8, small_host, 12 * 2**20, 32, 8)
+    assert tight.fits and tight.layers < 8 and tight.host_bytes == tight.weight_bytes - _outside_arena(tight) + tight.host_kv_bytes
+    assert tight.host_bytes <= tight.host_limit
+    in_ram = choose(DRY, 8, replace(roomy, host_available=int(1.5 * big.weight_bytes / 0.85), disk_in_memory=True),
+                    12 * 2**20, 32, 8)  # room for the weights and KV once, but a tmpfs work dir holds them twice
+    assert in_ram.fits and in_ram.layers < 8 and in_ram.host_bytes + in_ram.weight_bytes <= in_ram.host_limit
+    # 1 MB/s to disk and time for half of the 8 layers' bytes
+    slow_disk = replace(roomy, write_gbps=1e-3, write_s=big.weight_bytes / 1e6 / 2 / 0.8)
+    slow = choose(DRY, 8, slow_disk, 12 * 2**20, 32, 8)
+    assert slow.fits and 2 <= slow.layers <= 4 and slow.estimate_s["write"] <= slow.limits_s["write"]
+    # cuda: torch's pinned allocator rounds each allocation up to a power of two
+    on_cuda = choose(DRY, 8, replace(roomy, device="cuda"), 12 * 2**20, 32, 8)
+    arena = on_cuda.weight_bytes - _outside_arena(on_cuda)
+    kv_half_layer = on_cuda.host_kv_bytes // (2 * on_cuda.layers)  # one layer's K (or V)
+    assert on_cuda.host_bytes == 2 ** math.ceil(math.log2(arena)) + 2 * on_cuda.layers * 2 ** math.ceil(
+        math.log2(kv_half_layer))
+
+
+def _outside_arena(plan) -> int:
+    """Bytes of the tensors that are not in the host arena: embedding, lm_head, norms and routers."""
+    H, V, L = DRY.hidden, DRY.vocab, plan.layers
+    return 2 * (2 * V * H + H + L * (2 * H + 8 * H))
