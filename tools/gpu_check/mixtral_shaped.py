@@ -35,7 +35,7 @@ import torch
 
 from tools.gpu_check import host, records
 from tools.gpu_check.options import CheckOptions
-from tools.gpu_check.sizing import DRY, MIXTRAL_8X7B, Budget, OffloadPlan, Shape, choose
+from tools.gpu_check.sizing import DRY, MIXTRAL_8X7B, Budget, Shape, choose
 from tools.gpu_check.stages import Outcome, by_name, stage_timeout
 
 POOL_BYTES = 64 * 2**20

@@ -105,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=parse_bytes, help="stage 4's target weight bytes (e.g. 40GiB)")
     p.add_argument("--batch", type=int, help="stage 4's B; default twice what model batching fits")
     p.add_argument("--prompt", type=int, help="stage 4's prompt tokens (default 512; dry run 32)")
-    p.add_argument("--decode", type=int, help="stage 4's new tokens (default 32; dry run 8)")
+    p.add_argument("--decode", type=int, help="stage 4's new tokens (default 32; dry run 16)")
     p.add_argument("--fallback-link-gbps", type=float, default=25.0,
                    help="host->device GB/s that sizes stage 4 when stage 2 left no record")
     p.add_argument("--sim-link-gbps", type=float, default=1.0, help="--device cpu: stage 4's simulated link")
@@ -126,7 +126,7 @@ def from_args(args: argparse.Namespace, stages: tuple[str, ...], timeouts: dict[
         device=device, dry_run=dry, stages=stages, timeouts=timeouts, out=out.resolve(),
         work=(args.work or Path(f"/tmp/moegen-gpu-check-{tag}")).resolve(), prepared=args.prepared.resolve(),
         trace_steps=args.trace_steps or (2 if dry else 4), gpu_memory=args.gpu_memory, weights=args.weights,
-        batch=args.batch, prompt=args.prompt or (32 if dry else 512), decode=args.decode or (8 if dry else 32),
+        batch=args.batch, prompt=args.prompt or (32 if dry else 512), decode=args.decode or (16 if dry else 32),
         fallback_link_gbps=args.fallback_link_gbps, sim_link_gbps=args.sim_link_gbps, write_gbps=args.write_gbps,
         load_gbps=args.load_gbps, deadline_s=args.deadline or (170.0 if dry else 470.0),
         force_fail=tuple(args.force_fail), force_hang=tuple(args.force_hang), run_id=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")

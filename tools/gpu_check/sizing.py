@@ -13,11 +13,10 @@ over meta tensors of the checkpoint (nothing allocated). What is estimated here 
            + 2 × B × prompt × active parameters / FLOP/s        (prefill compute)
 
 with streamed = weights - budget for module-based batching (the budget's rest holds residents) and
-weights - lm_head for model-based (its budget goes to KV). On cuda every pinned allocation is
-rounded up to a power of two by torch's caching host allocator (CachingHostAllocator.h:
-`PowerOf2Ceil(size)` before `cudaHostAlloc`): the runtime's one weight arena of 32.4 GiB pins
-64 GiB, and each layer's K and V of the host KV cache are rounded too. Host memory is counted as
-pinned, and what crosses a power of two costs its load time as well. The largest layer count, and then the
+weights - lm_head for model-based (its budget goes to KV). Host memory is the runtime's weight arena
+and host KV cache, each page-locked at its exact size. The budget is raised, where it must be, to
+what module-based batching needs at the least (the planner's own sizing, `planner.cost.setting`,
+which raises where the runtime would). The largest layer count, and then the
 largest B (BATCH_FACTORS × what model-based batching fits: it is then bound by its KV), whose
 estimates fit TIME_SHARE of each part's timeout and whose weights + host KV fit the host is chosen.
 """
@@ -97,7 +96,7 @@ class OffloadPlan:
     max_step_tokens: int
     admission_steps: int  # steps until every prompt of the batch is admitted (then pure decode)
     host_kv_bytes: int  # module-based batching's KV cache in host memory
-    host_bytes: int  # what module-based batching holds in host memory (cuda: pinned, rounded), the larger
+    host_bytes: int  # what module-based batching holds in host memory (weight arena + KV cache), the larger
     link_gbps: float
     link_source: str
     estimate_s: dict  # write, module, model
@@ -159,19 +158,23 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
     gpu_memory = min(gpu_memory, int(BUDGET_SHARE * weight_bytes))
     seq = prompt + decode
     step_tokens = PROMPTS_PER_STEP * prompt
-    rcfg = RuntimeConfig(dtype="bfloat16", batch_size=FIT_ALL, gpu_memory=gpu_memory, max_seq_len=seq,
-                         batching="model", max_step_tokens=step_tokens)
-    try:
-        fit = model_batch_size(cfg, rcfg, weights, gpu_memory)
-    except DeviceBudgetError:
-        return None
-    B = batch or max(fit + 1, math.ceil(factor * fit))
+    for _ in range(8):  # a budget raised for module-based batching fits model-based a larger B: again
+        rcfg = RuntimeConfig(device="cpu", dtype="bfloat16", batch_size=FIT_ALL, gpu_memory=gpu_memory,
+                             max_seq_len=seq, batching="model", max_step_tokens=step_tokens)
+        try:
+            fit = model_batch_size(cfg, rcfg, weights, gpu_memory)
+        except DeviceBudgetError:
+            return None
+        # ... but admitted within the first half of the decode steps, so the steps after run at full batch
+        B = batch or max(fit + 1, min(math.ceil(factor * fit), PROMPTS_PER_STEP * (decode // 2)))
+        needed = module_budget(cfg, weights, gpu_memory, B, seq, step_tokens, weight_bytes)
+        if needed == gpu_memory:
+            break
+        gpu_memory = needed
     kv_token = kv_bytes_per_token(cfg, torch.bfloat16)
     host_kv = B * seq * kv_token
-    arena = 2 * sum(module_numels(weights).values())  # attention and experts: the host weight arena
-    pin = pinned if budget.device == "cuda" else (lambda n: n)
-    model_host = pin(arena)
-    host_bytes = model_host + 2 * layers * pin(host_kv // (2 * layers))  # module: + each layer's K and V
+    model_host = 2 * sum(module_numels(weights).values())  # attention and experts: the host weight arena
+    host_bytes = model_host + host_kv  # module-based: + the host KV cache
     admission, module_steps = scheduled_steps(B, prompt, decode, step_tokens)
     _, model_steps = scheduled_steps(fit, prompt, decode, step_tokens)
     link = budget.link_gbps * 1e9
@@ -200,9 +203,27 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
                        {k: round(v, 1) for k, v in limits.items()}, host_limit, fits)
 
 
-def pinned(nbytes: int) -> int:
-    """What torch's pinned host allocator takes for an allocation of `nbytes`: the next power of two."""
-    return 1 << max(nbytes - 1, 0).bit_length()
+def module_budget(cfg: ModelConfig, weights, gpu_memory: int, batch: int, seq: int, step_tokens: int,
+                  weight_bytes: int) -> int:
+    """`gpu_memory`, or the least multiple of 1.25 of it up to the weights' bytes that module-based batching
+    at B = `batch` can run in (core, KV staging, activations, transient memory and two slots per kind)."""
+    from moegen.planner.calibrate import Machine
+    from moegen.planner.cost import ModelFacts, setting
+    from moegen.runtime.backend import DeviceBudgetError
+    from moegen.runtime.config import RuntimeConfig
+
+    facts = ModelFacts.of(cfg, weights, torch.bfloat16)
+    machine = Machine(link_h2d_gbps=1.0, link_d2h_gbps=1.0, memcpy_gbps=1.0, launch_s=0.0, sync_s=0.0)
+    while True:
+        rcfg = RuntimeConfig(device="cpu", dtype="bfloat16", batch_size=batch, gpu_memory=gpu_memory, max_seq_len=seq,
+                             max_step_tokens=step_tokens)
+        try:
+            setting(facts, rcfg, machine, gpu_memory)
+            return gpu_memory
+        except DeviceBudgetError:
+            if gpu_memory >= weight_bytes:
+                raise
+            gpu_memory = min(weight_bytes, int(gpu_memory * 1.25))
 
 
 def scheduled_steps(batch: int, prompt: int, decode: int, step_tokens: int) -> tuple[int, int]:

@@ -132,6 +132,9 @@ def run_one(opts: CheckOptions, name: str) -> dict:
 
 
 if __name__ == "__main__":
-    run_one(CheckOptions.load(Path(sys.argv[2])), sys.argv[1])
+    # Through the package's own module: a stage raises that module's Skip, not this __main__ copy's.
+    from tools.gpu_check import stages
+
+    stages.run_one(CheckOptions.load(Path(sys.argv[2])), sys.argv[1])
     sys.stdout.flush()
     os._exit(0)  # the record is written: skip the interpreter's teardown of torch (and of CUDA, which can hang)
