@@ -39,7 +39,7 @@ class AttnBatch:
         past = torch.tensor(past_lens, dtype=torch.int64)
         token_seq = torch.repeat_interleave(torch.arange(len(q_lens)), q)  # [T]
         starts = torch.cumsum(q, 0) - q  # [B] first flattened index of each sequence
-        token_idx = torch.arange(int(q.sum())) - starts[token_seq]  # [T]
+        token_idx = torch.arange(sum(q_lens)) - starts[token_seq]  # [T]
         return cls(
             slots=torch.tensor(slots, dtype=torch.int64, device=device),
             past_lens=past.to(device),
@@ -52,11 +52,19 @@ class AttnBatch:
             first_slot=slots[0] if slots and slots == list(range(slots[0], slots[0] + len(slots))) else None,
         )
 
+    TENSORS = ("slots", "past_lens", "q_lens", "positions", "token_seq", "token_idx")
+
+    def tensors(self) -> list[Tensor]:
+        """Its index tensors, in `TENSORS` order."""
+        return [getattr(self, f) for f in self.TENSORS]
+
+    def with_tensors(self, tensors: list[Tensor]) -> AttnBatch:
+        """The same batch over other copies of its index tensors (`tensors()` order; host ints unchanged)."""
+        return AttnBatch(*tensors, max_q=self.max_q, max_kv=self.max_kv, first_slot=self.first_slot)
+
     def to(self, device: torch.device | str) -> AttnBatch:
-        """The same batch with its tensors on `device` (host ints unchanged)."""
-        return AttnBatch(*(getattr(self, f).to(device) for f in ("slots", "past_lens", "q_lens", "positions",
-                                                                  "token_seq", "token_idx")),
-                         max_q=self.max_q, max_kv=self.max_kv, first_slot=self.first_slot)
+        """The same batch with its tensors on `device`."""
+        return self.with_tensors([t.to(device) for t in self.tensors()])
 
     def cached(self, buffer: Tensor) -> Tensor:
         """[slots, S_max, ...] KV buffer -> [B, S, ...]: the batch's rows up to max_kv (a view, no copy,
@@ -91,5 +99,5 @@ class AttnBatch:
         if window is not None:
             visible &= k_pos[None, None, :] > q_pos[:, :, None] - window
         padding = torch.arange(self.max_q, device=q_pos.device)[None, :] >= self.q_lens[:, None]  # [B, Qm]
-        visible[padding] = k_pos[None, :] == 0
-        return visible[:, None]
+        visible = torch.where(padding[:, :, None], k_pos == 0, visible)  # (not visible[padding] = ...: a hidden
+        return visible[:, None]  # nonzero, which on a GPU reads its count back to the host)

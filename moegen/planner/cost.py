@@ -86,7 +86,7 @@ def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: in
     max_step = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
     per_token = kv_bytes_per_token(cfg, dtype)
     kv = B * S * per_token if model_mode else (staging_bytes(cfg, rcfg, micro, max_step) if stage else 0)
-    reserved = facts.core_bytes + kv + activation_bytes(cfg, rcfg, max_step)
+    reserved = facts.core_bytes + kv + activation_bytes(cfg, rcfg, max_step, B)
     if budget is not None and reserved > budget:
         from moegen.runtime.backend import DeviceBudgetError
 

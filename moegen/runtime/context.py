@@ -25,6 +25,7 @@ from moegen.runtime.placement import Placement, minimum_device_bytes
 from moegen.runtime.sampling import SamplingParams
 from moegen.runtime.scheduler import StepPlan
 from moegen.runtime.step import Routing, Step, micro_batches
+from moegen.runtime.step_inputs import StepInputs, step_input_bytes
 
 QUEUE_DEPTH = 4096  # bounded; far above what one step puts in flight per queue
 STOP = object()  # put in every queue when the run ends
@@ -85,7 +86,7 @@ class Runtime:
             kv_bytes = staging_bytes(cfg, rcfg, self.micro_batch, self.max_step_tokens)
         else:
             kv_bytes = 0
-        self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens),
+        self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens, B),
                                    rcfg.expert_slots, rcfg.resident_experts)
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
@@ -95,7 +96,14 @@ class Runtime:
                                         min(self.max_step_tokens, self.micro_batch * S), dtype) if self.stage_kv else None
         self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
                                     for _ in range(3))
-        self.ids_buffer = torch.empty(self.max_step_tokens, dtype=torch.int64, device=backend.device)
+        self.step_inputs = StepInputs(backend, step_input_bytes(B, self.max_step_tokens))
+        # Page-locked host buffers: the embedding rows of a step (when the lookup runs on the host), and
+        # the two reads, each router's expert counts and the sampled ids.
+        self.embed_rows = backend.host_buffer((self.max_step_tokens, H), weights.embed_tokens.dtype,
+                                              "embedding rows") if self.placement.embed_on_host else None
+        self.embed_copied: Event | None = None  # the last step's copy out of embed_rows
+        self.counts_read = backend.host_buffer((cfg.num_layers, cfg.moe.router.num_experts), torch.int64, "router counts")
+        self.ids_read = backend.host_buffer((B,), torch.int64, "sampled ids")
         self.stats = EngineStats()
         self.queued: dict[str, int] = {}  # tokens waiting per module type (traced runs only)
         self.queue_tracks = {kind: backend.recorder.counter_track(f"tokens waiting: {kind}")
@@ -118,7 +126,7 @@ class Runtime:
         """Drop the run's large buffers (KV cache, staging, activations, slots) when the engine closes, so a
         next engine in the same process reuses their memory; the weights stay with their owner."""
         self.kv, self.stager = [], None
-        self.h = self.x = self.out = self.ids_buffer = None
+        self.h = self.x = self.out = self.step_inputs = self.embed_rows = None
         self.placement.close()
 
     def _check_host_kv(self, dtype: torch.dtype) -> None:
@@ -182,10 +190,19 @@ class Runtime:
         """2 FLOPs per multiply-add over the three projections of a SwiGLU MLP."""
         return 2 * tokens * mlp_params(w)
 
-    async def read(self, after: Event, get: Callable[[], Tensor]) -> Tensor:
-        """A device tensor produced by the work ending at `after`, on the host (a named sync point)."""
-        await self.backend.wait(after)
-        return get().to("cpu")
+    async def read(self, after: Event, get: Callable[[], Tensor], into: Tensor) -> Tensor:
+        """A device tensor produced by the work ending at `after`, on the host (a named sync point): copied
+        into the page-locked `into` (of its size) on the D2H stream after that work, and awaited; never a
+        pageable copy, which the host would wait for inside the submitting call. Read it before the next
+        read into the same buffer. On the cpu backend the tensor is in host memory already."""
+        b = self.backend
+        if b.device.type == "cpu":
+            await b.wait(after)
+            return get()
+        b.d2h.wait_event(after)
+        await b.wait(b.submit_copy(b.d2h, lambda: into.copy_(get(), non_blocking=True),
+                                   into.numel() * into.element_size()))
+        return into
 
     def new_step(self, plan: StepPlan) -> Step:
         """The step's state, its small tensors on the host (the embedding launch moves them)."""
@@ -223,9 +240,11 @@ def staging_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, micro_batch: int, max_s
     return numel * torch.empty((), dtype=rcfg.torch_dtype).element_size()
 
 
-def activation_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, max_step_tokens: int) -> int:
-    """The residual stream, router input and expert-output sum of the largest step, plus its token ids."""
-    return max_step_tokens * (3 * cfg.hidden_size * torch.empty((), dtype=rcfg.torch_dtype).element_size() + 8)
+def activation_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, max_step_tokens: int, batch: int) -> int:
+    """The residual stream, router input and expert-output sum of the largest step, and the device copy of
+    its inputs (`StepInputs`: token ids, index and sampling tensors) for up to `batch` sequences."""
+    size = torch.empty((), dtype=rcfg.torch_dtype).element_size()
+    return max_step_tokens * 3 * cfg.hidden_size * size + step_input_bytes(batch, max_step_tokens)
 
 
 def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeights, budget: int | None) -> int:
@@ -238,7 +257,7 @@ def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeight
     S = rcfg.max_seq_len
     for B in range(rcfg.batch_size, 0, -1):
         steps = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
-        if B * per_seq + activation_bytes(cfg, rcfg, steps) <= free:
+        if B * per_seq + activation_bytes(cfg, rcfg, steps, B) <= free:
             return B
     raise DeviceBudgetError(
         f"--batching model: not even one sequence's KV ({per_seq / 2**20:.1f} MiB for --max-seq-len {S}) fits "

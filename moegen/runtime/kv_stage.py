@@ -23,6 +23,7 @@ Letters: b sequences of a micro-batch, S' its longest context (past + new), t it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -32,6 +33,9 @@ from moegen.config import GQAConfig, MLAConfig
 from moegen.models.kv_cache import LayerKV, layer_kv_numel, layer_kv_over
 from moegen.runtime.backend import Backend, Event
 from moegen.runtime.step import MicroBatch
+
+
+Label = Callable[..., object]  # Runtime.label: (name, flows_in=, flows_out=, **args) -> a trace label or None
 
 
 def staging_device_numel(cfg: GQAConfig | MLAConfig, micro_batch: int, max_seq_len: int, max_tokens: int) -> int:
@@ -98,9 +102,9 @@ class KVStager:
         self.this_step = [[] for _ in self.host_kv]
         self.last_step = [[] for _ in self.host_kv]
 
-    async def stage(self, layer: int, mb: MicroBatch, label=None) -> Staged:
+    async def stage(self, layer: int, step: int, mb: MicroBatch, label: Label) -> Staged:
         """Gather the micro-batch's cached rows on the host worker (awaited: the loop goes on meanwhile),
-        then copy them onto the device in one copy. `label(bytes, flow)` names the copy in a trace."""
+        then copy them onto the device in one copy. `label(name, **args)` names work in a trace."""
         b = self.backend
         if mb.index == 0:  # a new step for this layer: what the last one wrote must be home before we read
             self.last_step[layer], self.this_step[layer] = self.this_step[layer], []
@@ -120,14 +124,17 @@ class KVStager:
             if before is not None:
                 b.host_gather.wait_event(before)
         rows = torch.tensor(mb.rows)
-        await b.wait(b.host_gather.submit(lambda: _gather(self.host_kv[layer], host, rows, longest)))
+        where = {"layer": layer, "micro_batch": mb.index, "step": step}
+        await b.wait(b.host_gather.submit(lambda: _gather(self.host_kv[layer], host, rows, longest),
+                                          label(f"gather KV[{layer}]", **where)))
         if slot.written is not None:
             b.h2d_kv.wait_event(slot.written)  # the slot's last launch and write-back are done with it
         nbytes = numel * slot.host_in.element_size()
         flow = b.recorder.new_flow() if b.recorder is not None else 0
         src, dst = slot.host_in[:numel], slot.device_in[:numel]
         slot.staged = b.submit_copy(b.h2d_kv, lambda: dst.copy_(src, non_blocking=True), nbytes,
-                                    label(nbytes, flow) if label else None)
+                                    label(f"stage KV[{layer}]", flows_out=(flow,) if flow else (), bytes=nbytes,
+                                          **where))
         return Staged(slot, device, slot.staged, nbytes, flow)
 
     def new_entries(self, staged: Staged, mb: MicroBatch) -> None:
@@ -140,7 +147,7 @@ class KVStager:
             src = getattr(staged.kv, f.name)
             torch.index_select(src.flatten(0, 1), 0, flat, out=getattr(new, f.name).flatten(0, 1))
 
-    def write_back(self, layer: int, staged: Staged, mb: MicroBatch, done: Event, label=None) -> Event:
+    def write_back(self, layer: int, step: int, staged: Staged, mb: MicroBatch, done: Event, label: Label) -> Event:
         """After the launch (`done`): its new entries home, one device-to-host copy, then a host scatter.
         Frees the slot; returns the write-back copy's event."""
         b, slot = self.backend, staged.slot
@@ -149,11 +156,13 @@ class KVStager:
         nbytes = numel * slot.host_new.element_size()
         b.d2h.wait_event(done)  # (`stage` saw to it that the slot's last scatter is done with host_new)
         src, dst = slot.device_new[:numel], slot.host_new[:numel]
+        where = {"layer": layer, "micro_batch": mb.index, "step": step}
         slot.written = b.submit_copy(b.d2h, lambda: dst.copy_(src, non_blocking=True), nbytes,
-                                     label(nbytes) if label else None)
+                                     label(f"write back KV[{layer}]", bytes=nbytes, **where))
         b.host_scatter.wait_event(slot.written)
         new = layer_kv_over(self.cfg, t, 1, slot.host_new)
-        slot.scattered = b.host_scatter.submit(lambda: _scatter(self.host_kv[layer], new, mb))
+        slot.scattered = b.host_scatter.submit(lambda: _scatter(self.host_kv[layer], new, mb),
+                                               label(f"scatter KV[{layer}]", **where))
         self.this_step[layer].append(slot.scattered)
         self.free.put_nowait(slot)
         return slot.written

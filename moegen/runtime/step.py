@@ -9,7 +9,6 @@ import asyncio
 import threading
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from moegen.models.batch import AttnBatch
@@ -54,16 +53,23 @@ class Step:
     out_lock: threading.Lock = field(default_factory=threading.Lock)  # held while a launch adds into `out`:
     # a layer's expert and MLP launches may run side by side (the cpu compute stream's lanes)
 
-    def to_device(self, device: torch.device) -> None:
-        """Move the step's small per-step tensors to the device. Runs inside the first launch on the
-        compute stream, so on cuda they are allocated and copied in that stream's order."""
-        if device.type == "cpu":
-            return
-        for mb in self.micro:
-            mb.attn = mb.attn.to(device)
-        self.last_token = self.last_token.to(device)
+    def inputs(self) -> list[Tensor]:
+        """The step's small tensors built on the host (`StepInputs` sends them to the device in one copy)."""
         p = self.sampling
-        p.temperature, p.top_k, p.top_p = p.temperature.to(device), p.top_k.to(device), p.top_p.to(device)
+        tensors = [t for mb in self.micro for t in mb.attn.tensors()]
+        tensors += [self.last_token, p.temperature, p.top_k, p.top_p, p.seeds, p.counters]
+        return tensors + ([] if p.rows is None else [p.rows])
+
+    def use_inputs(self, tensors: list[Tensor]) -> None:
+        """Take `tensors` (copies of `inputs()`, in its order) in their place."""
+        n = len(AttnBatch.TENSORS)
+        for i, mb in enumerate(self.micro):
+            mb.attn = mb.attn.with_tensors(tensors[i * n: (i + 1) * n])
+        rest = tensors[len(self.micro) * n:]
+        p = self.sampling
+        self.last_token, p.temperature, p.top_k, p.top_p, p.seeds, p.counters = rest[:6]
+        if p.rows is not None:
+            p.rows = rest[6]
 
     @property
     def index(self) -> int:

@@ -73,21 +73,31 @@ def test_the_kv_streams_copies_per_step_do_not_grow_with_the_batch(tiny_checkpoi
         copies[B] = (counters["copy H2D KV"].ops["copy_"], counters["copy D2H"].ops["copy_"])
         # no gathers or scatters on the copy streams: those run on the host workers
         assert not {"index", "index_put", "index_select"} & set(counters["copy H2D KV"].ops), counters
-    # Per step, the KV stream also carries the step's embedding rows (one copy).
-    assert copies[8] == copies[64] == (4 * layers + 5, 5 * layers), copies
+    # Per step, the KV stream also carries the step's inputs (one copy) and its embedding rows (one).
+    assert copies[8] == copies[64] == (4 * layers + 2 * 5, 5 * layers), copies
 
 
-def test_staging_the_next_micro_batch_overlaps_the_attention_before_it(tiny_checkpoint, tmp_path):
-    """Four micro-batches per layer over a slow simulated link, traced: micro-batch 1's stage copy starts
-    before micro-batch 0's attention has ended (its staging waits only for the previous step's write-backs
-    of its layer and for its own slot; before, it waited for micro-batch 0's write-back, which comes after
-    0's attention). Later micro-batches' copies also wait for the slot they reuse (micro-batch i-1's), so
-    whether they too start early depends on how long attention takes: not checked."""
+def test_staging_the_next_micro_batch_overlaps_the_attention_before_it(tiny_checkpoint, tmp_path, monkeypatch):
+    """Four micro-batches per layer, traced, each layer's first attention launch held 50 ms longer:
+    micro-batch 1's stage copy starts while micro-batch 0 attends (its staging waits only for the
+    previous step's write-backs of its layer and for its own slot; before, it waited for micro-batch
+    0's write-back, which comes after 0's attention)."""
+    import time
+
+    import moegen.runtime.tasks.attention as attention_tasks
     from moegen.trace.summarize import parse
 
+    attend = attention_tasks._attend
+
+    def slow_first(rt, layer, step, mb, w, kv):
+        attend(rt, layer, step, mb, w, kv)
+        if mb.index == 0:
+            time.sleep(0.05)
+
+    monkeypatch.setattr(attention_tasks, "_attend", slow_first)
     path = tiny_checkpoint("mixtral")
     cfg, weights, _ = load_checkpoint(path)
-    rcfg = RuntimeConfig(batch_size=32, attn_micro_batch=8, max_seq_len=256, gpu_memory=2**40, sim_link_gbps=0.02)
+    rcfg = RuntimeConfig(batch_size=32, attn_micro_batch=8, max_seq_len=256, gpu_memory=2**40, sim_link_gbps=0.05)
     requests = [Request([1] + [(5 * i + j) % 400 + 3 for j in range(120)], 4, ignore_eos=True) for i in range(32)]
     trace = tmp_path / "staging.pftrace"
     with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg), trace=trace) as engine:
@@ -95,7 +105,7 @@ def test_staging_the_next_micro_batch_overlaps_the_attention_before_it(tiny_chec
     slices = parse(trace).slices
     stages = {(s.args["step"], s.args["layer"], s.args["micro_batch"]): s for s in slices
               if s.name.startswith("stage KV")}
-    pairs = [(a, stages.get((a.args["step"], a.args["layer"], a.args["micro_batch"] + 1))) for a in slices
+    pairs = [(a, stages.get((a.args["step"], a.args["layer"], 1))) for a in slices
              if a.name.startswith("attention[") and a.args["tokens"] == a.args["sequences"] and a.args["micro_batch"] == 0]
     assert len(pairs) == 3 * cfg.num_layers and all(stage is not None for _, stage in pairs)  # 3 decode steps
     assert all(stage.start < attention.end for attention, stage in pairs), [

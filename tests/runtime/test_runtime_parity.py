@@ -115,7 +115,7 @@ def test_model_batching_takes_the_batch_that_fits_the_budget(family, oracle):
     S, fits = 64, 3  # a budget for the smallest weight placement plus 3 sequences' KV and activations
     rcfg = RuntimeConfig(max_seq_len=S, batching="model", batch_size=fits)
     budget = (minimum_device_bytes(weights, torch.float32, None) + fits * S * kv_bytes_per_token(cfg, torch.float32)
-              + activation_bytes(cfg, rcfg, min(fits * S, rcfg.max_step_tokens)))
+              + activation_bytes(cfg, rcfg, min(fits * S, rcfg.max_step_tokens), fits))
     results, engine = run_engine(path, batching="model", gpu_memory=budget)
     B = engine.runtime.batch_size
     assert B == fits  # the device KV bounds the batch, so rows are refilled

@@ -75,7 +75,11 @@ def test_trace_file_structure(mixtral, tmp_path):
     assert begun and set(begun) == set(ended)  # each flow (weight copy -> its compute, KV staging -> attention) has both ends
     assert all(begun[f] <= ended[f] for f in begun)  # and runs forward in time (viewers drop the others)
     kinds = {n.split("[")[0] for track, n in slice_names if "compute" in track}
-    assert {"embed", "attention", "router", "expert", "combine", "lm_head + sample"} <= kinds
+    assert {"attention", "router", "expert", "combine", "lm_head + sample"} <= kinds
+    # the embedding lookup runs on the host (the table is not the lm_head's): its rows cross the KV stream,
+    # after the step's inputs, and the host worker that gathered them has a track of its own
+    assert {"copy step inputs", "copy embeddings"} <= {n for track, n in slice_names if "H2D KV" in track}
+    assert any(track == "host KV gather stream" for track, _ in slice_names)
     assert any(n.startswith("copy expert[") for track, n in slice_names if "H2D weights" in track)
     assert any(n.startswith("stage KV[") for track, n in slice_names if "H2D KV" in track)
     for name in ("sequences in flight", "generated tokens", "device memory in use", "host memory: weights + KV",

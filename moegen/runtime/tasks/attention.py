@@ -50,9 +50,7 @@ async def attention_task(rt: Runtime, layer: int) -> None:
 async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ticket, flows: tuple[int, ...]) -> Event:
     """Stage the micro-batch's KV in, attend, and write its new entries back to the host (`kv_stage`)."""
     b, stager = rt.backend, rt.stager
-    staged = await stager.stage(layer, mb, lambda nbytes, flow: rt.label(
-        f"stage KV[{layer}]", layer=layer, micro_batch=mb.index, step=step.index, bytes=nbytes,
-        flows_out=(flow,) if flow else ()))
+    staged = await stager.stage(layer, step.index, mb, rt.label)
     if staged.ready is not None:
         b.compute.wait_event(staged.ready)
 
@@ -61,8 +59,7 @@ async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ti
         stager.new_entries(staged, m)
 
     done = b.compute.submit(launch, rt.attention_label(layer, step, mb, flows + ((staged.flow,) if staged.flow else ())))
-    stager.write_back(layer, staged, mb, done, lambda nbytes: rt.label(
-        f"write back KV[{layer}]", layer=layer, micro_batch=mb.index, step=step.index, bytes=nbytes))
+    stager.write_back(layer, step.index, staged, mb, done, rt.label)
     return done
 
 

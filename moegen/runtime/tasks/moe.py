@@ -49,7 +49,8 @@ async def router_task(rt: Runtime, layer: int) -> None:
         if router is None:
             await rt.queues.combine[layer].put(("expect", step, 1))
             continue
-        counts = (await rt.read(done, lambda s=step: s.routing[layer].counts)).tolist()  # sync: expert batch sizes
+        read = await rt.read(done, lambda s=step: s.routing[layer].counts, rt.counts_read[layer])
+        counts = read.tolist()  # sync: expert batch sizes
         step.counts[layer].set_result(counts)
         rt.stats.expert_counts.append(counts)
         busy = [e for e, n in enumerate(counts) if n]
@@ -87,7 +88,10 @@ def route_launch(h: Tensor, x: Tensor, out: Tensor, norm: Tensor, eps: float, ro
             return None
         r = route(router, cfg, x)
         flat = r.experts.flatten()  # [T*K]
-        return flat.argsort(stable=True), r.weights, torch.bincount(flat, minlength=cfg.num_experts)
+        # (not bincount: on a GPU it reads the ids' range back to the host to size its output)
+        counts = torch.zeros(cfg.num_experts, dtype=torch.int64, device=flat.device).index_add_(
+            0, flat, torch.ones_like(flat))  # [E]
+        return flat.argsort(stable=True), r.weights, counts
 
 
 async def expert_task(rt: Runtime, layer: int, expert: int) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moegen.models.reference import embed, lm_head
+from moegen.runtime.backend import Event
 from moegen.runtime.context import STOP
 from moegen.runtime.placement import ModuleId
 from moegen.runtime.sampling import sample
@@ -19,28 +20,38 @@ if TYPE_CHECKING:
 
 
 async def embed_task(rt: Runtime) -> None:
-    """Token ids -> the step's residual stream. The lookup runs where the table is: on the host, the
-    rows then crossing the link (the table never occupies the device), or on the device when the
-    table is also the lm_head."""
+    """Token ids -> the step's residual stream, after the step's inputs are sent (`StepInputs`: one copy).
+    The lookup runs where the table is: on the host (the table never occupies the device), gathered by a
+    host worker into page-locked rows that cross in one copy; or on the device when the table is also
+    the lm_head."""
     b = rt.backend
     while (step := await rt.queues.embed.get()) is not STOP:
         ids = torch.tensor(step.plan.token_ids, dtype=torch.int64)
+        sent, ids_dev = await rt.step_inputs.send(step, ids, rt.label("copy step inputs", step=step.index))
+        b.compute.wait_event(sent)
         if rt.placement.embed_on_host:
-            nbytes = step.h.numel() * step.h.element_size()
-            copied = b.submit_copy(b.h2d_kv, lambda s=step, i=ids: s.h.copy_(embed(rt.core, i), non_blocking=True),
-                                   nbytes, rt.label("copy embeddings", step=step.index, bytes=nbytes))
-            b.compute.wait_event(copied)
-            b.compute.submit(lambda s=step: s.to_device(b.device), rt.label("embed", step=step.index,
-                                                                            tokens=step.num_tokens))
+            b.compute.wait_event(await _copy_embeddings(rt, step, ids))
         else:
-            ids_dev = rt.ids_buffer[: len(ids)]
-            copied = b.copy(b.h2d_kv, ids_dev, ids, rt.label("copy token ids", step=step.index))
-            b.compute.wait_event(copied)
-            b.compute.submit(lambda s=step, i=ids_dev: (s.to_device(b.device), s.h.copy_(embed(rt.core, i))),
+            b.compute.submit(lambda s=step, i=ids_dev: s.h.copy_(embed(rt.core, i)),
                              rt.label("embed", step=step.index, tokens=step.num_tokens))
         for mb in step.micro:
             rt.waiting("attention", sum(mb.q_lens))
             await rt.queues.attn[0].put((step, mb))
+
+
+async def _copy_embeddings(rt: Runtime, step, ids) -> Event:
+    """The step's rows of the host table: gathered into page-locked rows on a host worker (awaited), then
+    one copy into the residual stream."""
+    b, T = rt.backend, len(ids)
+    rows = rt.embed_rows[:T]
+    if rt.embed_copied is not None:
+        b.host_gather.wait_event(rt.embed_copied)  # the last step's copy out of the rows is done
+    await b.wait(b.host_gather.submit(lambda: torch.index_select(rt.core.embed_tokens, 0, ids, out=rows),
+                                      rt.label("gather embeddings", step=step.index, tokens=T)))
+    nbytes = rows.numel() * rows.element_size()
+    rt.embed_copied = b.submit_copy(b.h2d_kv, lambda s=step: s.h.copy_(rows, non_blocking=True), nbytes,
+                                    rt.label("copy embeddings", step=step.index, bytes=nbytes))
+    return rt.embed_copied
 
 
 async def head_task(rt: Runtime) -> None:
@@ -51,8 +62,8 @@ async def head_task(rt: Runtime) -> None:
             lambda s=step, out=holder: out.setdefault("ids", sample(lm_head(rt.core, rt.cfg, s.h[s.last_token]),
                                                                     s.sampling)),
             rt.label("lm_head + sample", step=step.index, sequences=len(step.plan.seqs)))
-        ids = await rt.read(done, lambda out=holder: out["ids"])  # sync: the host decides who stops
-        step.sampled.set_result(ids.tolist())
+        ids = await rt.read(done, lambda out=holder: out["ids"], rt.ids_read[: len(step.plan.seqs)])  # sync: the
+        step.sampled.set_result(ids.tolist())  # host decides who stops
 
 
 async def prefetch_task(rt: Runtime) -> None:
