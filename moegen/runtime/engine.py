@@ -54,6 +54,7 @@ class Engine:
             self.trace = StepTracer(trace, trace_steps, self.backend)
         self.runtime = Runtime(cfg, rcfg, self.backend, weights)
         self._draining = threading.Event()
+        self._runs = 0  # runs started (the first has nothing of an earlier one to wait for)
 
     @property
     def stats(self) -> EngineStats:
@@ -131,7 +132,8 @@ class Engine:
         rt.queues = rt.new_queues()
         scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens, detokenize,
                               admitting=lambda: not self._draining.is_set())
-        rt.placement.reset()  # nothing held over from an earlier run
+        rt.placement.reset(after_a_run=self._runs > 0)  # nothing held over from an earlier run
+        self._runs += 1
         if rt.stager is not None:
             rt.stager.reset()
         try:

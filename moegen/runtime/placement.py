@@ -213,11 +213,14 @@ class Placement:
         gate = None if gate is None else self.backend.place(gate, self.dtype, what)
         self.resident[module] = Ticket(weights=unit, gate=gate, ready=None)
 
-    def reset(self) -> None:
+    def reset(self, after_a_run: bool) -> None:
         """Before a run: every slot free, no ticket outstanding (an earlier run may have ended with
-        slots filled for a step it never ran, or a failure with work in flight): the device finishes
-        what was issued first, so no new copy can overwrite a slot something still reads."""
-        self.backend.synchronize()
+        slots filled for a step it never ran, or a failure with work in flight): `after_a_run`, the device
+        finishes what was issued first, so no new copy can overwrite a slot something still reads. (A first
+        run has nothing to wait for: start-up synchronized, and a run sync-checked from its start then sees
+        no device-wide sync.)"""
+        if after_a_run:
+            self.backend.synchronize()
         self._tickets.clear()
         for pool in self.pools.values():
             pool.reset()
