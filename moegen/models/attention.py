@@ -40,8 +40,16 @@ def gqa_attention(
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale)
         return linear(out.reshape(len(q), -1), w.o_proj, w.o_bias)  # [B, G, N/G, D] -> [T, N*D] -> [T, H]
     queries = batch.pad(q).transpose(1, 2)  # [B, N, Qm, D]
+    gqa = cfg.num_heads != cfg.num_kv_heads
+    if gqa and q.is_cuda:
+        # A masked SDPA with enable_gqa has no fused CUDA kernel: it would fall back to the math one, which
+        # builds [B, N, Qm, S] float32 scores. With K/V repeated to N heads the memory-efficient one runs.
+        # (The cpu's flash kernel takes enable_gqa as it is.)
+        keys = keys.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, dim=1)  # [B, N, S, D]
+        values = values.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, dim=1)  # [B, N, S, D]
+        gqa = False
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale, enable_gqa=cfg.num_heads != cfg.num_kv_heads
+        queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale, enable_gqa=gqa
     )  # [B, N, Qm, D]
     out = batch.unpad(out.transpose(1, 2)).flatten(1)  # [T, N*D]
     return linear(out, w.o_proj, w.o_bias)

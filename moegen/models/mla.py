@@ -74,8 +74,11 @@ def _attend_expanded(w, cfg: MLAConfig, batch: AttnBatch, q_nope, q_rope, latent
     k_rot = k_rope[:, None].expand(-1, cfg.num_heads, -1, -1)  # [B, N, S, R]
     keys = torch.cat((k_nope, k_rot), dim=-1)  # [B, N, S, P+R]
     queries = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [B, N, Qm, P+R]
+    V, QK = cfg.v_head_dim, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if V < QK:  # values padded with zeros to the q/k width: SDPA's fused kernels want one head width (the
+        values = F.pad(values, (0, QK - V))  # [B, N, S, P+R]; cpu's math kernel built [B, N, Qm, S] scores)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask(None), scale=cfg.scale)
-    return out.transpose(1, 2)  # [B, Qm, N, V]
+    return out[..., :V].transpose(1, 2)  # [B, N, Qm, P+R] -> [B, Qm, N, V]
 
 
 def _attend_absorbed(w, cfg: MLAConfig, batch: AttnBatch, q_nope, q_rope, latent, k_rope) -> Tensor:

@@ -6,9 +6,11 @@ Letters: T tokens, H hidden.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moegen.config import MLAConfig
 from moegen.models.attention import gqa_attention
@@ -21,6 +23,8 @@ from moegen.runtime.step import MicroBatch, Step
 
 if TYPE_CHECKING:
     from moegen.runtime.context import Runtime
+
+FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
 async def attention_task(rt: Runtime, layer: int) -> None:
@@ -68,9 +72,12 @@ def _attend(rt: Runtime, layer: int, step: Step, mb: MicroBatch, w, staged) -> N
 
 
 def attention_launch(cfg, layer: int, norm: Tensor, rope, w, h: Tensor, batch, kv) -> None:
-    """One attention launch over a micro-batch's tokens h [t, H] (updated in place, residual added)."""
-    x = rms_norm(h, norm, cfg.rms_norm_eps)
-    if isinstance(cfg.attention, MLAConfig):
-        h += mla_attention(w, cfg.attention, rope, x, batch, kv)
-    else:
-        h += gqa_attention(w, cfg.attention, rope, x, batch, kv, cfg.sliding_windows[layer])
+    """One attention launch over a micro-batch's tokens h [t, H] (updated in place, residual added). On a
+    GPU, SDPA may use its fused kernels only: a silent fallback to the math kernel would build [b, N, Qm,
+    S] float32 scores that the device budget does not hold; it fails instead, naming the reason."""
+    with sdpa_kernel(FUSED) if h.is_cuda else nullcontext():
+        x = rms_norm(h, norm, cfg.rms_norm_eps)
+        if isinstance(cfg.attention, MLAConfig):
+            h += mla_attention(w, cfg.attention, rope, x, batch, kv)
+        else:
+            h += gqa_attention(w, cfg.attention, rope, x, batch, kv, cfg.sliding_windows[layer])
