@@ -1,7 +1,7 @@
 """The offload regime on the cpu backend: module-based against model-based batching, same device
 budget, same simulated link, same prefetcher and kernels.
 
-The budget is a third of the model's bytes. The link is chosen so that hiding one expert's copy
+The budget is a third of the model's bytes (`budget_share`). The link is chosen so that hiding one expert's copy
 behind its compute takes about `hide_tokens` tokens, the ratio of a 24 GB PCIe-4 card:
 `link = expert-GEMM FLOP/s (measured here, large token counts) × bytes per weight / (2 × hide_tokens)`.
 The job: sequences of `prompt_len`-token prompts that may each grow to `seq_len` tokens, which is
@@ -91,7 +91,7 @@ def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: flo
         steps = engine.stats.steps
     numbers = decode_numbers(trace)
     numbers |= {"mode": mode, "batch": B, "expert_slots": slots.get("expert", 0), "streamed_bytes": streamed,
-                "resident_experts": sum(m.kind == "expert" for m in placement.resident),
+                "resident_experts": sum(m.kind == "expert" for m in placement.resident_modules),
                 "knobs": {k: getattr(rcfg, k) for k in ("expert_slots", "resident_experts", "attn_micro_batch")},
                 "h2d_weight_bytes_per_step": counters.h2d_weight_bytes / max(steps, 1),
                 "link_bound_tok_s": B * link_gbps * 1e9 / streamed if streamed else float("inf")}
@@ -99,18 +99,20 @@ def run_mode(model_dir: Path, mode: str, batch: int, budget: int, link_gbps: flo
 
 
 def scenario(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, seq_len: int, hide_tokens: int = 2000,
-             say=print, keep_trace: Path | None = None, expert_slots: int | None = None) -> dict:
-    """Both modes; returns every number for the JSON."""
+             say=print, keep_trace: Path | None = None, expert_slots: int | None = None,
+             budget_share: float = 1 / 3) -> dict:
+    """Both modes, under a device budget of `budget_share` of the model's bytes; returns every number for
+    the JSON."""
     from transformers import AutoTokenizer
 
     from moegen.bench.vs_transformers import bench_prompts
 
     work = model_work(model_dir)
-    budget = work.weight_bytes // 3
+    budget = int(work.weight_bytes * budget_share)
     link, expert_flop_s = link_for(model_dir, hide_tokens)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer(t)["input_ids"][:prompt_len] for t in bench_prompts(tokenizer, 64)]
-    say(f"  device budget {budget / 2**20:.0f} MiB (a third of {work.weight_bytes / 2**20:.0f} MiB of float32 "
+    say(f"  device budget {budget / 2**20:.0f} MiB ({budget_share:.2f} of {work.weight_bytes / 2**20:.0f} MiB of float32 "
         f"weights); simulated link {link:.3f} GB/s (expert GEMM {expert_flop_s / 1e9:.0f} GFLOP/s × 4 B / "
         f"(2 × {hide_tokens} tokens))")
     runs = {}
@@ -125,7 +127,7 @@ def scenario(model_dir: Path, batch: int, prompt_len: int, new_tokens: int, seq_
             keep_trace.write_bytes((Path(tmp) / "module.pftrace").read_bytes())
     module, model = runs["module"], runs["model"]
     return {
-        "model": str(model_dir), "budget_bytes": budget, "link_gbps": link, "expert_gemm_flop_s": expert_flop_s,
+        "model": str(model_dir), "budget_bytes": budget, "budget_share": budget_share, "link_gbps": link, "expert_gemm_flop_s": expert_flop_s,
         "hide_tokens": hide_tokens, "prompt_len": prompt_len, "new_tokens": new_tokens, "seq_len": seq_len,
         "expert_slots": expert_slots,
         "runs": runs, "ratio": module["decode_tok_s"] / model["decode_tok_s"] if model["decode_tok_s"] else None,

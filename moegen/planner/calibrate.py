@@ -31,9 +31,9 @@ import torch
 from moegen.io import json_bytes
 from moegen.runtime.cpu_threads import cpu_lanes
 
-CACHE_FORMAT = 7  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread;
+CACHE_FORMAT = 8  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread;
 # 4: lanes; 5: oneDNN-reordered residents; 6: streamed experts' plain weights measured apart; 7: a dense
-# layer's MLP alone, not on a lane)
+# layer's MLP alone, not on a lane; 8: the lm_head in passes of bounded rows, MLA prefill on a fused kernel)
 TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)  # tokens per launch measured for MLPs, routers and the head
 DECODE = ((1, 16), (1, 1024), (16, 16), (16, 256), (16, 1024), (64, 16), (64, 256), (64, 1024), (256, 16),
           (256, 256))  # (sequences, context) of decode attention launches

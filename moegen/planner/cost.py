@@ -28,7 +28,8 @@ from moegen.models.kv_cache import kv_bytes_per_token
 from moegen.models.weights import ModelWeights
 from moegen.planner.calibrate import Machine, Profile
 from moegen.runtime.config import RuntimeConfig
-from moegen.runtime.context import activation_bytes, model_batch_size, staging_bytes
+from moegen.runtime.device_memory import (LaunchSizes, activation_bytes, launch_sizes, model_batch_size, staging_bytes,
+                                          step_tokens, transient_bytes)
 from moegen.runtime.placement import ModuleId, Residency, choose_residency, core_device_bytes, module_numels
 
 
@@ -74,6 +75,7 @@ class Setting:
     budget: int | None  # the device budget it was sized against
     host_bytes: int  # weight arena + host KV cache
     link_gbps: float | None  # host -> device copies (None: nothing is copied)
+    sizes: LaunchSizes  # how large each launch may be (experts split past sizes.expert_tokens)
 
 
 def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: int | None) -> Setting:
@@ -83,15 +85,17 @@ def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: in
     B = model_batch_size(cfg, rcfg, facts.weights, budget) if model_mode else rcfg.batch_size
     stage = not model_mode and not (rcfg.device == "cpu" and budget is None)
     micro = B if model_mode else min(rcfg.attn_micro_batch, B)
-    max_step = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
+    max_step = step_tokens(rcfg, B)
     per_token = kv_bytes_per_token(cfg, dtype)
     kv = B * S * per_token if model_mode else (staging_bytes(cfg, rcfg, micro, max_step) if stage else 0)
-    reserved = facts.core_bytes + kv + activation_bytes(cfg, rcfg, max_step, B)
+    sizes = launch_sizes(cfg, rcfg, budget, max_step, micro, B)
+    reserved = (facts.core_bytes + kv + activation_bytes(cfg, rcfg, max_step, B)
+                + transient_bytes(cfg, rcfg, sizes, max_step, micro, B))
     if budget is not None and reserved > budget:
         from moegen.runtime.backend import DeviceBudgetError
 
         raise DeviceBudgetError(
-            f"lm_head, norms and routers, KV staging and activations need {reserved / 2**20:.1f} MiB, over "
+            f"lm_head, norms and routers, KV staging, activations and transient memory need {reserved / 2**20:.1f} MiB, over "
             f"--gpu-memory {budget / 2**20:.1f} MiB; raise --gpu-memory, or lower --max-seq-len, --max-step-tokens or "
             "--attn-micro-batch")
     residency = choose_residency(facts.sizes, None if budget is None else budget - reserved, rcfg.expert_slots,
@@ -101,7 +105,7 @@ def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: in
     return Setting(rcfg, B, micro, stage, max_step, residency,
                    reserved + residency.device_bytes if budget is not None else None, budget,
                    facts.arena_bytes + (0 if model_mode else B * S * per_token),
-                   link if (streams or stage) else None)
+                   link if (streams or stage) else None, sizes)
 
 
 @dataclass(slots=True)
@@ -220,7 +224,7 @@ class _Sim:
                     module = ModuleId("expert", layer, e)
                     ready = max(self.copy_weights(module), routed + m.sync_s)
                     curve = p.expert if module in self.resident or p.expert_plain is None else p.expert_plain
-                    self.used(module, self.launch("expert", _capped(curve, n, s.rcfg.expert_micro_batch), ready))
+                    self.used(module, self.launch("expert", _capped(curve, n, s.sizes.expert_tokens), ready))
             self.launch("combine", p.combine(T))
         self.end = self.launch("lm_head", p.head(decode + prompts)) + m.sync_s
 

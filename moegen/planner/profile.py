@@ -18,15 +18,15 @@ from moegen.config import ModelConfig
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import layer_kv
 from moegen.models.linear import can_pack, pack_linear, plain
-from moegen.models.reference import lm_head
 from moegen.models.rope import Rope
 from moegen.models.weights import LINEAR_FIELDS, ModelWeights, mlp_params
 from moegen.planner.calibrate import DECODE, PREFILL, TOKENS, Curve, Linear, Profile, timed
 from moegen.runtime.backend import Counters
-from moegen.runtime.cpu_threads import cpu_lanes
+from moegen.runtime.cpu_threads import cpu_lanes, side_by_side
+from moegen.runtime.device_memory import head_rows
+from moegen.runtime.sampling import SamplingParams
+from moegen.runtime.tasks import attention_launch, expert_launch, head_launch, mlp_launch, route_launch
 from moegen.runtime.worker_stream import CpuStream
-from moegen.runtime.cpu_threads import side_by_side
-from moegen.runtime.tasks import attention_launch, expert_launch, mlp_launch, route_launch
 
 SLOW_S = 0.08  # once a launch takes this long, larger sizes are extrapolated (time grows in proportion)
 
@@ -169,7 +169,10 @@ def _head_curve(cfg: ModelConfig, weights: ModelWeights, dev: torch.device, dtyp
     head = ModelWeights(embed_tokens=None, layers=[], norm=weights.norm.to(dev, dtype),
                         lm_head=_head_weight(weights, dev, dtype))
     h = torch.randn(max(TOKENS), cfg.hidden_size, dtype=dtype, device=dev)
-    return _curve(lambda b: lm_head(head, cfg, h[:b]).argmax(-1), TOKENS, device)
+    rows = head_rows(cfg, h.element_size())  # as an unbudgeted run's passes
+    greedy = SamplingParams(*(torch.zeros(TOKENS[-1], dtype=dt, device=dev) for dt in (
+        torch.float32, torch.int64, torch.float32, torch.int64, torch.int64)), greedy_only=True)
+    return _curve(lambda b: head_launch(head, cfg, h[:b], greedy, rows), TOKENS, device)
 
 
 def _head_weight(weights: ModelWeights, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:

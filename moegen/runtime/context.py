@@ -18,10 +18,12 @@ from moegen.config import ModelConfig
 from moegen.models.kv_cache import LayerKV, allocate_kv, kv_bytes_per_token, kv_over, layer_kv_numel
 from moegen.models.rope import Rope
 from moegen.models.weights import ModelWeights, mlp_params
-from moegen.runtime.backend import Backend, DeviceBudgetError, Event
+from moegen.runtime.backend import Backend, Event
 from moegen.runtime.config import RuntimeConfig
-from moegen.runtime.kv_stage import KVStager, staging_device_numel
-from moegen.runtime.placement import Placement, minimum_device_bytes
+from moegen.runtime.device_memory import (activation_bytes, launch_sizes, model_batch_size, staging_bytes, step_tokens,
+                                          transient_bytes)
+from moegen.runtime.kv_stage import KVStager
+from moegen.runtime.placement import Placement
 from moegen.runtime.sampling import SamplingParams
 from moegen.runtime.scheduler import StepPlan
 from moegen.runtime.step import Routing, Step, micro_batches
@@ -78,16 +80,18 @@ class Runtime:
         # backend with no device budget the "device" is host memory, and a staging copy would be waste.
         self.stage_kv = not self.kv_on_device and not (backend.device.type == "cpu" and backend.budget is None)
         self.micro_batch = B if self.kv_on_device else min(rcfg.attn_micro_batch, B)  # sequences per attention launch
-        # B-1 decode tokens + one longest prompt must always fit; never more than every row's whole context.
-        self.max_step_tokens = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
+        self.max_step_tokens = step_tokens(rcfg, B)
         if self.kv_on_device:  # every row, every layer
             kv_bytes = B * S * kv_bytes_per_token(cfg, dtype)
         elif self.stage_kv:  # two staging slots of one layer's KV for a micro-batch, shared by all layers
             kv_bytes = staging_bytes(cfg, rcfg, self.micro_batch, self.max_step_tokens)
         else:
             kv_bytes = 0
-        self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens, B),
-                                   rcfg.expert_slots, rcfg.resident_experts)
+        # How large each launch may be, and what the largest step's launches allocate and free at most
+        self.sizes = launch_sizes(cfg, rcfg, backend.budget, self.max_step_tokens, self.micro_batch, B)
+        self.transient_bytes = transient_bytes(cfg, rcfg, self.sizes, self.max_step_tokens, self.micro_batch, B)
+        self.placement = Placement(backend, weights, dtype, kv_bytes + activation_bytes(cfg, rcfg, self.max_step_tokens, B)
+                                   + self.transient_bytes, rcfg.expert_slots, rcfg.resident_experts)
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
         self.kv: list[LayerKV] = self._kv_cache(B, S, dtype)  # every sequence in flight
@@ -224,41 +228,11 @@ class Runtime:
         loop = asyncio.get_running_loop()
         return Step(
             plan=plan,
-            micro=micro_batches(plan, self.micro_batch, staged=self.stage_kv),
+            micro=micro_batches(plan, self.micro_batch, staged=self.stage_kv, max_padded=self.max_step_tokens,
+                                fits=self.sizes.attention_fits),
             h=self.h[:T], x=self.x, out=self.out,
             last_token=torch.tensor(plan.q_lens).cumsum(0) - 1,  # [B] each sequence's last token
             sampling=sampling,
             routing=[Routing() for _ in range(self.cfg.num_layers)],
             counts=[loop.create_future() for _ in range(self.cfg.num_layers)],
         )
-
-
-def staging_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, micro_batch: int, max_step_tokens: int) -> int:
-    """Device bytes of the KV staging slots (`kv_stage`): one layer's KV of a micro-batch and its new entries, twice."""
-    S = rcfg.max_seq_len
-    numel = staging_device_numel(cfg.attention, micro_batch, S, min(max_step_tokens, micro_batch * S))
-    return numel * torch.empty((), dtype=rcfg.torch_dtype).element_size()
-
-
-def activation_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, max_step_tokens: int, batch: int) -> int:
-    """The residual stream, router input and expert-output sum of the largest step, and the device copy of
-    its inputs (`StepInputs`: token ids, index and sampling tensors) for up to `batch` sequences."""
-    size = torch.empty((), dtype=rcfg.torch_dtype).element_size()
-    return max_step_tokens * 3 * cfg.hidden_size * size + step_input_bytes(batch, max_step_tokens)
-
-
-def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeights, budget: int | None) -> int:
-    """--batching model: the largest B (up to --batch-size) whose device KV and activations fit beside
-    the smallest weight placement (within the device `budget`, bytes)."""
-    if budget is None:
-        return rcfg.batch_size
-    free = budget - minimum_device_bytes(weights, rcfg.torch_dtype, rcfg.expert_slots)
-    per_seq = rcfg.max_seq_len * kv_bytes_per_token(cfg, rcfg.torch_dtype)
-    S = rcfg.max_seq_len
-    for B in range(rcfg.batch_size, 0, -1):
-        steps = min(B * S, max(rcfg.max_step_tokens, B - 1 + S))
-        if B * per_seq + activation_bytes(cfg, rcfg, steps, B) <= free:
-            return B
-    raise DeviceBudgetError(
-        f"--batching model: not even one sequence's KV ({per_seq / 2**20:.1f} MiB for --max-seq-len {S}) fits "
-        f"in --gpu-memory {budget / 2**20:.1f} MiB beside the weights; raise --gpu-memory or lower --max-seq-len")

@@ -138,7 +138,7 @@ class Placement:
                  expert_slots: int | None, resident_experts: int | None = None):
         self.backend, self.dtype = backend, dtype
         self.core = self._place_core(weights)
-        backend.reserve(kv_and_activation_bytes, "KV staging and activations")
+        backend.reserve(kv_and_activation_bytes, "KV staging, activations and the launches' transient memory")
         size = torch.empty((), dtype=dtype).element_size()
         numels = module_numels(weights)
         free = None if backend.budget is None else backend.budget - backend.counters.device_bytes
@@ -320,8 +320,9 @@ def choose_residency(sizes: dict[ModuleId, int], free: int | None, expert_slots:
         need = sum(pools[k] * largest[k] for k in pools)
         raise DeviceBudgetError(
             f"the weight slots ({', '.join(f'{n} {k}' for k, n in pools.items())}) need {need / 2**20:.1f} MiB of "
-            f"device memory, {free / 2**20:.1f} MiB are left beside lm_head, norms, routers, KV staging and "
-            "activations; raise --gpu-memory, or lower --expert-slots, --attn-micro-batch or --max-seq-len")
+            f"device memory, {free / 2**20:.1f} MiB are left beside lm_head, norms, routers, KV staging, activations "
+            "and the launches' transient memory; raise --gpu-memory, or lower --expert-slots, --attn-micro-batch or "
+            "--max-seq-len")
     resident: list[ModuleId] = []
     for kind in ("attn", "mlp", "expert"):
         mods = by_kind.get(kind, [])

@@ -54,7 +54,12 @@ class SamplingParams:
     seeds: Tensor  # [B] int64
     counters: Tensor  # [B] int64: index of the token being drawn
     greedy_only: bool  # known on the host: no row samples, so skip the sampling work
-    rows: Tensor | None = None  # [R] int64, host: the rows that sample when only some do (None: all may)
+    rows: Tensor | None = None  # [R] int64: the rows that sample when only some do (None: all may)
+
+    def part(self, first: int, end: int) -> SamplingParams:
+        """Rows [first, end) alone (views), each of which may sample (`rows` is not carried over)."""
+        return SamplingParams(self.temperature[first:end], self.top_k[first:end], self.top_p[first:end],
+                              self.seeds[first:end], self.counters[first:end], self.greedy_only)
 
 
 def sample(logits: Tensor, p: SamplingParams) -> Tensor:
@@ -66,11 +71,14 @@ def sample(logits: Tensor, p: SamplingParams) -> Tensor:
     if p.rows is None:
         sampled = _draw(logits, p.temperature, p.top_k, p.top_p, uniform(p.seeds, p.counters))
         return torch.where(p.temperature > 0, sampled, greedy_ids)
-    rows = p.rows.to(logits.device)
     out = greedy_ids.clone()
-    out[rows] = _draw(logits[rows], p.temperature[rows], p.top_k[rows], p.top_p[rows],
-                      uniform(p.seeds[p.rows], p.counters[p.rows]))
+    out[p.rows] = draw_rows(logits[p.rows], p, p.rows)
     return out
+
+
+def draw_rows(logits: Tensor, p: SamplingParams, rows: Tensor) -> Tensor:
+    """logits [R, V] of the sampling rows `rows` [R] -> their sampled ids [R]."""
+    return _draw(logits, p.temperature[rows], p.top_k[rows], p.top_p[rows], uniform(p.seeds[rows], p.counters[rows]))
 
 
 def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor) -> Tensor:

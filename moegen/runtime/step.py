@@ -6,7 +6,9 @@ Letters: T tokens of the step, B sequences, b sequences of a micro-batch, H hidd
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -80,29 +82,47 @@ class Step:
         return self.plan.num_tokens
 
 
-def micro_batches(plan: StepPlan, size: int, staged: bool = True) -> list[MicroBatch]:
+def micro_batches(plan: StepPlan, size: int, staged: bool = True, max_padded: int | None = None,
+                  fits: Callable[[int, int, int], bool] | None = None) -> list[MicroBatch]:
     """Split the step's sequences, in order, into groups of at most `size`, never mixing decode
     sequences (one new token) with prompts: a prompt in a decode group would pad every query of
-    the group to its length. Staged micro-batches address KV rows 0..b-1 of a staging buffer;
-    unstaged ones the sequences' own rows."""
+    the group to its length. A group of prompts is also cut before its sequences padded to its longest
+    would pass `max_padded` tokens (the step's token budget: what the launch's [b, Qm, ...] buffers
+    are sized for), so a long prompt beside short ones never pads them all to its length; and any group
+    before `fits(sequences, longest new, longest context)` would fail for it (the launch's transient
+    memory). Staged
+    micro-batches address KV rows 0..b-1 of a staging buffer; unstaged ones the sequences' own rows."""
     out, token = [], 0
-    for index, (first, end) in enumerate(_groups(plan.q_lens, size)):
+    limit = math.inf if max_padded is None else max_padded
+    for index, (first, end) in enumerate(_groups(plan.q_lens, plan.past_lens, size, limit, fits)):
         seqs = slice(first, end)
         q_lens, past = plan.q_lens[seqs], plan.past_lens[seqs]
         rows = plan.rows[seqs]
         n = sum(q_lens)
         slots = list(range(len(rows))) if staged else rows
-        attn = AttnBatch.build(slots=slots, past_lens=past, q_lens=q_lens)  # host; Step.to_device moves it
+        attn = AttnBatch.build(slots=slots, past_lens=past, q_lens=q_lens)  # host; StepInputs sends it
         out.append(MicroBatch(index, first, slice(token, token + n), attn, rows, past, q_lens))
         token += n
     return out
 
 
-def _groups(q_lens: list[int], size: int) -> list[tuple[int, int]]:
-    """[first, end) sequence ranges of at most `size`, cut where decode turns to prefill or back."""
+def _groups(q_lens: list[int], past_lens: list[int], size: int, max_padded: float,
+            fits: Callable[[int, int, int], bool] | None) -> list[tuple[int, int]]:
+    """[first, end) sequence ranges of at most `size`, cut where decode turns to prefill or back, before a
+    group of prompts padded to its longest would pass `max_padded` tokens, and before `fits` fails."""
     groups, first = [], 0
-    for i in range(1, len(q_lens) + 1):
-        if i == len(q_lens) or i - first == size or (q_lens[i] == 1) != (q_lens[first] == 1):
+    longest = context = 0  # of the group so far
+    for i in range(len(q_lens) + 1):
+        if i < len(q_lens) and i > first:
+            q, c = max(longest, q_lens[i]), max(context, past_lens[i] + q_lens[i])
+            n = i + 1 - first
+            cut = (n > size or (q_lens[i] == 1) != (q_lens[first] == 1) or (q > 1 and n * q > max_padded)
+                   or (fits is not None and not fits(n, q, c)))
+        else:
+            cut = i == len(q_lens)
+        if cut and i > first:
             groups.append((first, i))
             first = i
+        if i < len(q_lens):
+            longest, context = (q_lens[i], past_lens[i] + q_lens[i]) if first == i else (q, c)
     return groups

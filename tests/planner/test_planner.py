@@ -168,7 +168,8 @@ def test_offload_plan_prefers_a_larger_batch_when_the_link_bounds(models):
     batch the host allows (each copied byte serves more tokens)."""
     cfg, weights = models[0]
     facts = ModelFacts.of(cfg, weights, torch.float32)
-    budget = minimum_device_bytes(weights, torch.float32, None) + 2**20  # B=512's activations: with a small step
+    budget = minimum_device_bytes(weights, torch.float32, None) + 2 * 2**20  # B=512's activations and transient
+    # memory: with a small step
     rcfg = RuntimeConfig(max_seq_len=32, gpu_memory=budget, sim_link_gbps=0.01)
     plan = search(facts, rcfg, frozenset(), MACHINE, flat_profile(), Workload(512, 8, 16, 32), budget, 2**40)
     assert plan.best.setting.batch == 512

@@ -14,7 +14,7 @@ from moegen.models.loader import load_checkpoint
 from moegen.parity import compare_greedy
 from moegen.runtime.config import RuntimeConfig
 from moegen.models.kv_cache import kv_bytes_per_token
-from moegen.runtime.context import activation_bytes
+from moegen.runtime.device_memory import activation_bytes, launch_sizes, transient_bytes
 from moegen.runtime.engine import Engine
 from moegen.runtime.placement import minimum_device_bytes
 from moegen.runtime.requests import Request
@@ -112,10 +112,19 @@ def test_runtime_under_a_device_budget_that_forces_offload(family, oracle):
 def test_model_batching_takes_the_batch_that_fits_the_budget(family, oracle):
     path, runs = oracle(family)
     cfg, weights, _ = load_checkpoint(path)
-    S, fits = 64, 3  # a budget for the smallest weight placement plus 3 sequences' KV and activations
+    # A budget for the smallest weight placement plus 3 sequences' KV, activations and transient memory; the
+    # last follows the budget (a launch's workspace is a share of it), so the budget is their fixed point.
+    S, fits = 64, 3
     rcfg = RuntimeConfig(max_seq_len=S, batching="model", batch_size=fits)
-    budget = (minimum_device_bytes(weights, torch.float32, None) + fits * S * kv_bytes_per_token(cfg, torch.float32)
-              + activation_bytes(cfg, rcfg, min(fits * S, rcfg.max_step_tokens), fits))
+    steps = min(fits * S, rcfg.max_step_tokens)  # the largest step's tokens
+    fixed = (minimum_device_bytes(weights, torch.float32, None) + fits * S * kv_bytes_per_token(cfg, torch.float32)
+             + activation_bytes(cfg, rcfg, steps, fits))
+    budget = 2**40
+    for _ in range(64):
+        sizes = launch_sizes(cfg, rcfg, budget, steps, fits, fits)
+        budget, was = fixed + transient_bytes(cfg, rcfg, sizes, steps, fits, fits), budget
+        if budget == was:
+            break
     results, engine = run_engine(path, batching="model", gpu_memory=budget)
     B = engine.runtime.batch_size
     assert B == fits  # the device KV bounds the batch, so rows are refilled

@@ -51,3 +51,12 @@ def test_small_cpu_launches_run_on_one_thread_and_restore_the_count():
         assert torch.get_num_threads() == 2  # restored after a failure too
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_long_prompt_beside_short_ones_pads_at_most_the_step_budget():
+    """Prompts of 40, 3, 3, 3, 3 tokens in groups of up to 8: padded to 40 each, four would pass a budget of
+    120 tokens, so the group is cut after the third (3 x 40 = 120); decode groups are never cut for it."""
+    groups = micro_batches(plan([40, 3, 3, 3, 3]), size=8, max_padded=120)
+    assert [mb.q_lens for mb in groups] == [[40, 3, 3], [3, 3]]
+    assert all(len(mb.q_lens) * max(mb.q_lens) <= 120 for mb in groups)
+    assert [mb.q_lens for mb in micro_batches(plan([1] * 9), size=8, max_padded=4)] == [[1] * 8, [1]]

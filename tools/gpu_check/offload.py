@@ -117,8 +117,8 @@ def run(opts: CheckOptions, name: str) -> Outcome:
         run_s = time.perf_counter() - run_started
         placement = engine.runtime.placement
         knobs = {"expert_slots": placement.pools["expert"].count if "expert" in placement.pools else 0,
-                 "resident_modules": len(placement.resident),
-                 "resident_experts": sum(m.kind == "expert" for m in placement.resident),
+                 "resident_modules": len(placement.resident_modules),
+                 "resident_experts": sum(m.kind == "expert" for m in placement.resident_modules),
                  "streamed_bytes": sum(b.nbytes for m, b in placement.blocks.items() if placement.streamed(m))}
         high_water = engine.backend.counters.device_high_water
     numbers = _decode_numbers(window, plan.link_gbps) | {

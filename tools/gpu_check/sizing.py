@@ -149,7 +149,7 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
     from moegen.models.weights import mlp_params, tensors_of
     from moegen.runtime.backend import DeviceBudgetError
     from moegen.runtime.config import RuntimeConfig
-    from moegen.runtime.context import model_batch_size
+    from moegen.runtime.device_memory import model_batch_size
     from moegen.runtime.placement import module_numels
 
     cfg = model_config(shape, layers)

@@ -16,12 +16,13 @@ from moegen.runtime.placement import ModuleId
 from moegen.runtime.tasks.attention import attention_launch, attention_task
 from moegen.runtime.tasks.moe import (combine_task, expert_launch, expert_task, mlp_launch, mlp_task, route_launch,
                                       router_task)
-from moegen.runtime.tasks.step_ends import embed_task, head_task, prefetch_task
+from moegen.runtime.tasks.step_ends import embed_task, head_launch, head_task, prefetch_task
 
 if TYPE_CHECKING:
     from moegen.runtime.context import Runtime
 
-__all__ = ["all_tasks", "attention_launch", "expert_launch", "mlp_launch", "prefetch_task", "route_launch"]
+__all__ = ["all_tasks", "attention_launch", "expert_launch", "head_launch", "mlp_launch", "prefetch_task",
+           "route_launch"]
 
 
 def all_tasks(rt: Runtime) -> list:

@@ -19,6 +19,7 @@ from moegen.models.rope import rms_norm
 from moegen.models.weights import mlp_params
 from moegen.runtime.context import STOP
 from moegen.runtime.cpu_threads import host_threads, side_by_side
+from moegen.runtime.device_memory import MLP_TEMP_BYTES
 from moegen.runtime.placement import ModuleId
 from moegen.runtime.step import Step
 
@@ -70,28 +71,37 @@ async def router_task(rt: Runtime, layer: int) -> None:
 def _route(rt: Runtime, layer: int, step: Step) -> None:
     T = step.num_tokens
     routed = route_launch(step.h[:T], step.x[:T], step.out[:T], rt.core.post_attention_layernorm[layer],
-                          rt.cfg.rms_norm_eps, rt.core.routers[layer], rt.cfg.moe.router)
+                          rt.cfg.rms_norm_eps, rt.core.routers[layer], rt.cfg.moe.router, rt.sizes.router_tokens)
     if routed is not None:
         r = step.routing[layer]
         r.order, r.weights, r.counts = routed
 
 
-def route_launch(h: Tensor, x: Tensor, out: Tensor, norm: Tensor, eps: float, router, cfg
+def route_launch(h: Tensor, x: Tensor, out: Tensor, norm: Tensor, eps: float, router, cfg, chunk: int | None = None
                  ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The router's launch over a step's T tokens: x = norm(h), out zeroed for the experts' sums, and
-    (MoE layers) the token-slot picks sorted by expert [T*K], combine weights [T, K], tokens per expert [E]."""
+    (MoE layers) the token-slot picks sorted by expert [T*K], combine weights [T, K], tokens per expert [E];
+    norm and routing in chunks of `chunk` tokens (None: all at once), whose float32 buffers the launch's
+    transient memory is sized for."""
+    T = len(x)
+    chunk = chunk or T
     gate = router.gate.numel() if router is not None else x.shape[1]
-    with host_threads(x, 2 * len(x) * gate, gate * x.element_size()):
-        x.copy_(rms_norm(h, norm, eps))
+    with host_threads(x, 2 * T * gate, gate * x.element_size()):
         out.zero_()
+        for first in range(0, T, chunk):
+            x[first: first + chunk].copy_(rms_norm(h[first: first + chunk], norm, eps))
         if router is None:
             return None
-        r = route(router, cfg, x)
-        flat = r.experts.flatten()  # [T*K]
+        experts = torch.empty(T, cfg.top_k, dtype=torch.int64, device=x.device)  # [T, K]
+        weights = torch.empty(T, cfg.top_k, dtype=torch.float32, device=x.device)  # [T, K]
+        for first in range(0, T, chunk):
+            r = route(router, cfg, x[first: first + chunk])
+            experts[first: first + chunk], weights[first: first + chunk] = r.experts, r.weights
+        flat = experts.flatten()  # [T*K]
         # (not bincount: on a GPU it reads the ids' range back to the host to size its output)
         counts = torch.zeros(cfg.num_experts, dtype=torch.int64, device=flat.device).index_add_(
             0, flat, torch.ones_like(flat))  # [E]
-        return flat.argsort(stable=True), r.weights, counts
+        return flat.argsort(stable=True), weights, counts
 
 
 async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
@@ -121,7 +131,7 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
 def _run_expert(rt: Runtime, layer: int, step: Step, w, start: int, count: int) -> None:
     routing = step.routing[layer]
     expert_launch(w, step.x, step.out, routing.order[start: start + count], routing.weights,
-                  rt.cfg.moe.router.top_k, rt.rcfg.expert_micro_batch, step.out_lock)
+                  rt.cfg.moe.router.top_k, rt.sizes.expert_tokens, step.out_lock)
 
 
 def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: int, cap: int | None,
@@ -148,7 +158,8 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
             rt.backend.compute.wait_event(ticket.ready)
         flops = rt.mlp_flops(ticket.weights, step.num_tokens)
         done = rt.backend.compute.submit(
-            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate, s.out_lock),
+            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate, s.out_lock,
+                                                rt.sizes.mlp_chunk(t.weights.gate_proj.shape[0])),
             rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens, flops=flops,
                      flows_in=(ticket.flow,) if ticket.flow else ()),
             concurrent=side_by_side(flops, alone=not rt.cfg.moe_layers[layer]))
@@ -156,16 +167,15 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
         await rt.queues.combine[layer].put(("done", step, 0))
 
 
-MLP_TEMP_BYTES = 64 * 2**20  # bound on one [tokens, width] intermediate of a dense MLP launch
 
 
-def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None, lock: AbstractContextManager = nullcontext()) -> None:
-    """out += mlp(x) over a step's tokens (the add under `lock`), in chunks whose [t, I] intermediates
-    stay under MLP_TEMP_BYTES (a wide dense MLP over an 8k-token prefill step would otherwise hold
+def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None, lock: AbstractContextManager = nullcontext(),
+               chunk: int | None = None) -> None:
+    """out += mlp(x) over a step's tokens (the add under `lock`), in chunks of `chunk` tokens (default: [t, I]
+    intermediates under MLP_TEMP_BYTES; a wide dense MLP over an 8k-token prefill step would otherwise hold
     hundreds of MB of temporaries)."""
     T = len(x)
-    width = w.gate_proj.shape[0]
-    chunk = max(256, MLP_TEMP_BYTES // (width * x.element_size()))
+    chunk = chunk or max(256, MLP_TEMP_BYTES // (w.gate_proj.shape[0] * x.element_size()))
     for first in range(0, T, chunk):
         part = x[first: min(first + chunk, T)]  # [t, H]
         y = mlp(w, part)

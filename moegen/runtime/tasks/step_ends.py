@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from moegen.models.reference import embed, lm_head
 from moegen.runtime.backend import Event
 from moegen.runtime.context import STOP
 from moegen.runtime.placement import ModuleId
-from moegen.runtime.sampling import sample
+from moegen.runtime.sampling import SamplingParams, draw_rows, sample
 
 if TYPE_CHECKING:
     from moegen.runtime.context import Runtime
@@ -59,11 +60,30 @@ async def head_task(rt: Runtime) -> None:
     while (step := await rt.queues.head.get()) is not STOP:
         holder = {}
         done = rt.backend.compute.submit(
-            lambda s=step, out=holder: out.setdefault("ids", sample(lm_head(rt.core, rt.cfg, s.h[s.last_token]),
-                                                                    s.sampling)),
+            lambda s=step, out=holder: out.setdefault("ids", head_launch(rt.core, rt.cfg, s.h[s.last_token],
+                                                                         s.sampling, rt.sizes.head_rows)),
             rt.label("lm_head + sample", step=step.index, sequences=len(step.plan.seqs)))
         ids = await rt.read(done, lambda out=holder: out["ids"], rt.ids_read[: len(step.plan.seqs)])  # sync: the
         step.sampled.set_result(ids.tolist())  # host decides who stops
+
+
+def head_launch(core, cfg, h: Tensor, p: SamplingParams, rows: tuple[int, int]) -> Tensor:
+    """h [B, H] (each sequence's last token) -> its next ids [B]: the lm_head and sampling over at most
+    rows[0] sequences at a time (rows[1] where they sample), so the [rows, V] float32 logits and the
+    sampling's sorts stay within what the device budget holds for them (`LaunchSizes.head_rows`). When
+    only some rows sample, the pass over all is greedy and theirs is run again to draw."""
+    greedy, drawn = rows
+    every = not p.greedy_only and p.rows is None  # every row may sample: one pass, drawing
+    chunk = drawn if every else greedy
+    ids = torch.empty(len(h), dtype=torch.int64, device=h.device)  # [B]
+    for first in range(0, len(h), chunk):
+        logits = lm_head(core, cfg, h[first: first + chunk])  # [c, V]
+        ids[first: first + chunk] = sample(logits, p.part(first, first + chunk)) if every else logits.argmax(-1)
+    if p.rows is not None and not p.greedy_only:
+        for first in range(0, len(p.rows), drawn):
+            r = p.rows[first: first + drawn]  # [c] rows that sample
+            ids[r] = draw_rows(lm_head(core, cfg, h[r]), p, r)
+    return ids
 
 
 async def prefetch_task(rt: Runtime) -> None:
