@@ -121,18 +121,24 @@ def run(opts: CheckOptions, name: str) -> Outcome:
                  "resident_experts": sum(m.kind == "expert" for m in placement.resident_modules),
                  "streamed_bytes": sum(b.nbytes for m, b in placement.blocks.items() if placement.streamed(m))}
         high_water = engine.backend.counters.device_high_water
+        host_buffers = engine.runtime.host_bytes  # the weight arena + the host KV cache
     numbers = _decode_numbers(window, plan.link_gbps) | {
         "mode": mode, "batch": B, "requested_batch": plan.batch, "kv_bound": B < plan.batch, "load_s": load_s,
-        "run_s": run_s, "peak_host_bytes": host.peak_rss(), "device_high_water": high_water,
+        "run_s": run_s, "peak_host_bytes": host.peak_rss(), "host_buffer_bytes": host_buffers,
+        "host_bound_bytes": int(1.05 * host_buffers + 2 * 2**30), "device_high_water": high_water,
         "gpu_memory": plan.gpu_memory, "knobs": knobs, "steps": len(window.samples),
         "trace": str(trace) if trace is not None else None}
     failure = None
+    if opts.device == "cuda" and numbers["peak_host_bytes"] > numbers["host_bound_bytes"]:
+        failure = (f"peak host memory {numbers['peak_host_bytes'] / 2**30:.2f} GiB exceeds 1.05 x (weights + KV "
+                   f"{host_buffers / 2**30:.2f} GiB) + 2 GiB")
     if opts.device == "cuda":
         reserved = torch.cuda.max_memory_reserved()
         numbers |= {"max_memory_reserved": reserved, "max_memory_allocated": torch.cuda.max_memory_allocated()}
         if reserved > plan.gpu_memory:
-            failure = (f"torch.cuda.max_memory_reserved() {reserved / 2**30:.2f} GiB exceeds --gpu-memory "
-                       f"{plan.gpu_memory / 2**30:.2f} GiB: the runtime's budget does not hold what torch allocates")
+            failure = failure or (f"torch.cuda.max_memory_reserved() {reserved / 2**30:.2f} GiB exceeds "
+                                  f"--gpu-memory {plan.gpu_memory / 2**30:.2f} GiB: the runtime's budget does not "
+                                  "hold what torch allocates")
     bound = (f" = {100 * numbers['of_bound']:.0f}% of the link bound {numbers['link_bound_tok_s']:.1f}"
              if numbers["link_bound_tok_s"] else " (nothing streamed)")
     numbers["headline"] = (f"B {B}: decode {numbers['decode_tok_s']:.1f} tok/s{bound}; host peak "
