@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moegen.runtime.backend import Backend, DeviceBudgetError, Event
-from moegen.models.linear import plain
+from moegen.runtime.host_blocks import HostBlock, host_blocks, named_tensors
 from moegen.models.weights import LINEAR_FIELDS, ModelWeights, RouterWeights, tensors_of
 
 Kind = Literal["attn", "mlp", "expert"]
@@ -48,54 +48,6 @@ class CoreWeights:
     input_layernorm: list[Tensor]  # [H] per layer
     post_attention_layernorm: list[Tensor]  # [H] per layer
     routers: list[RouterWeights | None]  # per layer; None for dense layers
-
-
-@dataclass(slots=True)
-class HostBlock:
-    """One module's tensors packed into one flat host tensor; `layout` rebuilds them as views."""
-
-    flat: Tensor | None  # [numel] elements, host (pinned on cuda); None: resident with its linears
-    # reordered for the backend's matmul (`Backend.packs_linears`), so never copied and not kept here
-    layout: tuple[tuple[str, int, tuple[int, ...]], ...]  # (field, offset, shape) of each tensor
-    cls: type  # the weights dataclass of the unit (GQAWeights, MLAWeights, MLPWeights)
-    numel: int  # elements of all its tensors
-    nbytes: int  # in the runtime dtype
-
-    def views(self, flat: Tensor):
-        """The unit's weights dataclass over `flat` (this block, or a device slot holding its copy)."""
-        parts = {name: flat[off: off + torch.Size(shape).numel()].view(shape) for name, off, shape in self.layout}
-        own = {f.name for f in fields(self.cls)}
-        weights = self.cls(**{k: v for k, v in parts.items() if k in own})
-        return weights, parts.get("shared_expert_gate")
-
-
-def _named_tensors(unit, extra: dict[str, Tensor | None] | None = None) -> dict[str, Tensor]:
-    tensors = {f.name: getattr(unit, f.name) for f in fields(unit)} | (extra or {})
-    return {k: v for k, v in tensors.items() if isinstance(v, Tensor)}
-
-
-def _layout(tensors: dict[str, Tensor]) -> tuple[tuple[tuple[str, int, tuple[int, ...]], ...], int]:
-    """(field, offset, shape) of each of a module's tensors laid end to end in its block, and its elements."""
-    layout, off = [], 0
-    for name, t in tensors.items():
-        layout.append((name, off, tuple(t.shape)))
-        off += t.numel()
-    return tuple(layout), off
-
-
-def pack(arena: Tensor, unit, extra: dict[str, Tensor | None] | None = None) -> HostBlock:
-    """Move one module's tensors into `arena` (a slice of the host arena of exactly its size): each
-    field of `unit` becomes a view of the arena, so the loaded tensor is freed as soon as it is
-    packed and the host never holds the model twice."""
-    tensors = _named_tensors(unit, extra)
-    layout, numel = _layout(tensors)
-    own = {f.name for f in fields(unit)}
-    for (name, off, shape), t in zip(layout, tensors.values()):
-        part = arena[off: off + t.numel()]
-        part.copy_(plain(t).reshape(-1))  # plain: a unit an earlier engine reordered (`_pack_resident`)
-        if name in own:
-            setattr(unit, name, part.view(shape))
-    return HostBlock(flat=arena, layout=layout, cls=type(unit), numel=numel, nbytes=numel * arena.element_size())
 
 
 @dataclass(slots=True)
@@ -146,7 +98,7 @@ class Placement:
         # Residents whose linears the backend reorders never need a host copy: they get none.
         packed = set(choice.resident) if backend.packs_linears(dtype) else set()
         units = _units(weights)
-        self.blocks: dict[ModuleId, HostBlock] = _host_blocks(backend, units, numels, dtype, packed)
+        self.blocks: dict[ModuleId, HostBlock] = host_blocks(backend, units, numels, dtype, packed)
         self.resident: dict[ModuleId, Ticket] = {}
         self.resident_modules = frozenset(choice.resident)
         self.pools: dict[Kind, SlotPool] = {}
@@ -397,7 +349,7 @@ def _units(weights: ModelWeights) -> dict[ModuleId, tuple[object, dict | None]]:
 
 def module_numels(weights: ModelWeights) -> dict[ModuleId, int]:
     """Elements of each streamable module's host block (its bytes: times the runtime dtype's size)."""
-    return {m: sum(t.numel() for t in _named_tensors(*u).values()) for m, u in _units(weights).items()}
+    return {m: sum(t.numel() for t in named_tensors(*u).values()) for m, u in _units(weights).items()}
 
 
 def core_device_bytes(weights: ModelWeights, dtype: torch.dtype) -> int:
@@ -413,56 +365,3 @@ def core_device_bytes(weights: ModelWeights, dtype: torch.dtype) -> int:
             bias = lw.moe.router.e_score_correction_bias
             extra += 0 if bias is None else bias.numel() * bias.element_size()
     return numel * size + extra
-
-
-def _host_blocks(backend: Backend, units: dict, numels: dict[ModuleId, int], dtype: torch.dtype,
-                 packed: set[ModuleId]) -> dict[ModuleId, HostBlock]:
-    """Every streamable module in one host arena at its exact size, page-locked once by the backend; the
-    `packed` ones (residents placed by `_pack_resident`) get a block without a host copy. Weights an
-    earlier engine packed are still views of its arena: that arena is used again as it is, so a second
-    engine on the same weights (the bench's model-based run) allocates no second copy of the model."""
-    size = torch.empty((), dtype=dtype).element_size()
-    offsets = _packed_before(units, packed, dtype)
-    if offsets is None:
-        arena = backend.host_buffer((sum(n for m, n in numels.items() if m not in packed),), dtype, "the weight arena")
-    else:
-        arena, offsets = offsets
-        backend.lock_host(arena, "the weight arena")
-    blocks, off = {}, 0
-    for module, (unit, extra) in units.items():
-        n = numels[module]
-        if module in packed:
-            blocks[module] = HostBlock(flat=None, layout=(), cls=type(unit), numel=n, nbytes=n * size)
-        elif offsets is not None:
-            layout, _ = _layout(_named_tensors(unit, extra))
-            first = offsets[module]
-            blocks[module] = HostBlock(flat=arena[first: first + n], layout=layout, cls=type(unit), numel=n,
-                                       nbytes=n * size)
-        else:
-            blocks[module] = pack(arena[off: off + n], unit, extra)
-            off += n
-    return blocks
-
-
-def _packed_before(units: dict, packed: set[ModuleId], dtype: torch.dtype) -> tuple[Tensor, dict[ModuleId, int]] | None:
-    """(the arena, each module's first element in it) when every module outside `packed` still lies in one
-    arena as `pack` laid it out (its tensors contiguous, end to end, in `dtype`); else None."""
-    storage, offsets = None, {}
-    for module, (unit, extra) in units.items():
-        if module in packed:
-            continue
-        tensors = list(_named_tensors(unit, extra).values())
-        if any(t.is_mkldnn or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-            return None
-        if storage is None:
-            storage = tensors[0].untyped_storage()
-        first = next_offset = tensors[0].storage_offset()
-        for t in tensors:
-            if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != next_offset:
-                return None
-            next_offset += t.numel()
-        offsets[module] = first
-    if storage is None:
-        return None
-    arena = torch.empty(0, dtype=dtype).set_(storage, 0, (storage.nbytes() // torch.empty((), dtype=dtype).element_size(),))
-    return arena, offsets
