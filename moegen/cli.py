@@ -14,7 +14,8 @@ from moegen.config import ConfigError
 from moegen.io import json_bytes
 from moegen.models.loader import CheckpointError
 from moegen.runtime.backend import DeviceBudgetError
-from moegen.cli_knobs import DEVICE_OPTION, DTYPE_OPTION, need_perfetto, plan_user, runtime_config, runtime_options, say, trace_options
+from moegen.cli_knobs import (DEVICE_OPTION, DTYPE_OPTION, need_perfetto, plan_user, runtime_config, runtime_options, say,
+                              trace_options)
 from moegen.units import format_bytes, parse_bytes
 
 USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, DeviceBudgetError,
