@@ -62,10 +62,6 @@ class AttnBatch:
         """The same batch over other copies of its index tensors (`tensors()` order; host ints unchanged)."""
         return AttnBatch(*tensors, max_q=self.max_q, max_kv=self.max_kv, first_slot=self.first_slot)
 
-    def to(self, device: torch.device | str) -> AttnBatch:
-        """The same batch with its tensors on `device`."""
-        return self.with_tensors([t.to(device) for t in self.tensors()])
-
     def cached(self, buffer: Tensor) -> Tensor:
         """[slots, S_max, ...] KV buffer -> [B, S, ...]: the batch's rows up to max_kv (a view, no copy,
         when the rows are contiguous)."""
