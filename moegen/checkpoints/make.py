@@ -55,14 +55,20 @@ class _RandomTensors:
         self.seed = seed
         self.per_expert = family.moe_names(fused=False)
         self.tensors: dict[str, Tensor] = {}
+        self.linears: set[str] = set()  # names of the linear weights (what an FP8 checkpoint quantizes)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def take(self, name: str, shape: tuple[int, ...]) -> Tensor:
+    def take(self, name: str, shape: tuple[int, ...], linear: bool = False) -> Tensor:
         t = self._fused(name, shape) if name.endswith(_FUSED_SUFFIXES) else self._draw(name, shape)
         self.tensors[name] = t
+        if linear:
+            self.linears.add(name)
         return t
+
+    def take_plain(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        return self.take(name, shape, linear=True)
 
     def _draw(self, name: str, shape: tuple[int, ...]) -> Tensor:
         layer = re.match(r"model\.layers\.\d+\.", name)
@@ -154,8 +160,10 @@ def make_model(
 class _ShapesOnly(_RandomTensors):
     """Walks the same tensors as _RandomTensors without allocating them (for counting)."""
 
-    def take(self, name: str, shape: tuple[int, ...]) -> Tensor:
+    def take(self, name: str, shape: tuple[int, ...], linear: bool = False) -> Tensor:
         self.tensors[name] = torch.empty(shape, device="meta")
+        if linear:
+            self.linears.add(name)
         return self.tensors[name]
 
 

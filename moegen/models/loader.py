@@ -19,11 +19,15 @@ from safetensors import safe_open
 from torch import Tensor
 
 from moegen.config import GQAConfig, MLAConfig, ModelConfig
-from moegen.models.hf_config import load_model_config
+from moegen.formats import fp8
+from moegen.formats.fp8 import BlockFp8, Fp8Scheme
+from moegen.models.hf_config import load_model_config, read_config_json
 from moegen.models.families import DENSE_NAMES, GLOBAL_NAMES, GQA_NAMES, LAYER, MLA_NAMES, NORM_NAMES, Family
 from moegen.models.weights import GQAWeights, LayerWeights, MLAWeights, MLPWeights, ModelWeights, MoEWeights, RouterWeights
 
 INDEX_FILE = "model.safetensors.index.json"
+# Fields of the attention units that are linear weights (quantizable): MLA's kv_b_proj too.
+LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"})
 SINGLE_FILE = "model.safetensors"
 # Non-persistent buffers some older checkpoints still carry; transformers drops them.
 _ALWAYS_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -37,6 +41,7 @@ class CheckpointError(ValueError):
 class LoadReport:
     files: list[Path]  # safetensors files read
     expert_layout: Literal["per-expert", "fused", "none"]
+    quantization: Fp8Scheme | None = None  # config.json's quantization_config (its linears kept as stored)
     loaded: set[str] = field(default_factory=set)  # tensor names read into the weights
     skipped: list[str] = field(default_factory=list)  # names ignored as transformers ignores them
 
@@ -56,6 +61,7 @@ class TensorStore:
         self.model_dir = Path(model_dir)
         self.file_of: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}  # safetensors dtype names ("BF16", "F8_E4M3", ...)
         # One open handle per file for the store's life: opening the file for each tensor cost ~2 ms
         # a tensor (a tiny DeepSeek-V3-like checkpoint's 2,433 tensors: 4.8 s to load, 0.06 s kept open).
         self._open: dict[Path, object] = {}
@@ -63,7 +69,8 @@ class TensorStore:
             f = self._open[path] = safe_open(str(path), framework="pt")
             for name in f.keys():
                 self.file_of[name] = path
-                self._shapes[name] = tuple(f.get_slice(name).get_shape())
+                part = f.get_slice(name)
+                self._shapes[name], self._dtypes[name] = tuple(part.get_shape()), part.get_dtype()
 
     def _files(self) -> list[Path]:
         index = self.model_dir / INDEX_FILE
@@ -88,12 +95,16 @@ class TensorStore:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
+    def dtype(self, name: str) -> str:
+        return self._dtypes[name]
+
     def get(self, name: str) -> Tensor:
         return self._open[self.file_of[name]].get_tensor(name)
 
 
 class _Reader:
-    """Reads named tensors with their expected shapes, converting to `dtype`; records what it read."""
+    """Reads named tensors with their expected shapes, converting to `dtype`; records what it read.
+    Linear weights stored as FP8 (`linear=True`) come back as stored, with their scales (`BlockFp8`)."""
 
     def __init__(self, store: TensorStore, dtype: torch.dtype, report: LoadReport):
         self.store, self.dtype, self.report = store, dtype, report
@@ -101,7 +112,37 @@ class _Reader:
     def has(self, name: str) -> bool:
         return name in self.store.file_of
 
-    def take(self, name: str, shape: tuple[int, ...]) -> Tensor:
+    def take(self, name: str, shape: tuple[int, ...], linear: bool = False) -> Tensor | BlockFp8:
+        self._check(name, shape)
+        self.report.loaded.add(name)
+        scale = fp8.scale_name(name)
+        if self.store.dtype(name) != "F8_E4M3":
+            if self.has(scale):
+                raise CheckpointError(f"{self.store.file_of[scale]}: {scale!r} scales {name!r}, which is stored as "
+                                      f"{self.store.dtype(name)}, not F8_E4M3; the checkpoint is inconsistent")
+            return self.store.get(name).to(self.dtype)
+        where = f"{self.store.file_of[name]}: tensor {name!r} is FP8 (F8_E4M3)"
+        if not linear:
+            raise CheckpointError(f"{where}; moegen reads norms, routers, embeddings and lm_head as stored in a float "
+                                  "dtype only (quantize linear weights alone)")
+        if self.report.quantization is None:
+            raise CheckpointError(f"{where} but config.json has no quantization_config; add the checkpoint's "
+                                  'quantization_config ({"quant_method": "fp8", "weight_block_size": [128, 128], ...})')
+        if not self.has(scale):
+            raise CheckpointError(f"{where} but its block scales {scale!r} are missing; the checkpoint is incomplete")
+        self._check(scale, fp8.scale_grid(shape), what=f"the scale grid of {list(shape)} in {list(fp8.BLOCK)} blocks is")
+        if self.store.dtype(scale) != "F32":
+            raise CheckpointError(f"{self.store.file_of[scale]}: scale {scale!r} is {self.store.dtype(scale)}; "
+                                  "moegen reads float32 (F32) block scales only")
+        self.report.loaded.add(scale)
+        return BlockFp8(self.store.get(name), self.store.get(scale))
+
+    def take_plain(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """A linear weight moegen keeps unquantized even where the checkpoint stores it as FP8 (a [1, H] gate)."""
+        w = self.take(name, shape, linear=True)
+        return fp8.dequantize(w, self.dtype) if isinstance(w, BlockFp8) else w
+
+    def _check(self, name: str, shape: tuple[int, ...], what: str = "") -> None:
         if name not in self.store.file_of:
             raise CheckpointError(
                 f"{self.store.model_dir}: missing tensor {name!r} (expected shape {list(shape)} from config.json); "
@@ -109,19 +150,17 @@ class _Reader:
             )
         actual = self.store.shape(name)
         if actual != tuple(shape):
-            raise CheckpointError(
-                f"{self.store.file_of[name]}: tensor {name!r} has shape {list(actual)}, config.json implies {list(shape)}"
-            )
-        self.report.loaded.add(name)
-        return self.store.get(name).to(self.dtype)
+            raise CheckpointError(f"{self.store.file_of[name]}: tensor {name!r} has shape {list(actual)}, "
+                                  f"{what or 'config.json implies'} {list(shape)}")
 
 
 def load_checkpoint(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, ModelWeights, LoadReport]:
     """config.json + safetensors of `model_dir` -> (config, weights in `dtype`, what was read)."""
     cfg = load_model_config(model_dir)
+    scheme = fp8.scheme_of(read_config_json(model_dir), Path(model_dir) / "config.json")
     store = TensorStore(model_dir)
     layout = _expert_layout(store, cfg)
-    report = LoadReport(files=sorted(set(store.file_of.values())), expert_layout=layout)
+    report = LoadReport(files=sorted(set(store.file_of.values())), expert_layout=layout, quantization=scheme)
     reader = _Reader(store, dtype, report)
     weights = model_weights(reader, cfg, layout == "fused")
     _check_leftovers(store, cfg, report)
@@ -174,7 +213,7 @@ def _gqa(r: _Reader, a: GQAConfig, prefix: str) -> GQAWeights:
         shapes |= {"q_norm": (a.head_dim,), "k_norm": (a.head_dim,)}
     elif a.qk_norm == "full":
         shapes |= {"q_norm": (ND,), "k_norm": (GD,)}
-    return GQAWeights(**{k: r.take(prefix + GQA_NAMES[k], s) for k, s in shapes.items()})
+    return GQAWeights(**{k: r.take(prefix + GQA_NAMES[k], s, linear=k in LINEARS) for k, s in shapes.items()})
 
 
 def _mla(r: _Reader, a: MLAConfig, prefix: str) -> MLAWeights:
@@ -192,14 +231,14 @@ def _mla(r: _Reader, a: MLAConfig, prefix: str) -> MLAWeights:
         shapes |= {"q_a_proj": (a.q_lora_rank, H), "q_a_layernorm": (a.q_lora_rank,), "q_b_proj": (QK, a.q_lora_rank)}
     if a.o_bias:
         shapes["o_bias"] = (H,)
-    return MLAWeights(**{k: r.take(prefix + MLA_NAMES[k], s) for k, s in shapes.items()})
+    return MLAWeights(**{k: r.take(prefix + MLA_NAMES[k], s, linear=k in LINEARS) for k, s in shapes.items()})
 
 
 def _mlp(r: _Reader, names: dict[str, str], width: int, hidden: int) -> MLPWeights:
     return MLPWeights(
-        gate_proj=r.take(names["gate_proj"], (width, hidden)),
-        up_proj=r.take(names["up_proj"], (width, hidden)),
-        down_proj=r.take(names["down_proj"], (hidden, width)),
+        gate_proj=r.take(names["gate_proj"], (width, hidden), linear=True),
+        up_proj=r.take(names["up_proj"], (width, hidden), linear=True),
+        down_proj=r.take(names["down_proj"], (hidden, width), linear=True),
     )
 
 
@@ -211,10 +250,10 @@ def _moe(r: _Reader, cfg: ModelConfig, prefix: str, fused: bool) -> MoEWeights:
     bias = names.get("e_score_correction_bias")
     router = RouterWeights(gate=r.take(names["gate"], (E, H)), e_score_correction_bias=r.take(bias, (E,)) if bias else None)
     if fused:
-        gate_up = r.take(names["gate_up_proj"], (E, 2 * I, H))
-        down = r.take(names["down_proj"], (E, H, I))
+        gate_up = r.take(names["gate_up_proj"], (E, 2 * I, H), linear=True)
+        down = r.take(names["down_proj"], (E, H, I), linear=True)
         # Views into the fused tensors: gate rows first, then up (transformers' Concatenate(dim=1) order).
-        experts = [MLPWeights(gate_up[e, :I], gate_up[e, I:], down[e]) for e in range(E)]
+        experts = [MLPWeights(*_halves(gate_up[e], I), down[e]) for e in range(E)]
     else:
         experts = [_mlp(r, {k: names[k].format(e=e) for k in DENSE_NAMES}, I, H) for e in range(E)]
     shared, shared_gate = None, None
@@ -222,8 +261,15 @@ def _moe(r: _Reader, cfg: ModelConfig, prefix: str, fused: bool) -> MoEWeights:
         shared_names = {k: prefix + v for k, v in family.shared_names.items()}
         shared = _mlp(r, shared_names, m.shared_intermediate, H)
         if m.shared_gate:
-            shared_gate = r.take(shared_names["shared_expert_gate"], (1, H))
+            shared_gate = r.take_plain(shared_names["shared_expert_gate"], (1, H))
     return MoEWeights(router=router, experts=experts, shared=shared, shared_expert_gate=shared_gate)
+
+
+def _halves(gate_up: Tensor | BlockFp8, width: int) -> tuple[Tensor | BlockFp8, Tensor | BlockFp8]:
+    """One expert's fused [2I, H] gate_up_proj as its gate [I, H] and up [I, H] rows."""
+    if isinstance(gate_up, BlockFp8):
+        return gate_up.rows(0, width), gate_up.rows(width, 2 * width)
+    return gate_up[:width], gate_up[width:]
 
 
 def _check_leftovers(store: TensorStore, cfg: ModelConfig, report: LoadReport) -> None:

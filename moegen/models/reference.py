@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moegen.config import MLAConfig, ModelConfig
+from moegen.formats.fp8 import plain_model
 from moegen.models.attention import gqa_attention
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import LayerKV, allocate_kv
@@ -52,7 +53,7 @@ class ReferenceModel:
     """A whole model on one device, built from the units."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
-        self.cfg, self.w = cfg, weights
+        self.cfg, self.w = cfg, plain_model(weights)  # an FP8 checkpoint's linears, dequantized once
         self.rope = Rope(cfg.attention.rope, device=weights.embed_tokens.device)
 
     def layer(self, index: int, lw: LayerWeights, h: Tensor, batch: AttnBatch, kv: LayerKV,
