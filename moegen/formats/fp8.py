@@ -163,6 +163,51 @@ def quantize(w: Tensor) -> BlockFp8:
     return BlockFp8(data.view(*lead, R * br, C * bc)[..., :O, :I].contiguous(), scale.contiguous())
 
 
+# -- the host layout: a quantized field is two parts of its module's block, its elements and its scales ----------
+
+def parts(name: str, value: Tensor | BlockFp8, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The tensors a field is kept as: a plain one (in `dtype`, when given), or a BlockFp8's elements and scales."""
+    if isinstance(value, BlockFp8):
+        return {name: value.data, name + SCALE_SUFFIX: value.scale}
+    return {name: value if dtype is None else value.to(dtype)}
+
+
+def assemble(tensors: dict[str, Tensor]) -> dict[str, Tensor | BlockFp8]:
+    """`parts` undone: fields by name, a field with scales as a BlockFp8."""
+    out: dict[str, Tensor | BlockFp8] = {}
+    for name, t in tensors.items():
+        if not name.endswith(SCALE_SUFFIX):
+            scale = tensors.get(name + SCALE_SUFFIX)
+            out[name] = t if scale is None else BlockFp8(t, scale)
+    return out
+
+
+def work_numel(unit) -> int:
+    """Elements a unit's quantized fields take dequantized (the working buffer a slot needs for it)."""
+    return sum(v.numel() for f in fields(unit) if isinstance(v := getattr(unit, f.name), BlockFp8))
+
+
+def work_views(unit, work: Tensor):
+    """The unit with each quantized field replaced by a view of `work` (a flat run-dtype buffer of at least
+    `work_numel(unit)` elements) that `dequantize_into` fills; its other fields as they are."""
+    views, off = {}, 0
+    for f in fields(unit):
+        v = getattr(unit, f.name)
+        if isinstance(v, BlockFp8):
+            views[f.name] = work[off: off + v.numel()].view(v.shape)
+            off += v.numel()
+    return replace(unit, **views)
+
+
+def dequantize_into(unit, out) -> None:
+    """Fill `out` (from `work_views(unit, …)`) with the dequantized fields of `unit`."""
+    for f in fields(unit):
+        v = getattr(unit, f.name)
+        if isinstance(v, BlockFp8):
+            target = getattr(out, f.name)
+            dequantize(v, target.dtype, out=target)
+
+
 def has_fp8(unit) -> bool:
     return any(isinstance(getattr(unit, f.name), BlockFp8) for f in fields(unit))
 

@@ -30,7 +30,7 @@ from moegen.planner.calibrate import Machine, Profile
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.device_memory import (LaunchSizes, activation_bytes, launch_sizes, model_batch_size, staging_bytes,
                                           step_tokens, transient_bytes)
-from moegen.runtime.placement import ModuleId, Residency, choose_residency, core_device_bytes, module_numels
+from moegen.runtime.residency import ModuleId, ModuleSize, Residency, choose_residency, core_device_bytes, module_sizes
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,22 +43,20 @@ class Workload:
 
 @dataclass(slots=True)
 class ModelFacts:
-    """What the cost model reads of a loaded model (sizes in the runtime dtype)."""
+    """What the cost model reads of a loaded model (sizes in the runtime dtype; FP8 linears as stored)."""
 
     cfg: ModelConfig
     weights: ModelWeights
-    sizes: dict[ModuleId, int]  # bytes of each streamable module's host block
+    sizes: dict[ModuleId, ModuleSize]  # each streamable module's bytes: host block (= one copy), resident, slot
     core_bytes: int  # lm_head, norms, routers: always on the device
 
     @classmethod
     def of(cls, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype) -> ModelFacts:
-        size = torch.empty((), dtype=dtype).element_size()
-        sizes = {m: n * size for m, n in module_numels(weights).items()}
-        return cls(cfg, weights, sizes, core_device_bytes(weights, dtype))
+        return cls(cfg, weights, module_sizes(weights, dtype), core_device_bytes(weights, dtype))
 
     @property
     def arena_bytes(self) -> int:
-        return sum(self.sizes.values())
+        return sum(s.host for s in self.sizes.values())
 
 
 @dataclass(slots=True)
@@ -165,8 +163,8 @@ class _Sim:
         if module in self.resident:
             return 0.0
         start = max(self.weights, self.slots[module.kind].popleft())
-        took = self.f.sizes[module] / self.bytes_per_s
-        self.copy_cost += self.f.sizes[module] * self.m.copy_cost_s_per_byte
+        took = self.f.sizes[module].host / self.bytes_per_s
+        self.copy_cost += self.f.sizes[module].host * self.m.copy_cost_s_per_byte
         self.weights = start + took
         self.busy["weights"] += took
         if self.shared_link:

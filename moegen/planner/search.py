@@ -115,7 +115,7 @@ def search(facts: ModelFacts, rcfg: RuntimeConfig, user: frozenset[str], machine
     best = candidates[0]
     if budget is not None and best.setting.device_bytes is not None:
         left = budget - best.setting.device_bytes
-        if best.predicted.decode.bound == "link" and left < min(facts.sizes.values(), default=0):
+        if best.predicted.decode.bound == "link" and left < min((s.resident for s in facts.sizes.values()), default=0):
             limits.append(f"device memory: {left / 2**20:.1f} MiB left, so every streamed module crosses the link "
                           "each step")
     return Plan(best.rcfg, tuple(sorted(user & set(PLANNED))), workload, best, _distinct(candidates[1:], best),

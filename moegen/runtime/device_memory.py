@@ -33,7 +33,7 @@ from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.cpu_threads import LANE_FLOPS, cpu_lanes
 from moegen.runtime.kv_stage import staging_device_numel
-from moegen.runtime.placement import minimum_device_bytes
+from moegen.runtime.residency import minimum_device_bytes
 from moegen.runtime.step_inputs import step_input_bytes
 
 F32, I64 = 4, 8

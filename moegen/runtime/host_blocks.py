@@ -1,7 +1,8 @@
-"""Host blocks: every streamable module's tensors packed end to end into one host arena, allocated at
+"""Host blocks: every streamable module's tensors packed end to end into one host arena of bytes, allocated at
 its exact size and page-locked once by the backend, so each module's copy to the device is one large
-transfer. Weights an earlier engine packed are still views of its arena, and a later engine uses that
-arena again as it is.
+transfer. A block holds its tensors as they are kept: run-dtype tensors, and a quantized linear's FP8
+elements and scales (`formats.fp8`: the copy moves exactly those bytes). Weights an earlier engine packed are
+still views of its arena, and a later engine uses that arena again as it is.
 """
 
 from __future__ import annotations
@@ -11,106 +12,138 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from moegen.formats import fp8
 from moegen.models.linear import plain
 from moegen.runtime.backend import Backend
+
+ALIGN = 64  # bytes: each block starts on this boundary in the arena (and so in a slot)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One tensor of a block: where its bytes lie and what they are."""
+
+    name: str  # the unit's field (a quantized field's scales: the field + fp8.SCALE_SUFFIX)
+    offset: int  # bytes from the block's start
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass(slots=True)
 class HostBlock:
-    """One module's tensors packed into one flat host tensor; `layout` rebuilds them as views."""
+    """One module's tensors packed into one flat host byte tensor; `layout` rebuilds them as views."""
 
-    flat: Tensor | None  # [numel] elements, host (pinned on cuda); None: resident with its linears
+    flat: Tensor | None  # [nbytes] uint8, host (pinned on cuda); None: resident with its linears
     # reordered for the backend's matmul (`Backend.packs_linears`), so never copied and not kept here
-    layout: tuple[tuple[str, int, tuple[int, ...]], ...]  # (field, offset, shape) of each tensor
+    layout: tuple[Part, ...]
     cls: type  # the weights dataclass of the unit (GQAWeights, MLAWeights, MLPWeights)
-    numel: int  # elements of all its tensors
-    nbytes: int  # in the runtime dtype
+    nbytes: int  # what its copy moves
+    work_numel: int  # run-dtype elements its quantized linears take dequantized (0: none quantized)
 
     def views(self, flat: Tensor):
-        """The unit's weights dataclass over `flat` (this block, or a device slot holding its copy)."""
-        parts = {name: flat[off: off + torch.Size(shape).numel()].view(shape) for name, off, shape in self.layout}
+        """The unit's weights dataclass over `flat` (this block's bytes, or a device slot holding its copy):
+        quantized fields as BlockFp8 over the FP8 bytes; and the shared expert gate, if any."""
+        parts = fp8.assemble({p.name: flat[p.offset: p.offset + p.nbytes].view(p.dtype).view(p.shape)
+                              for p in self.layout})
         own = {f.name for f in fields(self.cls)}
         weights = self.cls(**{k: v for k, v in parts.items() if k in own})
         return weights, parts.get("shared_expert_gate")
 
 
-def named_tensors(unit, extra: dict[str, Tensor | None] | None = None) -> dict[str, Tensor]:
-    tensors = {f.name: getattr(unit, f.name) for f in fields(unit)} | (extra or {})
-    return {k: v for k, v in tensors.items() if isinstance(v, Tensor)}
+def named_tensors(unit, extra: dict[str, Tensor | None] | None = None, dtype: torch.dtype | None = None
+                  ) -> dict[str, Tensor]:
+    """A module's tensors by part name: each field's tensor (in `dtype`, when given), a quantized field's FP8
+    elements and scales as they are."""
+    values = {f.name: getattr(unit, f.name) for f in fields(unit)} | (extra or {})
+    return {k: t for name, v in values.items() if v is not None for k, t in fp8.parts(name, v, dtype).items()}
 
 
-def _layout(tensors: dict[str, Tensor]) -> tuple[tuple[tuple[str, int, tuple[int, ...]], ...], int]:
-    """(field, offset, shape) of each of a module's tensors laid end to end in its block, and its elements."""
+def block_layout(tensors: dict[str, Tensor]) -> tuple[tuple[Part, ...], int]:
+    """The parts of a module's tensors laid end to end, widest elements first (so every part starts on a
+    multiple of its element size and no byte is padding), and the block's bytes."""
     layout, off = [], 0
-    for name, t in tensors.items():
-        layout.append((name, off, tuple(t.shape)))
-        off += t.numel()
+    for name, t in sorted(tensors.items(), key=lambda kv: -kv[1].element_size()):
+        layout.append(Part(name, off, tuple(t.shape), t.dtype))
+        off += t.numel() * t.element_size()
     return tuple(layout), off
 
 
-def pack(arena: Tensor, unit, extra: dict[str, Tensor | None] | None = None) -> HostBlock:
-    """Move one module's tensors into `arena` (a slice of the host arena of exactly its size): each
-    field of `unit` becomes a view of the arena, so the loaded tensor is freed as soon as it is
-    packed and the host never holds the model twice."""
-    tensors = named_tensors(unit, extra)
-    layout, numel = _layout(tensors)
-    own = {f.name for f in fields(unit)}
-    for (name, off, shape), t in zip(layout, tensors.values()):
-        part = arena[off: off + t.numel()]
-        part.copy_(plain(t).reshape(-1))  # plain: a unit an earlier engine reordered (`Placement._pack_resident`)
-        if name in own:
-            setattr(unit, name, part.view(shape))
-    return HostBlock(flat=arena, layout=layout, cls=type(unit), numel=numel, nbytes=numel * arena.element_size())
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
-def host_blocks(backend: Backend, units: dict, numels: dict, dtype: torch.dtype, packed: set) -> dict:
-    """module -> its HostBlock: every streamable module (`units`: module -> (weights dataclass, extra tensors);
-    `numels`: module -> elements) in one host arena at its exact size, page-locked once by the backend; the
-    `packed` ones (residents placed by `Placement._pack_resident`) get a block without a host copy. Weights an
-    earlier engine packed are still views of its arena: that arena is used again as it is, so a second
-    engine on the same weights (the bench's model-based run) allocates no second copy of the model."""
-    size = torch.empty((), dtype=dtype).element_size()
-    offsets = _packed_before(units, packed, dtype)
-    if offsets is None:
-        arena = backend.host_buffer((sum(n for m, n in numels.items() if m not in packed),), dtype, "the weight arena")
+def pack(arena: Tensor, unit, extra: dict[str, Tensor | None] | None, dtype: torch.dtype) -> HostBlock:
+    """Move one module's tensors into `arena` (a byte slice of the host arena of at least its size): each
+    field of `unit` becomes a view of the arena, so the loaded tensor is freed as soon as it is packed and the
+    host never holds the model twice."""
+    tensors = named_tensors(unit, extra, dtype)
+    layout, nbytes = block_layout(tensors)
+    for part in layout:
+        # plain: a unit an earlier engine reordered (`Placement._pack_resident`)
+        arena[part.offset: part.offset + part.nbytes].view(part.dtype).copy_(plain(tensors[part.name]).reshape(-1))
+    block = HostBlock(flat=arena[:nbytes], layout=layout, cls=type(unit), nbytes=nbytes, work_numel=fp8.work_numel(unit))
+    packed, _ = block.views(block.flat)
+    for f in fields(unit):
+        if getattr(unit, f.name) is not None:
+            setattr(unit, f.name, getattr(packed, f.name))
+    return block
+
+
+def host_blocks(backend: Backend, units: dict, packed: set, dtype: torch.dtype) -> dict:
+    """module -> its HostBlock: every streamable module (`units`: module -> (weights dataclass, extra tensors))
+    in one host byte arena (plain tensors in `dtype`), each block on an ALIGN boundary, page-locked once by the backend; the `packed`
+    ones (residents placed by `Placement._pack_resident`) get a block without a host copy. Weights an earlier
+    engine packed are still views of its arena: that arena is used again as it is, so a second engine on the
+    same weights (the bench's model-based run) allocates no second copy of the model."""
+    tensors = {m: named_tensors(unit, extra, dtype) for m, (unit, extra) in units.items()}
+    layouts = {m: block_layout(t) for m, t in tensors.items()}
+    reused = _packed_before(tensors, layouts, packed)
+    if reused is None:
+        total = sum(aligned(n) for m, (_, n) in layouts.items() if m not in packed)
+        arena = backend.host_buffer((total,), torch.uint8, "the weight arena")
     else:
-        arena, offsets = offsets
+        arena, starts = reused
         backend.lock_host(arena, "the weight arena")
     blocks, off = {}, 0
     for module, (unit, extra) in units.items():
-        n = numels[module]
+        layout, nbytes = layouts[module]
+        work = fp8.work_numel(unit)
         if module in packed:
-            blocks[module] = HostBlock(flat=None, layout=(), cls=type(unit), numel=n, nbytes=n * size)
-        elif offsets is not None:
-            layout, _ = _layout(named_tensors(unit, extra))
-            first = offsets[module]
-            blocks[module] = HostBlock(flat=arena[first: first + n], layout=layout, cls=type(unit), numel=n,
-                                       nbytes=n * size)
+            blocks[module] = HostBlock(flat=None, layout=layout, cls=type(unit), nbytes=nbytes, work_numel=work)
+        elif reused is not None:
+            first = starts[module]
+            blocks[module] = HostBlock(flat=arena[first: first + nbytes], layout=layout, cls=type(unit), nbytes=nbytes,
+                                       work_numel=work)
         else:
-            blocks[module] = pack(arena[off: off + n], unit, extra)
-            off += n
+            blocks[module] = pack(arena[off: off + nbytes], unit, extra, dtype)
+            off += aligned(nbytes)
     return blocks
 
 
-def _packed_before(units: dict, packed: set, dtype: torch.dtype) -> tuple[Tensor, dict] | None:
-    """(the arena, each module's first element in it) when every module outside `packed` still lies in one
-    arena as `pack` laid it out (its tensors contiguous, end to end, in `dtype`); else None."""
-    storage, offsets = None, {}
-    for module, (unit, extra) in units.items():
+def _packed_before(tensors: dict, layouts: dict, packed: set) -> tuple[Tensor, dict] | None:
+    """(the arena as bytes, each module's first byte in it) when every module outside `packed` still lies in one
+    arena as `pack` laid it out (each part a contiguous host view at its layout's offset); else None."""
+    storage, starts = None, {}
+    for module, named in tensors.items():
         if module in packed:
             continue
-        tensors = list(named_tensors(unit, extra).values())
-        if any(t.is_mkldnn or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        layout, _ = layouts[module]
+        if any(t.is_mkldnn or t.device.type != "cpu" or not t.is_contiguous() for t in named.values()):
             return None
         if storage is None:
-            storage = tensors[0].untyped_storage()
-        first = next_offset = tensors[0].storage_offset()
-        for t in tensors:
-            if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != next_offset:
+            storage = next(iter(named.values())).untyped_storage()
+        first = None
+        for part in layout:
+            t = named[part.name]
+            at = t.storage_offset() * t.element_size()
+            first = at - part.offset if first is None else first
+            if t.untyped_storage().data_ptr() != storage.data_ptr() or at != first + part.offset:
                 return None
-            next_offset += t.numel()
-        offsets[module] = first
+        starts[module] = first
     if storage is None:
         return None
-    arena = torch.empty(0, dtype=dtype).set_(storage, 0, (storage.nbytes() // torch.empty((), dtype=dtype).element_size(),))
-    return arena, offsets
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)), starts

@@ -21,22 +21,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from moegen.formats import fp8
 from moegen.runtime.backend import Backend, DeviceBudgetError, Event
-from moegen.runtime.host_blocks import HostBlock, host_blocks, named_tensors
-from moegen.models.weights import LINEAR_FIELDS, ModelWeights, RouterWeights, tensors_of
-
-Kind = Literal["attn", "mlp", "expert"]
-
-
-@dataclass(frozen=True, slots=True)
-class ModuleId:
-    kind: Kind
-    layer: int
-    expert: int = -1  # experts only
-
-    def __str__(self) -> str:
-        return f"{self.kind}[{self.layer}]" + (f"[{self.expert}]" if self.kind == "expert" else "")
-
+from moegen.runtime.host_blocks import HostBlock, host_blocks
+from moegen.runtime.residency import Kind, ModuleId, choose_residency, module_sizes, units_of
+from moegen.models.weights import LINEAR_FIELDS, ModelWeights, RouterWeights
 
 @dataclass(slots=True)
 class CoreWeights:
@@ -59,14 +48,27 @@ class Ticket:
     ready: Event | None  # the copy that filled the slot (None: resident)
     slot: int = -1  # index in its pool (-1: resident)
     flow: int = 0  # trace flow from the copy to the first compute that uses it (0: none)
+    quantized: object | None = None  # the slot's unit with FP8 linears, which `weights` (views of the slot's
+    # working buffer) are dequantized from by the first launch that uses it; None: nothing left to dequantize
+
+    def unpack(self):
+        """The weights, ready to compute with. Called inside a launch (on the compute stream, after the copy):
+        the first launch dequantizes the slot's FP8 linears into its working buffer."""
+        if self.quantized is not None:
+            fp8.dequantize_into(self.quantized, self.weights)
+            self.quantized = None
+        return self.weights
 
 
 class SlotPool:
-    """`count` device buffers big enough for the largest module of one kind."""
+    """`count` device buffers big enough for the largest module of one kind (its host block's bytes), each
+    with a working buffer of the run dtype where a module's FP8 linears are dequantized (when any has some)."""
 
-    def __init__(self, backend: Backend, kind: Kind, count: int, numel: int, dtype: torch.dtype):
+    def __init__(self, backend: Backend, kind: Kind, count: int, nbytes: int, work_numel: int, dtype: torch.dtype):
         self.kind, self.count = kind, count
-        self.buffers = [backend.alloc((numel,), dtype, f"{count} {kind} slot(s)") for _ in range(count)]
+        what = f"{count} {kind} slot(s)"
+        self.buffers = [backend.alloc((nbytes,), torch.uint8, what) for _ in range(count)]
+        self.works = [backend.alloc((work_numel,), dtype, what) if work_numel else None for _ in range(count)]
         self._free: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
         self.reset()
 
@@ -91,14 +93,12 @@ class Placement:
         self.backend, self.dtype = backend, dtype
         self.core = self._place_core(weights)
         backend.reserve(kv_and_activation_bytes, "KV staging, activations and the launches' transient memory")
-        size = torch.empty((), dtype=dtype).element_size()
-        numels = module_numels(weights)
         free = None if backend.budget is None else backend.budget - backend.counters.device_bytes
-        choice = choose_residency({m: n * size for m, n in numels.items()}, free, expert_slots, resident_experts)
+        choice = choose_residency(module_sizes(weights, dtype), free, expert_slots, resident_experts)
         # Residents whose linears the backend reorders never need a host copy: they get none.
         packed = set(choice.resident) if backend.packs_linears(dtype) else set()
-        units = _units(weights)
-        self.blocks: dict[ModuleId, HostBlock] = host_blocks(backend, units, numels, dtype, packed)
+        units = units_of(weights)
+        self.blocks: dict[ModuleId, HostBlock] = host_blocks(backend, units, packed, dtype)
         self.resident: dict[ModuleId, Ticket] = {}
         self.resident_modules = frozenset(choice.resident)
         self.pools: dict[Kind, SlotPool] = {}
@@ -143,11 +143,22 @@ class Placement:
         )
 
     def _pool(self, kind: Kind, count: int, modules: list[ModuleId]) -> SlotPool:
-        return SlotPool(self.backend, kind, count, max(self.blocks[m].numel for m in modules), self.dtype)
+        return SlotPool(self.backend, kind, count, max(self.blocks[m].nbytes for m in modules),
+                        max(self.blocks[m].work_numel for m in modules), self.dtype)
 
     def _make_resident(self, module: ModuleId) -> None:
-        block = self.blocks[module]
-        weights, gate = block.views(self.backend.place(block.flat, self.dtype, f"resident {module}"))
+        """A resident copied from its host block; one with FP8 linears is dequantized once, on the host, and
+        placed tensor by tensor (a resident's launches then never dequantize)."""
+        block, what = self.blocks[module], f"resident {module}"
+        if not block.work_numel:
+            weights, gate = block.views(self.backend.place(block.flat, torch.uint8, what))
+        else:
+            weights, gate = block.views(block.flat)
+            weights = fp8.plain(weights, self.dtype)
+            for f in fields(weights):
+                if isinstance(t := getattr(weights, f.name), Tensor):
+                    setattr(weights, f.name, self.backend.place(t, self.dtype, what))
+            gate = None if gate is None else self.backend.place(gate, self.dtype, what)
         self.resident[module] = Ticket(weights=weights, gate=gate, ready=None)
 
     def _pack_resident(self, module: ModuleId, unit, extra: dict | None) -> None:
@@ -158,6 +169,8 @@ class Placement:
         linears = LINEAR_FIELDS[type(unit)]
         for f in fields(unit):
             t = getattr(unit, f.name)
+            if isinstance(t, fp8.BlockFp8):  # dequantized once: a resident's launches never dequantize
+                t = fp8.dequantize(t, self.dtype)
             if isinstance(t, Tensor):
                 place = self.backend.place_linear if f.name in linears else self.backend.place
                 setattr(unit, f.name, place(t, self.dtype, what))
@@ -222,7 +235,7 @@ class Placement:
         if last_use is not None:
             stream.wait_event(last_use)  # the device waits for the slot's last compute, not the host
         block = self.blocks[module]
-        dst = pool.buffers[slot][: block.flat.numel()]
+        dst = pool.buffers[slot][: block.nbytes]
         label, flow = None, 0
         if self.backend.recorder is not None:
             from moegen.trace.slices import Label
@@ -232,136 +245,13 @@ class Placement:
                                              "step": step, "slot": slot}, flows_out=(flow,))
         ready = self.backend.copy(stream, dst, block.flat, label)
         weights, gate = block.views(dst)
-        self._future(step, module).set_result(Ticket(weights=weights, gate=gate, ready=ready, slot=slot, flow=flow))
+        quantized = None
+        if block.work_numel:
+            weights, quantized = fp8.work_views(weights, pool.works[slot]), weights
+        self._future(step, module).set_result(Ticket(weights=weights, gate=gate, ready=ready, slot=slot, flow=flow,
+                                                     quantized=quantized))
 
     def skip(self, step: int, module: ModuleId) -> None:
         """Prefetcher: routing gave `module` no tokens this step, so it is never copied."""
         self.skips[module] += 1
         self._future(step, module).set_result(None)
-
-
-@dataclass(frozen=True, slots=True)
-class Residency:
-    """Which modules live on the device for the whole run, and how many slots each streamed kind gets."""
-
-    resident: tuple[ModuleId, ...]
-    pools: dict[Kind, int]  # slots per kind that has streamed modules
-    device_bytes: int  # what residents and slot pools take
-
-
-def choose_residency(sizes: dict[ModuleId, int], free: int | None, expert_slots: int | None = None,
-                     resident_experts: int | None = None) -> Residency:
-    """The device's share of the streamable modules, from their sizes (bytes) and the budget left
-    (`free`; None = unlimited): every kind's slot pool at its minimum (2, or --expert-slots), then
-    residents, hot ones first (attention and dense/shared MLPs run for every token, an expert for a
-    k/E share), then what is left of the budget to more expert slots. --resident-experts fixes how
-    many experts stay (the first ones in layer order); --expert-slots alone streams every expert.
-    Raises DeviceBudgetError when the asked-for residents don't fit. The runtime's Placement and
-    the planner both place through this, so a plan's device bytes are the run's."""
-    by_kind: dict[Kind, list[ModuleId]] = {}
-    for module in sizes:
-        by_kind.setdefault(module.kind, []).append(module)
-    largest = {kind: max(sizes[m] for m in mods) for kind, mods in by_kind.items()}
-    if free is None and expert_slots is None and resident_experts is None:
-        return Residency(tuple(sizes), {}, sum(sizes.values()))
-    pools = {kind: min(2, len(mods)) for kind, mods in by_kind.items()}
-    if expert_slots is not None and "expert" in pools:
-        pools["expert"] = min(expert_slots, len(by_kind["expert"]))
-    left = None if free is None else free - sum(pools[k] * largest[k] for k in pools)
-    if left is not None and left < 0:
-        need = sum(pools[k] * largest[k] for k in pools)
-        raise DeviceBudgetError(
-            f"the weight slots ({', '.join(f'{n} {k}' for k, n in pools.items())}) need {need / 2**20:.1f} MiB of "
-            f"device memory, {free / 2**20:.1f} MiB are left beside lm_head, norms, routers, KV staging, activations "
-            "and the launches' transient memory; raise --gpu-memory, or lower --expert-slots, --attn-micro-batch or "
-            "--max-seq-len")
-    resident: list[ModuleId] = []
-    for kind in ("attn", "mlp", "expert"):
-        mods = by_kind.get(kind, [])
-        if kind == "expert" and (resident_experts is not None or expert_slots is not None):
-            asked = mods[: resident_experts or 0]
-            need = sum(sizes[m] for m in asked)
-            if left is not None and need > left:
-                raise DeviceBudgetError(
-                    f"--resident-experts {len(asked)} needs {need / 2**20:.1f} MiB of device memory, {left / 2**20:.1f} "
-                    "MiB are left beside the core, slots and other residents; lower --resident-experts or raise "
-                    "--gpu-memory")
-            resident += asked
-            left = None if left is None else left - need
-        else:
-            for module in mods:
-                if left is None or sizes[module] <= left:
-                    resident.append(module)
-                    left = None if left is None else left - sizes[module]
-        if mods and all(m in resident for m in mods):  # nothing of this kind streams: its pool goes
-            left = None if left is None else left + pools.pop(kind) * largest[kind]
-    streamed = sum(m not in resident for m in by_kind.get("expert", []))
-    if expert_slots is None and "expert" in pools and left is not None and streamed > pools["expert"]:
-        pools["expert"] += int(max(0, min(streamed - pools["expert"], left // largest["expert"])))
-    if "expert" in pools and streamed:
-        pools["expert"] = min(pools["expert"], streamed)
-    used = sum(sizes[m] for m in resident) + sum(pools[k] * largest[k] for k in pools)
-    return Residency(tuple(resident), pools, used)
-
-
-def minimum_device_bytes(weights: ModelWeights, dtype: torch.dtype, expert_slots: int | None) -> int:
-    """What any placement needs on the device: the core plus each streamed kind's smallest slot pool."""
-    size = torch.empty((), dtype=dtype).element_size()
-    core = weights.lm_head.numel() + weights.norm.numel()  # the embedding stays on the host unless tied
-    largest: dict[Kind, int] = {}
-    counts: Counter[Kind] = Counter()
-    for lw in weights.layers:
-        core += lw.input_layernorm.numel() + lw.post_attention_layernorm.numel()
-        units: list[tuple[Kind, int]] = [("attn", _numel(lw.attn))]
-        if lw.mlp is not None:
-            units.append(("mlp", _numel(lw.mlp)))
-        elif lw.moe.shared is not None:
-            gate = lw.moe.shared_expert_gate
-            units.append(("mlp", _numel(lw.moe.shared) + (0 if gate is None else gate.numel())))
-        if lw.moe is not None:
-            core += _numel(lw.moe.router)
-            units += [("expert", _numel(e)) for e in lw.moe.experts]
-        for kind, numel in units:
-            largest[kind] = max(largest.get(kind, 0), numel)
-            counts[kind] += 1
-    slots = {kind: min(expert_slots or 2, n) if kind == "expert" else min(2, n) for kind, n in counts.items()}
-    return (core + sum(slots[k] * largest[k] for k in slots)) * size
-
-
-def _numel(unit) -> int:
-    return sum(t.numel() for t in tensors_of(unit))
-
-
-def _units(weights: ModelWeights) -> dict[ModuleId, tuple[object, dict | None]]:
-    """Every streamable module: its weights dataclass and extra tensors (a shared expert's gate)."""
-    units: dict[ModuleId, tuple[object, dict | None]] = {}
-    for layer, lw in enumerate(weights.layers):
-        units[ModuleId("attn", layer)] = (lw.attn, None)
-        if lw.mlp is not None:
-            units[ModuleId("mlp", layer)] = (lw.mlp, None)
-        elif lw.moe.shared is not None:
-            units[ModuleId("mlp", layer)] = (lw.moe.shared, {"shared_expert_gate": lw.moe.shared_expert_gate})
-        if lw.moe is not None:
-            for e, expert in enumerate(lw.moe.experts):
-                units[ModuleId("expert", layer, e)] = (expert, None)
-    return units
-
-
-def module_numels(weights: ModelWeights) -> dict[ModuleId, int]:
-    """Elements of each streamable module's host block (its bytes: times the runtime dtype's size)."""
-    return {m: sum(t.numel() for t in named_tensors(*u).values()) for m, u in _units(weights).items()}
-
-
-def core_device_bytes(weights: ModelWeights, dtype: torch.dtype) -> int:
-    """What `_place_core` puts on the device: lm_head (or the tied embedding), norms, routers (their
-    score-correction bias in its own dtype)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    numel = weights.lm_head.numel() + weights.norm.numel()
-    extra = 0
-    for lw in weights.layers:
-        numel += lw.input_layernorm.numel() + lw.post_attention_layernorm.numel()
-        if lw.moe is not None:
-            numel += lw.moe.router.gate.numel()
-            bias = lw.moe.router.e_score_correction_bias
-            extra += 0 if bias is None else bias.numel() * bias.element_size()
-    return numel * size + extra

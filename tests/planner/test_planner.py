@@ -26,7 +26,7 @@ from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.cpu_threads import LANES_ENV
 from moegen.runtime.engine import Engine
-from moegen.runtime.placement import minimum_device_bytes
+from moegen.runtime.residency import minimum_device_bytes
 
 MS = 1e-3
 
@@ -93,7 +93,7 @@ def test_streamed_experts_wait_for_their_copies(models):
     and the link bounds the step (one copy per expert)."""
     cfg, weights = models[0]
     facts = ModelFacts.of(cfg, weights, torch.float32)
-    expert_bytes = next(b for m, b in facts.sizes.items() if m.kind == "expert")
+    expert_bytes = next(s.host for m, s in facts.sizes.items() if m.kind == "expert")
     copy_s = 10 * MS
     link = expert_bytes / copy_s / 1e9
     E, L = cfg.moe.router.num_experts, cfg.num_layers

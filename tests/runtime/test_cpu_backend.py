@@ -167,7 +167,7 @@ def test_residents_are_reordered_for_onednn_and_held_once(tiny_checkpoint):
     unit holds them (no host-arena copy beside them), and streamed modules stay plain views of the
     arena. A second engine made from the same (now reordered) weights streams experts and gives the
     tokens a freshly loaded model gives."""
-    from moegen.runtime.placement import ModuleId
+    from moegen.runtime.residency import ModuleId
 
     path = tiny_checkpoint("mixtral")
     cfg, weights, _ = load_checkpoint(path)

@@ -13,7 +13,7 @@ from moegen.models.loader import load_checkpoint
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.engine import Engine
-from moegen.runtime.placement import ModuleId
+from moegen.runtime.residency import ModuleId
 from moegen.runtime.requests import Request
 from moegen.runtime.sampling import SamplingParams, sample, uniform
 

@@ -16,7 +16,7 @@ from moegen.runtime.config import RuntimeConfig
 from moegen.models.kv_cache import kv_bytes_per_token
 from moegen.runtime.device_memory import activation_bytes, launch_sizes, transient_bytes
 from moegen.runtime.engine import Engine
-from moegen.runtime.placement import minimum_device_bytes
+from moegen.runtime.residency import minimum_device_bytes
 from moegen.runtime.requests import Request
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]

@@ -150,7 +150,7 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
     from moegen.runtime.backend import DeviceBudgetError
     from moegen.runtime.config import RuntimeConfig
     from moegen.runtime.device_memory import model_batch_size
-    from moegen.runtime.placement import module_numels
+    from moegen.runtime.residency import module_sizes
 
     cfg = model_config(shape, layers)
     tensors, weights = meta_checkpoint(cfg)
@@ -173,7 +173,7 @@ def candidate(shape: Shape, layers: int, budget: Budget, gpu_memory: int, prompt
         gpu_memory = needed
     kv_token = kv_bytes_per_token(cfg, torch.bfloat16)
     host_kv = B * seq * kv_token
-    model_host = 2 * sum(module_numels(weights).values())  # attention and experts: the host weight arena
+    model_host = sum(s.host for s in module_sizes(weights, torch.bfloat16).values())  # the host weight arena
     host_bytes = model_host + host_kv  # module-based: + the host KV cache
     admission, module_steps = scheduled_steps(B, prompt, decode, step_tokens)
     _, model_steps = scheduled_steps(fit, prompt, decode, step_tokens)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moegen.runtime.placement import ModuleId
+from moegen.runtime.residency import ModuleId
 from moegen.runtime.tasks.attention import attention_launch, attention_task
 from moegen.runtime.tasks.moe import (combine_task, expert_launch, expert_task, mlp_launch, mlp_task, route_launch,
                                       router_task)

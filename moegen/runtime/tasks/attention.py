@@ -18,7 +18,7 @@ from moegen.models.mla import mla_attention
 from moegen.models.rope import rms_norm
 from moegen.runtime.backend import Event
 from moegen.runtime.context import STOP
-from moegen.runtime.placement import ModuleId
+from moegen.runtime.residency import ModuleId
 from moegen.runtime.step import MicroBatch, Step
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ async def attention_task(rt: Runtime, layer: int) -> None:
             b.compute.wait_event(ticket.ready)
         weight_flow = (ticket.flow,) if ticket.flow and mb.index == 0 else ()
         if not rt.stage_kv:  # the KV is where the compute reads it (--batching model, or an unbudgeted cpu)
-            done = b.compute.submit(lambda s=step, m=mb, w=ticket.weights: _attend(rt, layer, s, m, w, rt.kv[layer]),
+            done = b.compute.submit(lambda s=step, m=mb, t=ticket: _attend(rt, layer, s, m, t.unpack(), rt.kv[layer]),
                                     rt.attention_label(layer, step, mb, weight_flow))
         else:
             done = await _attend_staged(rt, layer, step, mb, ticket, weight_flow)
@@ -58,8 +58,8 @@ async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ti
     if staged.ready is not None:
         b.compute.wait_event(staged.ready)
 
-    def launch(s=step, m=mb, w=ticket.weights) -> None:
-        _attend(rt, layer, s, m, w, staged.kv)
+    def launch(s=step, m=mb, t=ticket) -> None:
+        _attend(rt, layer, s, m, t.unpack(), staged.kv)
         stager.new_entries(staged, m)
 
     done = b.compute.submit(launch, rt.attention_label(layer, step, mb, flows + ((staged.flow,) if staged.flow else ())))

@@ -20,7 +20,7 @@ from moegen.models.weights import mlp_params
 from moegen.runtime.context import STOP
 from moegen.runtime.cpu_threads import host_threads, side_by_side
 from moegen.runtime.device_memory import MLP_TEMP_BYTES
-from moegen.runtime.placement import ModuleId
+from moegen.runtime.residency import ModuleId
 from moegen.runtime.step import Step
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
             rt.backend.compute.wait_event(ticket.ready)
         flops = rt.mlp_flops(ticket.weights, count)
         done = rt.backend.compute.submit(
-            lambda s=step, w=ticket.weights, first=start, n=count: _run_expert(rt, layer, s, w, first, n),
+            lambda s=step, t=ticket, first=start, n=count: _run_expert(rt, layer, s, t.unpack(), first, n),
             rt.label(f"expert[{layer}][{expert}]", layer=layer, expert=expert, step=step.index, tokens=count,
                      flops=flops, flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=side_by_side(flops))
         rt.placement.release(ticket, module, done)
@@ -158,7 +158,7 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
             rt.backend.compute.wait_event(ticket.ready)
         flops = rt.mlp_flops(ticket.weights, step.num_tokens)
         done = rt.backend.compute.submit(
-            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.weights, t.gate, s.out_lock,
+            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.unpack(), t.gate, s.out_lock,
                                                 rt.sizes.mlp_chunk(t.weights.gate_proj.shape[0])),
             rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens, flops=flops,
                      flows_in=(ticket.flow,) if ticket.flow else ()),

@@ -13,7 +13,7 @@ from torch import Tensor
 from moegen.models.reference import embed, lm_head
 from moegen.runtime.backend import Event
 from moegen.runtime.context import STOP
-from moegen.runtime.placement import ModuleId
+from moegen.runtime.residency import ModuleId
 from moegen.runtime.sampling import SamplingParams, draw_rows, sample
 
 if TYPE_CHECKING:
