@@ -219,7 +219,7 @@ def plan_cmd(model_dir, requests, prompt_len, max_new_tokens, recalibrate, as_js
         knobs["max_seq_len"] = prompt_len + max_new_tokens
     try:
         rcfg = resolve_dtype(runtime_config(knobs), model_dir, say=say)
-        cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
+        cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype, rcfg.weight_dtype)
         workload = Workload(requests, prompt_len, max_new_tokens, rcfg.max_seq_len)
         plan = plan_run(cfg, weights, rcfg, user, workload, say, recalibrate)
     except USER_ERRORS as exc:
@@ -256,7 +256,7 @@ def calibrate_cmd(model_dirs, device, dtype):
             cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
             profile = measure_profile(cfg, weights, device, rcfg.torch_dtype)
             profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
-            cal.profiles[signature(cfg, rcfg.dtype)] = profile
+            cal.profiles[signature(cfg, rcfg.dtype, weights)] = profile
             click.echo(f"{model_dir}:\n" + describe_profile(profile, cfg))
         save(cal)
     except USER_ERRORS as exc:

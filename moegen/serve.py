@@ -70,6 +70,8 @@ class Summary:
     steps: int = 0
     notes: list[str] = field(default_factory=list)
     plan: dict | None = None  # the plan in effect (`moegen plan --json`'s object), when planned
+    weight_dtype: str = "auto"  # --weight-dtype
+    quantized: dict | None = None  # what --weight-dtype quantized at load (tensors, bytes before and after)
 
 
 def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> tuple[int, Summary]:
@@ -172,6 +174,10 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
         rcfg = dataclasses.replace(rcfg, max_seq_len=longest)
     engine, plan = open_engine(model_dir, rcfg, requests, opts.plan_user, _say, opts.trace, opts.trace_steps)
     summary.plan = None if plan is None else plan.to_json()
+    summary.weight_dtype = rcfg.weight_dtype
+    if engine.quantized is not None:
+        summary.quantized = asdict(engine.quantized)
+        summary.notes.append(engine.quantized.note)
     progress = Progress(total=len(requests), live_tokens=lambda: engine.stats.generated_tokens)
     signals = _Signals(engine, progress)
     began = time.perf_counter()

@@ -217,19 +217,3 @@ def plain(unit, dtype: torch.dtype):
     quantized = {f.name: v for f in fields(unit) if isinstance(v := getattr(unit, f.name), BlockFp8)}
     return replace(unit, **{k: dequantize(v, dtype) for k, v in quantized.items()}) if quantized else unit
 
-
-def plain_model(weights):
-    """ModelWeights with every quantized linear dequantized to the dtype of its norms (the run dtype); the
-    weights themselves when none is quantized."""
-    units = [u for lw in weights.layers for u in (lw.attn, lw.mlp, *(lw.moe.experts + [lw.moe.shared] if lw.moe else ()))]
-    if not any(has_fp8(u) for u in units if u is not None):
-        return weights
-    dtype = weights.norm.dtype
-    layers = []
-    for lw in weights.layers:
-        moe = lw.moe
-        if moe is not None:
-            moe = replace(moe, experts=[plain(e, dtype) for e in moe.experts],
-                          shared=None if moe.shared is None else plain(moe.shared, dtype))
-        layers.append(replace(lw, attn=plain(lw.attn, dtype), moe=moe, mlp=None if lw.mlp is None else plain(lw.mlp, dtype)))
-    return replace(weights, layers=layers)

@@ -21,6 +21,7 @@ from torch import Tensor
 from moegen.config import GQAConfig, MLAConfig, ModelConfig
 from moegen.formats import fp8
 from moegen.formats.fp8 import BlockFp8, Fp8Scheme
+from moegen.formats.weight_dtype import Quantized, apply_weight_dtype
 from moegen.models.hf_config import load_model_config, read_config_json
 from moegen.models.families import DENSE_NAMES, GLOBAL_NAMES, GQA_NAMES, LAYER, MLA_NAMES, NORM_NAMES, Family
 from moegen.models.weights import GQAWeights, LayerWeights, MLAWeights, MLPWeights, ModelWeights, MoEWeights, RouterWeights
@@ -42,6 +43,7 @@ class LoadReport:
     files: list[Path]  # safetensors files read
     expert_layout: Literal["per-expert", "fused", "none"]
     quantization: Fp8Scheme | None = None  # config.json's quantization_config (its linears kept as stored)
+    quantized: Quantized | None = None  # what --weight-dtype quantized at load
     loaded: set[str] = field(default_factory=set)  # tensor names read into the weights
     skipped: list[str] = field(default_factory=list)  # names ignored as transformers ignores them
 
@@ -154,8 +156,10 @@ class _Reader:
                                   f"{what or 'config.json implies'} {list(shape)}")
 
 
-def load_checkpoint(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, ModelWeights, LoadReport]:
-    """config.json + safetensors of `model_dir` -> (config, weights in `dtype`, what was read)."""
+def load_checkpoint(model_dir: Path, dtype: torch.dtype = torch.float32, weight_dtype: str = "auto"
+                    ) -> tuple[ModelConfig, ModelWeights, LoadReport]:
+    """config.json + safetensors of `model_dir` -> (config, weights in `dtype`, what was read). FP8 linears stay
+    as stored; `weight_dtype` (--weight-dtype) may quantize others at load."""
     cfg = load_model_config(model_dir)
     scheme = fp8.scheme_of(read_config_json(model_dir), Path(model_dir) / "config.json")
     store = TensorStore(model_dir)
@@ -164,6 +168,7 @@ def load_checkpoint(model_dir: Path, dtype: torch.dtype = torch.float32) -> tupl
     reader = _Reader(store, dtype, report)
     weights = model_weights(reader, cfg, layout == "fused")
     _check_leftovers(store, cfg, report)
+    report.quantized = apply_weight_dtype(weights, weight_dtype)
     return cfg, weights, report
 
 

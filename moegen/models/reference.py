@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moegen.config import MLAConfig, ModelConfig
-from moegen.formats.fp8 import plain_model
+from moegen.formats.weight_dtype import plain_model
 from moegen.models.attention import gqa_attention
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import LayerKV, allocate_kv

@@ -29,7 +29,7 @@ def calibration_for(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig
                     say: Callable[[str], None] = lambda _: None, recalibrate: bool = False) -> tuple[Calibration, Profile]:
     """The device's calibration and this model's profile on it, measured and cached when missing."""
     cal = calibrated(rcfg.device, recalibrate, say)
-    sig = signature(cfg, rcfg.dtype)
+    sig = signature(cfg, rcfg.dtype, weights)
     if sig not in cal.profiles:
         say("profiling this model's modules on the device (cached for later runs) ...")
         profile = measure_profile(cfg, weights, rcfg.device, rcfg.torch_dtype, say)
@@ -106,7 +106,9 @@ def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] |
     from moegen.runtime.engine import Engine
 
     rcfg = resolve_dtype(rcfg, model_dir, say=say)
-    cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
+    cfg, weights, report = load_checkpoint(model_dir, rcfg.torch_dtype, rcfg.weight_dtype)
+    if report.quantized is not None:
+        say(report.quantized.note)
     plan = None
     if user is not None:
         plan = plan_run(cfg, weights, rcfg, user, workload_of(requests, rcfg.max_seq_len), say)
@@ -114,6 +116,7 @@ def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] |
         for line in format_plan(plan, alternatives=False).splitlines():
             say("plan: " + line)
     engine = Engine(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), trace=trace, trace_steps=trace_steps)
+    engine.quantized = report.quantized
     if plan is not None and engine.trace is not None:
         engine.trace.record_plan(plan.to_json())
     return engine, plan

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 
 from moegen.config import ModelConfig
+from moegen.formats import fp8
+from moegen.formats.weight_dtype import fp8_kinds
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import layer_kv
 from moegen.models.linear import can_pack, pack_linear, plain
@@ -31,9 +33,10 @@ from moegen.runtime.worker_stream import CpuStream
 SLOW_S = 0.08  # once a launch takes this long, larger sizes are extrapolated (time grows in proportion)
 
 
-def signature(cfg: ModelConfig, dtype: str) -> str:
-    """Which profile a model uses: everything about its shape (the config) and the dtype."""
-    return hashlib.sha256(f"{cfg!r}|{dtype}".encode()).hexdigest()[:16]
+def signature(cfg: ModelConfig, dtype: str, weights: ModelWeights) -> str:
+    """Which profile a model uses: everything about its shape (the config), the dtype and which of its
+    modules hold FP8 linears (their streamed launches dequantize first)."""
+    return hashlib.sha256(f"{cfg!r}|{dtype}|{fp8_kinds(weights)}".encode()).hexdigest()[:16]
 
 
 def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype: torch.dtype,
@@ -60,6 +63,16 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
             return _launch_curve(lambda t, i: expert_launch(units[i % len(units)], x, out, picks[:t], weights_k, k,
                                                             None, lock), mlp_params(units[0]), device, lanes)
 
+        def streamed_curve(units: list) -> Curve:
+            """As a streamed expert's launch runs: its FP8 linears (if any) dequantized into a working buffer first."""
+            work = [fp8.work_views(u, torch.empty(fp8.work_numel(u), dtype=dtype, device=dev)) for u in units]
+
+            def launch(t: int, i: int) -> None:
+                fp8.dequantize_into(units[i % len(units)], work[i % len(units)])
+                expert_launch(work[i % len(units)], x, out, picks[:t], weights_k, k, None, lock)
+
+            return _launch_curve(launch, mlp_params(units[0]), device, lanes)
+
         profile = Profile(
             expert=expert_curve([on(w) for w in some]) if some else None,
             mlps={},
@@ -71,8 +84,9 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
             head=_head_curve(cfg, weights, dev, dtype, device),
             combine=_curve(lambda t: h[:t].add_(out[:t]), TOKENS, device),
         )
-        if some and can_pack(dev, dtype):  # streamed experts compute over plain weights (their copies are memcpys)
-            profile.expert_plain = expert_curve([_to(w, dev, dtype, pack=False) for w in some])
+        if some and (can_pack(dev, dtype) or fp8.has_fp8(some[0])):  # streamed experts compute over plain
+            # weights (their copies are memcpys), FP8 ones dequantized first; residents over reordered ones
+            profile.expert_plain = streamed_curve([_to(w, dev, dtype, pack=False) for w in some])
         for name, unit, gate in (("dense", dense and dense.mlp, None),
                                  ("shared", moe and moe.moe.shared, moe and moe.moe.shared_expert_gate)):
             if unit is not None:
@@ -114,8 +128,11 @@ def _to(unit, device: torch.device, dtype: torch.dtype, pack: bool = True):
     unless not `pack` (a streamed module's)."""
     if unit is None or isinstance(unit, torch.Tensor):
         return None if unit is None else plain(unit).to(device, dtype)
+    if isinstance(unit, fp8.BlockFp8):  # a resident is dequantized once; a streamed one at each launch
+        moved = fp8.BlockFp8(unit.data.to(device), unit.scale.to(device))
+        return fp8.dequantize(moved, dtype) if pack else moved
     linears = LINEAR_FIELDS.get(type(unit), ()) if pack else ()
-    out = {f: _to(getattr(unit, f), device, dtype) for f in unit.__slots__}
+    out = {f: _to(getattr(unit, f), device, dtype, pack) for f in unit.__slots__}
     return type(unit)(**{f: pack_linear(t) if f in linears and t is not None else t for f, t in out.items()})
 
 

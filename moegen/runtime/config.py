@@ -18,6 +18,10 @@ class RuntimeConfig:
     dtype: str = "float32"
     """Compute and weight dtype on the device: float32, bfloat16 or float16; `auto` is decided against the
     checkpoint (`auto.resolve_dtype`: its own dtype on cuda, float32 on cpu)."""
+    weight_dtype: str = "auto"
+    """How linear weights are kept in host memory and on the link: `auto` as the checkpoint stores them (FP8
+    block-scaled checkpoints stay FP8), `fp8` the routed experts quantized to FP8 at load, `fp8-all` every
+    linear but the routers and lm_head (`formats.weight_dtype`; lossy, opt-in)."""
     batch_size: int = 256
     """B: sequences in flight. Finished ones are replaced by waiting prompts at once. Larger B gives each
     expert more tokens per launch (on 2 cpu cores: 64 -> 256 sequences took the bench Mixtral from 227 to
@@ -55,6 +59,10 @@ class RuntimeConfig:
         object.__setattr__(self, "device", resolve_device(self.device, self.sim_link_gbps))  # frozen: once, here
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        from moegen.formats.weight_dtype import WEIGHT_DTYPES
+
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"--weight-dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
         for name in ("batch_size", "attn_micro_batch", "max_seq_len", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -53,6 +53,7 @@ class Engine:
 
             self.trace = StepTracer(trace, trace_steps, self.backend)
         self.runtime = Runtime(cfg, rcfg, self.backend, weights)
+        self.quantized = None  # what --weight-dtype quantized when the weights were loaded (`from_model_dir`)
         self._draining = threading.Event()
         self._runs = 0  # runs started (the first has nothing of an earlier one to wait for)
 
@@ -64,8 +65,10 @@ class Engine:
     def from_model_dir(cls, model_dir: Path, rcfg: RuntimeConfig, record_intervals: bool = False,
                        trace: Path | None = None, trace_steps: range | None = None) -> Engine:
         rcfg = resolve_dtype(rcfg, model_dir)
-        cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
-        return cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), record_intervals, trace, trace_steps)
+        cfg, weights, report = load_checkpoint(model_dir, rcfg.torch_dtype, rcfg.weight_dtype)
+        engine = cls(cfg, weights, rcfg, generation_eos_ids(model_dir, cfg), record_intervals, trace, trace_steps)
+        engine.quantized = report.quantized
+        return engine
 
     def close(self) -> None:
         """Stop the backend's stream threads, release what it page-locked and the run's buffers; finish the
