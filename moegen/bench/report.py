@@ -31,6 +31,21 @@ def offload_table(result: dict) -> list[str]:
                      f"{run['decode_tok_s']:>14.1f}{run['link_bound_tok_s']:>12.1f}{100 * run['link_busy']:>10.0f}%")
     if result["ratio"] is not None:
         lines.append(f"  module / model: {result['ratio']:.1f}x in decode tokens/s")
+    if result.get("fp8"):
+        lines += fp8_table(result["fp8"])
+    return lines
+
+
+def fp8_table(fp8: dict) -> list[str]:
+    lines = ["  FP8 (module-based, every expert streamed; budget: what a run reserves beside the modules + the same "
+             "share of each one's module bytes):",
+             f"  {'weights':<10}{'host MiB':>10}{'MiB/step':>10}{'decode tok/s':>14}{'link bound':>12}{'link busy':>11}"]
+    for name, run in fp8["runs"].items():
+        lines.append(f"  {name:<10}{run['weight_host_bytes'] / 2**20:>10.1f}{run['h2d_weight_bytes_per_step'] / 2**20:>10.1f}"
+                     f"{run['decode_tok_s']:>14.1f}{run['link_bound_tok_s']:>12.1f}{100 * run['link_busy']:>10.0f}%")
+    if fp8["tok_s_ratio"] is not None:
+        lines.append(f"  fp8 / as loaded: {fp8['tok_s_ratio']:.2f}x decode tok/s for {fp8['host_bytes_ratio']:.2f}x fewer "
+                     f"host bytes and {fp8['step_bytes_ratio'] or 0:.2f}x fewer bytes moved per step")
     return lines
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -163,20 +163,24 @@ class Placement:
 
     def _pack_resident(self, module: ModuleId, unit, extra: dict | None) -> None:
         """A resident whose linears the backend reorders (`Backend.place_linear`): placed tensor by
-        tensor from the loaded unit, whose fields then hold the placed tensors (as `pack` leaves them
-        holding views of the arena), so the loaded tensors are freed and the host holds the module once."""
+        tensor from the loaded unit, whose plain fields then hold the placed tensors (as `pack` leaves them
+        holding views of the arena), so the loaded tensors are freed and the host holds the module once. FP8
+        fields are placed dequantized (a resident's launches never dequantize) and stay FP8 in the loaded
+        unit, so a later engine on the same weights finds them as the checkpoint stores them."""
         what = f"resident {module}"
         linears = LINEAR_FIELDS[type(unit)]
+        placed = {}
         for f in fields(unit):
             t = getattr(unit, f.name)
-            if isinstance(t, fp8.BlockFp8):  # dequantized once: a resident's launches never dequantize
-                t = fp8.dequantize(t, self.dtype)
-            if isinstance(t, Tensor):
+            plain = fp8.dequantize(t, self.dtype) if isinstance(t, fp8.BlockFp8) else t
+            if isinstance(plain, Tensor):
                 place = self.backend.place_linear if f.name in linears else self.backend.place
-                setattr(unit, f.name, place(t, self.dtype, what))
+                placed[f.name] = place(plain, self.dtype, what)
+                if plain is t:
+                    setattr(unit, f.name, placed[f.name])
         gate = (extra or {}).get("shared_expert_gate")
         gate = None if gate is None else self.backend.place(gate, self.dtype, what)
-        self.resident[module] = Ticket(weights=unit, gate=gate, ready=None)
+        self.resident[module] = Ticket(weights=replace(unit, **placed), gate=gate, ready=None)
 
     def reset(self, after_a_run: bool) -> None:
         """Before a run: every slot free, no ticket outstanding (an earlier run may have ended with

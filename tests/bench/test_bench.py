@@ -61,3 +61,11 @@ def test_offload_scenario_runs_both_modes_under_one_budget_and_link(tiny_checkpo
         assert run["decode_steps"] >= 1 and run["decode_tokens"] == run["decode_steps"] * run["batch"]
         assert 0 < run["link_busy"] <= 1 and run["streamed_bytes"] > 0
     assert result["ratio"] == module["decode_tok_s"] / model["decode_tok_s"]
+    fp8 = result["fp8"]
+    plain, quantized = fp8["runs"]["auto"], fp8["runs"]["fp8-all"]
+    for run in (plain, quantized):
+        assert run["resident_experts"] == 0 and run["batch"] == 16 and run["decode_steps"] >= 1
+        assert run["budget_bytes"] < model_work(path).weight_bytes
+    # FP8 streams a quarter of float32's bytes, plus one float32 scale per block and the float32 norms and biases
+    assert 2.5 < fp8["host_bytes_ratio"] < 4 and fp8["step_bytes_ratio"] > 2
+    assert fp8["tok_s_ratio"] == quantized["decode_tok_s"] / plain["decode_tok_s"]
