@@ -265,11 +265,13 @@ def calibrate_cmd(model_dirs, device, dtype):
 
 
 @main.command("bench")
-@click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload", "planner"]), default="all",
-              show_default=True, help="all = vs-transformers and offload; planner (alone): the planner's predictions "
-                                      "and choices against measured runs and a grid of hand-set knobs.")
+@click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload", "planner", "fp8-quality"]),
+              default="all", show_default=True,
+              help="all = vs-transformers and offload; planner (alone): the planner's predictions and choices against "
+                   "measured runs and a grid of hand-set knobs; fp8-quality (alone): greedy completions with "
+                   "--weight-dtype fp8 and fp8-all against the weights as loaded.")
 @click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Checkpoint(s) for vs-transformers (repeatable) [default: the bench Mixtral-like and "
+              help="Checkpoint(s) for vs-transformers and fp8-quality (repeatable) [default: the bench Mixtral-like and "
                    "DeepSeek-V2-Lite-like checkpoints, made once in the cache].")
 @click.option("--prompts", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
@@ -300,7 +302,7 @@ def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, 
     from moegen.bench.run import BenchOptions, run_bench
     from moegen.runtime.auto import resolve_device
 
-    if scenario != "vs-transformers":  # the offload and planner scenarios measure from their runs' traces
+    if scenario in ("all", "offload", "planner"):  # these scenarios measure from their runs' traces
         need_perfetto(f"moegen bench --scenario {scenario}")
     options = BenchOptions(scenario, resolve_device(device, say=say), [Path(m) for m in models], prompts, new_tokens, tuple(hf_batches), offload_batch,
                            offload_seq_len, offload_prompt_len, offload_expert_slots, offload_new_tokens, json_path,

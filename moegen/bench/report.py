@@ -49,6 +49,19 @@ def fp8_table(fp8: dict) -> list[str]:
     return lines
 
 
+def fp8_quality_table(result: dict) -> list[str]:
+    lines = [f"{Path(result['model']).name}: --weight-dtype against the weights as loaded (float32), {result['prompts']} "
+             f"greedy completions of {result['new_tokens']} tokens",
+             f"  {'weights':<10}{'MiB before':>11}{'MiB after':>10}{'identical':>11}{'mean |dlogit| at 1st diff':>27}"
+             f"{'ref gap there':>15}"]
+    for choice, c in result["choices"].items():
+        lines.append(f"  {choice:<10}{c['bytes_before'] / 2**20:>11.1f}{c['bytes_after'] / 2**20:>10.1f}"
+                     f"{c['identical']:>6}/{c['total']:<4}{c['mean_abs_dlogit_at_divergence']:>27.4f}"
+                     f"{c['mean_ref_gap_at_divergence']:>15.4f}")
+    lines.append(f"  (logits up to {result['choices'][next(iter(result['choices']))]['max_abs_logit']:.1f} in magnitude)")
+    return lines
+
+
 def planner_table(results: list[dict]) -> list[str]:
     """Per configuration: the plan's predicted and measured rates, and its job rate against the grid's best."""
     lines = ["", "planner, cpu backend (measured / predicted; plan's job tok/s / best of the measured grid):",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moegen.bench import offload, planner, report, vs_transformers
+from moegen.bench import fp8_quality, offload, planner, report, vs_transformers
 from moegen.bench.machine import machine, matmul_peak
 from moegen.checkpoints.demo import cached_checkpoint
 from moegen.io import json_bytes
@@ -14,9 +14,10 @@ from moegen.io import json_bytes
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
-    scenario: str  # all (vs-transformers and offload), vs-transformers, offload or planner
+    scenario: str  # all (vs-transformers and offload), vs-transformers, offload, planner or fp8-quality
     device: str  # vs-transformers: what both engines run on, cpu or cuda (offload, planner: the cpu backend)
-    models: list[Path]  # vs-transformers checkpoints; empty: the bench Mixtral- and DeepSeek-V2-Lite-like ones
+    models: list[Path]  # vs-transformers and fp8-quality checkpoints; empty: the bench Mixtral- and
+    # DeepSeek-V2-Lite-like ones
     prompts: int  # vs-transformers: prompts of 32-128 tokens
     new_tokens: int  # vs-transformers: generated per prompt
     hf_batches: tuple[int, ...]  # transformers batch sizes
@@ -40,8 +41,9 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
             o.json_path.write_bytes(json_bytes.dumps(out, indent=True))
 
     tables: list[str] = []
+    bench_models = o.models or [cached_checkpoint(f, "bench", "bench") for f in ("mixtral", "deepseek_v2")]
     if o.scenario in ("all", "vs-transformers"):
-        for model_dir in o.models or [cached_checkpoint(f, "bench", "bench") for f in ("mixtral", "deepseek_v2")]:
+        for model_dir in bench_models:
             say(f"vs transformers: {model_dir}")
             result = vs_transformers.scenario(model_dir, o.prompts, o.new_tokens, o.hf_batches,
                                               out["matmul_peak_flop_s"], say, o.device)
@@ -59,6 +61,13 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
         out["scenarios"]["offload"] = result
         save()
         tables += report.offload_table(result)
+    if o.scenario == "fp8-quality":
+        for model_dir in bench_models:
+            say(f"fp8 quality: {model_dir}")
+            result = fp8_quality.scenario(model_dir, o.prompts, o.new_tokens, say)
+            out["scenarios"].setdefault("fp8_quality", []).append(result)
+            save()
+            tables += report.fp8_quality_table(result)
     if o.scenario == "planner":
         results = planner.scenario(say)
         out["scenarios"]["planner"] = results

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from click.testing import CliRunner
 
 from moegen.bench.flops import model_work
@@ -69,3 +72,29 @@ def test_offload_scenario_runs_both_modes_under_one_budget_and_link(tiny_checkpo
     # FP8 streams a quarter of float32's bytes, plus one float32 scale per block and the float32 norms and biases
     assert 2.5 < fp8["host_bytes_ratio"] < 4 and fp8["step_bytes_ratio"] > 2
     assert fp8["tok_s_ratio"] == quantized["decode_tok_s"] / plain["decode_tok_s"]
+
+
+def test_fp8_quality_compares_completions_at_their_first_divergence():
+    from moegen.bench.fp8_quality import compare
+    from moegen.models.reference import Generation
+
+    def gen(ids, rows):
+        return Generation(prompt_ids=[1], token_ids=ids, logits=[torch.tensor(r) for r in rows])
+
+    ref = [gen([3, 1], [[0.0, 1.0, 0.0, 2.0], [0.0, 5.0, 0.0, 0.0]]), gen([2, 2], [[0.0, 0.0, 1.0, 0.0]] * 2)]
+    ours = [gen([3, 1], [[0.0, 1.0, 0.0, 2.0], [0.0, 5.0, 0.0, 0.0]]),  # identical
+            gen([2, 0], [[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.8, 0.0]])]  # differs at position 1
+    result = compare(ref, ours)
+    assert result["identical"] == 1 and result["total"] == 2
+    assert result["mean_abs_dlogit_at_divergence"] == pytest.approx((1.0 + 0.2) / 4)
+    assert result["mean_ref_gap_at_divergence"] == pytest.approx(1.0)  # ref's logit of 2 minus its logit of 0
+    assert result["max_abs_logit"] == 5.0
+
+
+def test_fp8_quality_scenario_runs_each_choice(tiny_checkpoint):
+    from moegen.bench.fp8_quality import scenario
+
+    result = scenario(tiny_checkpoint("mixtral"), prompts=4, new_tokens=4, say=lambda text: None)
+    for choice in ("fp8", "fp8-all"):
+        c = result["choices"][choice]
+        assert c["total"] == 4 and 0 <= c["identical"] <= 4 and c["bytes_after"] < c["bytes_before"] / 3
