@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from moegen.checkpoints.quantize import QUANTIZATIONS
 from moegen.checkpoints.specs import FAMILY_NAMES, PARAM_RANGE, SIZES
 from moegen.config import ConfigError
 from moegen.io import json_bytes
@@ -54,20 +55,25 @@ def _override(pairs: tuple[str, ...]) -> dict:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config.json field (repeatable), e.g. --set q_lora_rank=32.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already in OUT.")
-def make_model_cmd(out, family, size, seed, expert_layout, max_shard_size, overrides, overwrite):
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS), default="none", show_default=True,
+              help="none: bfloat16 weights. fp8: every linear weight (attention, MLPs, experts, shared experts) "
+                   "FP8 e4m3 with a float32 scale per 128x128 block (`…weight_scale_inv`), as DeepSeek-V3 and "
+                   "Qwen3 FP8 ship them; norms, routers, embeddings and lm_head stay bfloat16. With "
+                   "--expert-layout fused the expert width must be a multiple of 128 (--set moe_intermediate_size=128).")
+def make_model_cmd(out, family, size, seed, expert_layout, max_shard_size, overrides, overwrite, quantization):
     """Write a random-weight checkpoint in the exact on-disk format of a real FAMILY into OUT."""
     from moegen.checkpoints.make import make_model
 
     try:
         made = make_model(out, family, size, seed, expert_layout, parse_bytes(max_shard_size), _override(overrides),
-                          overwrite)
+                          overwrite, quantization)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     low, high = PARAM_RANGE[size]
     click.echo(f"wrote {made.path}: {family} {size}, {made.parameters / 1e6:.2f}M parameters "
                f"(target {low / 1e6:g}-{high / 1e6:g}M), {format_bytes(made.bytes_on_disk)} in {len(made.files)} "
-               f"safetensors file(s), {expert_layout} experts; on a 100-token prompt every expert gets "
-               f">= {made.min_expert_load} token(s)")
+               f"safetensors file(s), {expert_layout} experts{', FP8 linears' if quantization == 'fp8' else ''}; "
+               f"on a 100-token prompt every expert gets >= {made.min_expert_load} token(s)")
 
 
 @main.command("generate")

@@ -19,16 +19,18 @@ os.environ.setdefault(LANES_ENV, "2")
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """make(family, layout="per-expert", **config_overrides) -> directory of a tiny checkpoint (cached)."""
+    """make(family, layout="per-expert", quantization="none", **config_overrides) -> directory of a tiny
+    checkpoint (cached)."""
     made = {}
 
-    def make(family: str, layout: str = "per-expert", **overrides):
-        key = (family, layout, tuple(sorted(overrides.items())))
+    def make(family: str, layout: str = "per-expert", quantization: str = "none", **overrides):
+        key = (family, layout, quantization, tuple(sorted(overrides.items())))
         if key not in made:
-            name = "-".join([family, layout] + [f"{k}={v}" for k, v in sorted(overrides.items())])
+            quantized = [] if quantization == "none" else [quantization]
+            name = "-".join([family, layout, *quantized] + [f"{k}={v}" for k, v in sorted(overrides.items())])
             out = tmp_path_factory.mktemp(name.replace("/", "_"))
             made[key] = make_model(out, family, "tiny", seed=1, expert_layout=layout, overrides=overrides or None,
-                                   overwrite=True).path
+                                   overwrite=True, quantization=quantization).path
         return made[key]
 
     return make

@@ -213,6 +213,28 @@ def test_make_model_set_overrides_config(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 
+def test_make_model_fp8(tmp_path):
+    assert "--quantization [none|fp8]" in invoke("make-model", "--help").output
+    out = tmp_path / "qwen3-fp8"
+    result = invoke("make-model", out, "--family", "qwen3_moe", "--quantization", "fp8", "--expert-layout", "fused",
+                    "--set", "moe_intermediate_size=128", "--set", "num_experts=16")
+    assert result.exit_code == 0, result.output
+    assert "FP8 linears" in result.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        stored = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
+    experts = "model.layers.0.mlp.experts."
+    assert stored[experts + "gate_up_proj"] == ("F8_E4M3", [16, 256, 64])
+    assert stored[experts + "gate_up_proj_scale_inv"] == ("F32", [16, 2, 1])
+    assert stored["model.layers.0.mlp.gate.weight"][0] == "BF16"
+
+    refused = invoke("make-model", tmp_path / "refused", "--family", "qwen3_moe", "--quantization", "fp8",
+                     "--expert-layout", "fused")
+    assert refused.exit_code == 1 and "--set moe_intermediate_size=128" in refused.stderr
+    assert "Traceback" not in refused.output and not (tmp_path / "refused").exists()
+    assert invoke("make-model", tmp_path / "int4", "--family", "olmoe", "--quantization", "int4").exit_code == 2
+
+
 def test_generate_without_model_dir_makes_the_demo(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("MOEGEN_CACHE", str(cache))

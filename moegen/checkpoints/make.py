@@ -4,6 +4,8 @@ The tensors are walked with the loader's own table (so every name and shape the 
 is written, and nothing else), drawn at unit scale, rounded to bfloat16 as real checkpoints are
 stored, and the routers are balanced on a 100-token calibration prompt so that every expert of
 every layer gets tokens (DeepSeek-V3: through its score-correction bias, as its training does).
+With `quantization="fp8"` the linear weights are written in the FP8 block-scaled format
+(moegen.checkpoints.quantize).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from moegen.checkpoints.balance import balance_routers, calibration_ids
+from moegen.checkpoints.quantize import (Quantization, add_quantization_config, check_quantizable, quantize_linears,
+                                         scheme_of_made, stored_form)
 from moegen.checkpoints.specs import CHAT_TEMPLATES, FAMILY_TEMPLATE, TOKENIZER_KIND, TOKENIZER_VOCAB, config_json
 from moegen.checkpoints.tokenizer import write_tokenizer
 from moegen.config import ModelConfig
@@ -56,6 +60,7 @@ class _RandomTensors:
         self.per_expert = family.moe_names(fused=False)
         self.tensors: dict[str, Tensor] = {}
         self.linears: set[str] = set()  # names of the linear weights (what an FP8 checkpoint quantizes)
+        self.kept_plain: set[str] = set()  # linear weights an FP8 checkpoint keeps unquantized ([1, H] gates)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -68,7 +73,8 @@ class _RandomTensors:
         return t
 
     def take_plain(self, name: str, shape: tuple[int, ...]) -> Tensor:
-        return self.take(name, shape, linear=True)
+        self.kept_plain.add(name)
+        return self.take(name, shape)
 
     def _draw(self, name: str, shape: tuple[int, ...]) -> Tensor:
         layer = re.match(r"model\.layers\.\d+\.", name)
@@ -128,9 +134,14 @@ def make_model(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overrides: dict | None = None,
     overwrite: bool = False,
+    quantization: Quantization = "none",
 ) -> MadeModel:
-    """Write config.json, generation_config.json, tokenizer files and safetensors weights into `out`."""
+    """Write config.json, generation_config.json, tokenizer files and safetensors weights into `out`
+    (`quantization="fp8"`: the linear weights FP8 block-scaled, as DeepSeek-V3 ships them)."""
     out = Path(out)
+    fused = expert_layout == "fused"
+    if quantization != "none":  # refused before anything is written
+        check_quantizable(quantization, *_planned_config(family, size, overrides), fused)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; give a directory for the checkpoint")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -139,13 +150,18 @@ def make_model(
     for old in list(out.glob("*.safetensors")) + [out / INDEX_FILE]:  # --overwrite: no stale shards left behind
         old.unlink(missing_ok=True)
     cfg = write_metadata(out, family, size, overrides)
-    tensors, weights = _random_weights(cfg, _RandomTensors(seed, cfg.family_spec), expert_layout == "fused")
+    draw = _RandomTensors(seed, cfg.family_spec)
+    tensors, weights = _random_weights(cfg, draw, fused)
     weights.lm_head[list(cfg.eos_token_ids)] *= EOS_LOGIT_SCALE
+    quantized = quantize_linears(tensors, draw.linears) if quantization == "fp8" else {}
     min_load = balance_routers(ReferenceModel(cfg, weights), calibration_ids(out / "tokenizer.json"))
     for name, t in tensors.items():  # balancing moved the routers off the bfloat16 grid
-        if not name.endswith("e_score_correction_bias"):
+        if not name.endswith("e_score_correction_bias") and name not in quantized:
             t.copy_(t.to(torch.bfloat16))
-    files = _save(out, tensors, max_shard_bytes)
+    if quantized:
+        add_quantization_config(out, scheme_of_made(draw.kept_plain))
+    stored = {k: v for name, t in tensors.items() for k, v in stored_form(name, t, quantized).items()}
+    files = _save(out, stored, max_shard_bytes)
     for path in out.iterdir():  # readable like any downloaded checkpoint (safetensors writes 0600)
         path.chmod(0o644)
     return MadeModel(
@@ -169,15 +185,20 @@ class _ShapesOnly(_RandomTensors):
 
 def count_parameters(family: str, size: str, expert_layout: str = "per-expert") -> int:
     """Parameters make_model would write for `family` at `size`, without making anything."""
+    tensors, _ = meta_checkpoint(_planned_config(family, size)[0], expert_layout == "fused")
+    return sum(t.numel() for t in tensors.values())
+
+
+def _planned_config(family: str, size: str, overrides: dict | None = None) -> tuple[ModelConfig, dict]:
+    """The config (and its config.json fields) make_model would write, without writing anything."""
     from transformers import AutoConfig
 
     from moegen.models.hf_config import from_hf_config
 
     vocab = TOKENIZER_VOCAB[TOKENIZER_KIND[size]]
-    raw = config_json(family, size, vocab, bos=1, eos=2)
-    cfg = from_hf_config(AutoConfig.for_model(raw.pop("model_type"), **raw), FAMILIES[family])
-    tensors, _ = meta_checkpoint(cfg, expert_layout == "fused")
-    return sum(t.numel() for t in tensors.values())
+    raw = config_json(family, size, vocab, bos=1, eos=2) | (overrides or {})
+    fields = dict(raw)
+    return from_hf_config(AutoConfig.for_model(fields.pop("model_type"), **fields), FAMILIES[family]), raw
 
 
 def meta_checkpoint(cfg: ModelConfig, fused: bool = False) -> tuple[dict[str, Tensor], ModelWeights]:
@@ -218,9 +239,8 @@ def _random_weights(cfg: ModelConfig, draw: _RandomTensors, fused: bool):
     return draw.tensors, weights
 
 
-def _save(out: Path, tensors: dict[str, Tensor], max_shard_bytes: int) -> list[Path]:
-    stored = {n: (t if n.endswith("e_score_correction_bias") else t.to(torch.bfloat16)).contiguous()
-              for n, t in tensors.items()}
+def _save(out: Path, stored: dict[str, Tensor], max_shard_bytes: int) -> list[Path]:
+    """Write `stored` (tensors as they go on disk), sharded at `max_shard_bytes`."""
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, t in stored.items():

@@ -63,9 +63,10 @@ def expert_loads(hf, sequences: list[list[int]]) -> dict[int, torch.Tensor]:
     return loads
 
 
-def check_family(path) -> list[str]:
+def check_family(path, oracle_path=None) -> list[str]:
+    """moegen on the checkpoint at `path` against transformers on `oracle_path` (default: the same one)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(oracle_path or path, dtype=torch.float32).eval()
     cfg, weights, _ = load_checkpoint(path, torch.float32)
     prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
     ours = ReferenceModel(cfg, weights).generate(prompts, NEW_TOKENS, generation_eos_ids(path, cfg), keep_logits=True)
