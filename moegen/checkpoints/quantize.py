@@ -68,8 +68,7 @@ def stored_form(name: str, t: Tensor, quantized: dict[str, BlockFp8]) -> dict[st
     """The tensor(s) written for `name`: the FP8 data and its scales, or `t` in bfloat16 (the score-correction
     bias in float32, as DeepSeek-V3 stores it)."""
     if name in quantized:
-        q = quantized[name]
-        return {name: q.data, fp8.scale_name(name): q.scale}
+        return fp8.parts(name, quantized[name])
     return {name: (t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)).contiguous()}
 
 

@@ -1,4 +1,4 @@
-"""The FP8 block format against arithmetic written out here: block by block, with explicit loops."""
+"""The FP8 block format against arithmetic written out by hand (tests/fp8_oracle.py): block by block."""
 
 from __future__ import annotations
 
@@ -8,17 +8,9 @@ import re
 import pytest
 import torch
 
+from fp8_oracle import dequantize_by_hand
+
 from moegen.formats import fp8
-
-
-def by_hand(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[O, I] e4m3 elements x their 128x128 block's scale, one block at a time, in float32."""
-    out = torch.empty(data.shape, dtype=torch.float32)
-    for r in range(scale.shape[0]):
-        for c in range(scale.shape[1]):
-            rows, cols = slice(128 * r, 128 * (r + 1)), slice(128 * c, 128 * (c + 1))
-            out[rows, cols] = data[rows, cols].float() * scale[r, c].item()
-    return out
 
 
 @pytest.mark.parametrize("shape", [(576, 200), (256, 384), (64, 48), (130, 129)])
@@ -28,7 +20,7 @@ def test_dequantize_is_each_element_times_its_blocks_scale(shape):
     data = (torch.randn(shape, generator=gen) * 100).clamp(-448, 448).to(fp8.FP8)
     scale = torch.rand(R, C, generator=gen) + 0.01
     w = fp8.BlockFp8(data, scale)
-    expected = by_hand(data, scale)
+    expected = dequantize_by_hand(data, scale)
     assert fp8.scale_grid(shape) == (R, C)
     assert torch.equal(fp8.dequantize(w, torch.float32), expected)
     assert torch.equal(fp8.dequantize(w, torch.bfloat16), expected.to(torch.bfloat16))  # rounded once
@@ -40,7 +32,7 @@ def test_a_fused_weight_dequantizes_expert_by_expert():
     scale = torch.rand(3, 2, 2, generator=gen)
     out = fp8.dequantize(fp8.BlockFp8(data, scale), torch.float32)
     for e in range(3):
-        assert torch.equal(out[e], by_hand(data[e], scale[e]))
+        assert torch.equal(out[e], dequantize_by_hand(data[e], scale[e]))
         assert torch.equal(fp8.dequantize(fp8.BlockFp8(data, scale)[e], torch.float32), out[e])
 
 
@@ -54,7 +46,7 @@ def test_quantize_scales_each_block_by_its_largest_magnitude():
             block = w[128 * r: 128 * (r + 1), 128 * c: 128 * (c + 1)]
             amax = block.abs().max().item()
             assert q.scale[r, c].item() == pytest.approx(amax / 448 if amax else 1.0, rel=1e-6)
-    back = by_hand(q.data, q.scale)
+    back = dequantize_by_hand(q.data, q.scale)
     # e4m3 keeps 3 mantissa bits: each element within half a step (1/16 relative) of its block's grid
     assert ((back - w).abs() <= w.abs() / 16 + q.scale.max() * 2**-9).all()
     assert q.nbytes == 300 * 130 + 4 * 6
@@ -63,7 +55,7 @@ def test_quantize_scales_each_block_by_its_largest_magnitude():
 def test_rows_keep_their_scale_rows_and_refuse_to_cut_a_block():
     q = fp8.quantize(torch.randn(2, 512, 64))[1]  # one expert of a fused gate_up_proj, I = 256
     up = q.rows(256, 512)
-    assert torch.equal(fp8.dequantize(up, torch.float32), by_hand(q.data[256:], q.scale[2:]))
+    assert torch.equal(fp8.dequantize(up, torch.float32), dequantize_by_hand(q.data[256:], q.scale[2:]))
     with pytest.raises(fp8.QuantizationError, match="multiple of 128"):
         fp8.quantize(torch.randn(200, 64)).rows(0, 100)
 

@@ -8,7 +8,6 @@ one, edited with safetensors' `save_file` and the json module.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from fp8_oracle import dequantize_by_hand
 
 from moegen.formats import fp8
 from moegen.formats.fp8 import BlockFp8, QuantizationError
@@ -28,18 +29,6 @@ BLOCK = 128
 PARTIAL = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "hidden_size": 200}
 KV_A = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
 ERROR_FAMILY = "qwen3_moe"  # its tiny FP8 checkpoint is the one the error cases break
-
-
-def hand_dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """data [O, I] (float8) times scale [ceil(O/128), ceil(I/128)], block by block."""
-    rows, cols = data.shape
-    assert tuple(scale.shape) == (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK)), (data.shape, scale.shape)
-    out = torch.empty(rows, cols, dtype=torch.float32)
-    for r in range(scale.shape[0]):
-        for c in range(scale.shape[1]):
-            block = (slice(r * BLOCK, (r + 1) * BLOCK), slice(c * BLOCK, (c + 1) * BLOCK))
-            out[block] = data[block].to(torch.float32) * scale[r, c]
-    return out
 
 
 def file_tensor(model_dir: Path, name: str) -> torch.Tensor:
@@ -77,11 +66,11 @@ def test_partial_blocks_dequantize_as_by_hand(tiny_checkpoint):
     for field, name in names.items():
         data, scale = file_tensor(path, name), file_tensor(path, fp8.scale_name(name))
         assert data.dtype == torch.float8_e4m3fn and (data.shape[0] % BLOCK or data.shape[1] % BLOCK), name
-        assert torch.equal(getattr(layer.attn, field), hand_dequantize(data, scale)), name
+        assert torch.equal(getattr(layer.attn, field), dequantize_by_hand(data, scale)), name
     assert file_tensor(path, KV_A).shape == (576, 200)
     down = "model.layers.1.mlp.experts.3.down_proj.weight"  # [200, 12]: partial rows and columns
     assert torch.equal(layer.moe.experts[3].down_proj,
-                       hand_dequantize(file_tensor(path, down), file_tensor(path, fp8.scale_name(down))))
+                       dequantize_by_hand(file_tensor(path, down), file_tensor(path, fp8.scale_name(down))))
 
 
 def test_quantize_file_load_round_trips_the_bytes(partial_copy):

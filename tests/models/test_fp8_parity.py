@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moegen.formats import fp8
-from test_fp8_loader import hand_dequantize
+from fp8_oracle import dequantize_by_hand
 from test_parity import check_family
 
 # (family, config overrides making every quantized dimension a multiple of 128). Append a family here.
@@ -94,7 +94,7 @@ def test_transformers_dequantizes_the_files_fp8_bytes(family, overrides, tiny_ch
     def by_hand(name: str) -> torch.Tensor:
         data, scale = disk[name], disk[fp8.scale_name(name)]
         assert data.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and not (scale == 1).all(), name
-        return hand_dequantize(data, scale)
+        return dequantize_by_hand(data, scale)
 
     state = hf.state_dict()
     checked = 0
