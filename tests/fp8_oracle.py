@@ -1,4 +1,5 @@
-"""The FP8 block format's arithmetic written out by hand: the oracle the FP8 tests compare moegen against."""
+"""The FP8 block format's arithmetic written out by hand, the oracle the FP8 tests compare moegen against; and
+the FP8 parity checkpoints' shapes."""
 
 from __future__ import annotations
 
@@ -19,3 +20,17 @@ def dequantize_by_hand(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
             block = (slice(r * BLOCK, (r + 1) * BLOCK), slice(c * BLOCK, (c + 1) * BLOCK))
             out[block] = data[block].to(torch.float32) * scale[r, c]
     return out
+
+
+# (family, config overrides making every quantized dimension a multiple of 128). Append a family here.
+FP8_PARITY = [
+    # q/k/v/o: heads * head_dim; experts: moe_intermediate_size x hidden_size.
+    ("qwen3_moe", {"hidden_size": 128, "head_dim": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                   "moe_intermediate_size": 128, "num_experts": 16}),
+    # MLA: q_a [q_lora, H], q_b [N (nope + rope), q_lora], kv_a [kv_lora + rope, H], kv_b [N (nope + v), kv_lora],
+    # o [H, N v] with N = 4 heads; the dense first layer, the experts and the one shared expert 128 wide.
+    ("deepseek_v3", {"hidden_size": 128, "q_lora_rank": 128, "kv_lora_rank": 128, "qk_rope_head_dim": 128,
+                     "qk_nope_head_dim": 32, "v_head_dim": 32, "intermediate_size": 128,
+                     "moe_intermediate_size": 128, "n_routed_experts": 16}),
+]
+IDS = [family for family, _ in FP8_PARITY]

@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, fields, replace
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from moegen.formats import fp8
-from moegen.runtime.backend import Backend, DeviceBudgetError, Event
+from moegen.runtime.backend import Backend, Event
 from moegen.runtime.host_blocks import HostBlock, host_blocks
 from moegen.runtime.residency import Kind, ModuleId, choose_residency, module_sizes, units_of
 from moegen.models.weights import LINEAR_FIELDS, ModelWeights, RouterWeights

@@ -17,21 +17,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moegen.formats import fp8
-from fp8_oracle import dequantize_by_hand
+from fp8_oracle import FP8_PARITY, IDS, dequantize_by_hand
 from test_parity import check_family
 
-# (family, config overrides making every quantized dimension a multiple of 128). Append a family here.
-FP8_PARITY = [
-    # q/k/v/o: heads * head_dim; experts: moe_intermediate_size x hidden_size.
-    ("qwen3_moe", {"hidden_size": 128, "head_dim": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
-                   "moe_intermediate_size": 128, "num_experts": 16}),
-    # MLA: q_a [q_lora, H], q_b [N (nope + rope), q_lora], kv_a [kv_lora + rope, H], kv_b [N (nope + v), kv_lora],
-    # o [H, N v] with N = 4 heads; the dense first layer, the experts and the one shared expert 128 wide.
-    ("deepseek_v3", {"hidden_size": 128, "q_lora_rank": 128, "kv_lora_rank": 128, "qk_rope_head_dim": 128,
-                     "qk_nope_head_dim": 32, "v_head_dim": 32, "intermediate_size": 128,
-                     "moe_intermediate_size": 128, "n_routed_experts": 16}),
-]
-IDS = [family for family, _ in FP8_PARITY]
 
 
 def file_tensors(model_dir) -> dict[str, torch.Tensor]:
