@@ -15,8 +15,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from moegen.formats import fp8 as blockfp8
 from moegen.models.loader import load_checkpoint
 from moegen.trace.summarize import parse
+from tests.fp8_oracle import dequantize_by_hand
+from tools.gpu_check.scaled_mm import emulated, quantize_rows
 from tools.gpu_check.sizing import Budget, DRY, choose, scheduled_steps
 from tools.gpu_check.stages import resolve
 
@@ -155,3 +158,19 @@ def _outside_arena(plan) -> int:
     """Bytes of the tensors that are not in the host arena: embedding, lm_head, norms and routers."""
     H, V, L = DRY.hidden, DRY.vocab, plan.layers
     return 2 * (2 * V * H + H + L * (2 * H + 8 * H))
+
+
+def test_fp8_activation_blocks_and_the_emulated_gemm_match_the_format_by_hand():
+    x = torch.randn(4, 256) * torch.tensor([1.0, 1e-3]).repeat_interleave(128)  # [T, K]: two very different blocks
+    x[1, 128:] = 0  # an all-zero block: scale 1, zeros
+    q, scale = quantize_rows(x)
+    assert scale.shape == (4, 2) and scale.stride() == (1, 4)  # column-major, as the GEMM reads it
+    amax = x.abs().view(4, 2, 128).amax(-1)
+    assert torch.equal(scale, torch.where(amax > 0, amax / 448, torch.ones_like(amax)))
+    back = q.float() * scale.repeat_interleave(128, 1)
+    # e4m3: 3 mantissa bits (half a step: 2^-4 relative), subnormals 2^-9 of the scale apart
+    assert ((back - x).abs() <= x.abs() / 16 + scale.repeat_interleave(128, 1) * 2**-10).all()
+    w = blockfp8.quantize(torch.randn(256, 256))
+    want = back @ dequantize_by_hand(w.data, w.scale).t()
+    torch.testing.assert_close(emulated(q, scale, w, torch.float32), want, rtol=1e-5, atol=1e-5)
+
