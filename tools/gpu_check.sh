@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (tools/gpu_check/): preflight, bandwidth, parity, offload, trace; each stage in its own
+# The GPU check (tools/gpu_check/): preflight, bandwidth, parity, offload, trace, fp8; each stage in its own
 # process under its own timeout, one JSON record each in $OUT/records.jsonl, one log $OUT/gpu_check.log,
-# a table last. Under 8 minutes on an H200 (the stages' timeouts sum to 470 s).
+# a table last. Under 9 minutes on an H200 (the stages' timeouts sum to 510 s: 45 + 35 + 100 + 250 + 40 + 40).
 #
 #   bash tools/gpu_check.sh --fetch-wheels            # here, before a GPU session: cp312 wheels into .whl/
 #   bash tools/gpu_check.sh --prepare                 # here: .gpu_check/ (parity checkpoints, expected tokens)

@@ -15,13 +15,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from moegen.formats import fp8 as blockfp8
 from moegen.models.loader import load_checkpoint
 from moegen.trace.summarize import parse
+from tests.fp8_oracle import dequantize_by_hand
+from tools.gpu_check import fp8 as fp8_stage
+from tools.gpu_check.scaled_mm import emulated, quantize_rows
 from tools.gpu_check.sizing import Budget, DRY, choose, scheduled_steps
 from tools.gpu_check.stages import resolve
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("preflight", "bandwidth", "parity", "offload.write", "offload.module", "offload.model", "offload", "trace")
+STAGES = ("preflight", "bandwidth", "parity", "offload.write", "offload.module", "offload.model", "offload", "trace", "fp8")
 
 
 def check(tmp: Path, *args: str, timeout: float = 240) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
@@ -100,6 +104,22 @@ def test_dry_run_writes_one_ok_record_per_stage_with_its_numbers(tmp_path):
     assert all(s.args["phase"] == "decode" and s.args["sequences"] == module["batch"] for s in steps)
     assert trace["misplaced"] == 0 and trace["summary"]["streams"]
 
+    f8 = records["fp8"]
+    assert f8["tokens"] == [128, 1024, 8192] and f8["dtype"] == "float32" and f8["copy_gbps"] > 0
+    assert f8["block_scaled_gemm"].startswith("unsupported: --device cpu") and f8["probe"]
+    assert all(said for said in f8["probe"].values())  # what torch raised on the cpu, word for word
+    for shape in f8["shapes"].values():
+        H, I = shape["hidden"], shape["width"]  # 3 linears of H x I: FP8 read + float32 written, a scale a block
+        assert shape["dequant_bytes"] == 3 * H * I * (1 + 4) + 3 * (H // 128) * (I // 128) * 4
+        assert shape["dequant_gbps"] == pytest.approx(shape["dequant_bytes"] / shape["dequant_s"] / 1e9)
+        assert [r["tokens"] for r in shape["rows"]] == f8["tokens"]
+        for r in shape["rows"]:
+            assert r["launch_s"] > 0 and r["swiglu_s"] > 0 and r["act_quant_s"] > 0
+            assert 0 < r["dequant_share"] < 1
+            assert 0.005 < r["recipe_error"] < 0.2  # e4m3 activations: a few percent, never float32 noise
+            assert r["fp8_gemm_s"] is None and r["fp8_error"] is None
+    assert any(line.startswith("fp8 ") and "dequant GB/s" in line for line in done.stdout.splitlines())  # the table
+
 
 @pytest.mark.parametrize("forced", ["--force-fail", "--force-hang"])
 def test_a_failed_or_hung_stage_is_recorded_and_the_next_still_runs(tmp_path, forced):
@@ -155,3 +175,40 @@ def _outside_arena(plan) -> int:
     """Bytes of the tensors that are not in the host arena: embedding, lm_head, norms and routers."""
     H, V, L = DRY.hidden, DRY.vocab, plan.layers
     return 2 * (2 * V * H + H + L * (2 * H + 8 * H))
+
+
+def test_fp8_activation_blocks_and_the_emulated_gemm_match_the_format_by_hand():
+    x = torch.randn(4, 256) * torch.tensor([1.0, 1e-3]).repeat_interleave(128)  # [T, K]: two very different blocks
+    x[1, 128:] = 0  # an all-zero block: scale 1, zeros
+    q, scale = quantize_rows(x)
+    assert scale.shape == (4, 2) and scale.stride() == (1, 4)  # column-major, as the GEMM reads it
+    amax = x.abs().view(4, 2, 128).amax(-1)
+    assert torch.equal(scale, torch.where(amax > 0, amax / 448, torch.ones_like(amax)))
+    back = q.float() * scale.repeat_interleave(128, 1)
+    # e4m3: 3 mantissa bits (half a step: 2^-4 relative), subnormals 2^-9 of the scale apart
+    assert ((back - x).abs() <= x.abs() / 16 + scale.repeat_interleave(128, 1) * 2**-10).all()
+    w = blockfp8.quantize(torch.randn(256, 256))
+    want = back @ dequantize_by_hand(w.data, w.scale).t()
+    torch.testing.assert_close(emulated(q, scale, w, torch.float32), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_gpu_branch_with_the_emulated_gemm_and_every_verdict():
+    # the rows a cuda run fills, here through the exact emulation of the recipe: its error is the recipe's
+    shape = fp8_stage._shape(256, 128, torch.device("cpu"), torch.float32, fp8_stage.timer("cpu"), emulated, 10.0)
+    for r in shape["rows"]:
+        assert r["fp8_error"] == r["recipe_error"] > fp8_stage.TOLERANCE and r["fp8_failed"] is None
+        assert r["fp8_speedup"] == pytest.approx(r["launch_s"] / r["fp8_gemm_s"])
+    assert fp8_stage._verdict(None, emulated, {}, {"s": shape}) == "not equal"
+    assert "FP8 GEMM" in fp8_stage._headline({"s": shape}, 10.0, "not equal")
+
+    def rows(*speedups, error=1e-3, failed=None):
+        return {"s": {"rows": [{"tokens": 128, "fp8_error": error, "fp8_speedup": s, "fp8_failed": failed}
+                               for s in speedups]}}
+
+    assert fp8_stage._verdict(None, emulated, {}, rows(1.5, 1.2)) == "faster and equal"
+    assert fp8_stage._verdict(None, emulated, {}, rows(1.5, 0.9)) == "slower"
+    assert fp8_stage._verdict(None, emulated, {}, rows(None, failed="RuntimeError: CUBLAS\nmore")) == \
+        "unsupported: s T=128: RuntimeError: CUBLAS"
+    assert fp8_stage._verdict(None, None, {"torch._scaled_mm": "ValueError: Invalid\nmore"}, {}) == \
+        "unsupported: torch._scaled_mm: ValueError: Invalid"
+    assert fp8_stage._verdict("no GPU", None, {}, {}) == "unsupported: no GPU"

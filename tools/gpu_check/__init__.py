@@ -14,6 +14,8 @@ Stages, in order of value (stages.py; each in its own process under its own time
 4. offload: 4.1 offload.write (mixtral_shaped.py: the checkpoint, sized by sizing.py), then
    4.2 offload.module and 4.3 offload.model (offload.py), and an `offload` record summing them up.
 5. trace (trace.py): the module run's trace, summarised and clock-checked.
+6. fp8 (fp8.py, the block-scaled GEMM's calls in scaled_mm.py): FP8 dequantization's GB/s and share of a
+   streamed expert's launch on two real models' expert shapes, and a block-scaled FP8 GEMM's time and error.
 
 Every record (records.py) has stage, status (ok / failed / timeout / skipped), run, device,
 dry_run, seconds, versions and a one-line headline, plus `error` or `reason` when not ok; each

@@ -57,7 +57,7 @@ class CheckOptions:
     the writer then measures its own rate and stops early if it is slower."""
     load_gbps: float = 3.0
     """Assumed rate of loading it into pinned host memory, for planning."""
-    deadline_s: float = 470.0
+    deadline_s: float = 510.0
     """The whole check's seconds: a stage's timeout is cut to what is left of it."""
     force_fail: tuple[str, ...] = ()
     """Stage names that raise at their start (testing the runner)."""
@@ -87,11 +87,11 @@ class CheckOptions:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bash tools/gpu_check.sh", description=(
-        "One GPU check in one command: preflight, bandwidth, parity, offload, trace. Each stage runs in "
+        "One GPU check in one command: preflight, bandwidth, parity, offload, trace, fp8. Each stage runs in "
         "its own process under its own timeout and appends one JSON record to OUT/records.jsonl."))
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--dry-run", action="store_true", help="toy sizes: check the script on a cpu")
-    p.add_argument("--stages", default="all", help="comma-separated names or numbers (1-5, offload.write "
+    p.add_argument("--stages", default="all", help="comma-separated names or numbers (1-6, offload.write "
                    "or 4.1 for one part of stage 4); default all")
     p.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS",
                    help="a stage's (or part's) time budget; repeatable")
@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-link-gbps", type=float, default=1.0, help="--device cpu: stage 4's simulated link")
     p.add_argument("--write-gbps", type=float, default=1.5, help="assumed checkpoint write rate, for planning")
     p.add_argument("--load-gbps", type=float, default=3.0, help="assumed checkpoint load rate, for planning")
-    p.add_argument("--deadline", type=float, help="the whole check's seconds (default 470; dry run 170)")
+    p.add_argument("--deadline", type=float, help="the whole check's seconds (default 510; dry run 170)")
     p.add_argument("--force-fail", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--force-hang", action="append", default=[], help=argparse.SUPPRESS)
     return p
@@ -128,5 +128,5 @@ def from_args(args: argparse.Namespace, stages: tuple[str, ...], timeouts: dict[
         trace_steps=args.trace_steps or (2 if dry else 4), gpu_memory=args.gpu_memory, weights=args.weights,
         batch=args.batch, prompt=args.prompt or (32 if dry else 512), decode=args.decode or (16 if dry else 32),
         fallback_link_gbps=args.fallback_link_gbps, sim_link_gbps=args.sim_link_gbps, write_gbps=args.write_gbps,
-        load_gbps=args.load_gbps, deadline_s=args.deadline or (170.0 if dry else 470.0),
+        load_gbps=args.load_gbps, deadline_s=args.deadline or (170.0 if dry else 510.0),
         force_fail=tuple(args.force_fail), force_hang=tuple(args.force_hang), run_id=f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")

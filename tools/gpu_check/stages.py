@@ -24,7 +24,7 @@ from tools.gpu_check.options import CheckOptions
 
 @dataclass(frozen=True, slots=True)
 class Stage:
-    number: str  # "1".."5"; a part of stage 4 is "4.1".."4.3"
+    number: str  # "1".."6"; a part of stage 4 is "4.1".."4.3"
     name: str  # the record's "stage"
     module: str  # tools.gpu_check.<module>.run(opts, name) runs it
     timeout_s: float  # its budget on the GPU, seconds (a part's: its share of the stage's)
@@ -50,6 +50,7 @@ STAGES: tuple[Stage | StageGroup, ...] = (
         Stage("4.3", "offload.model", "offload", 75, 40),
     )),
     Stage("5", "trace", "trace", 40, 30),
+    Stage("6", "fp8", "fp8", 40, 30),  # two expert shapes, three token counts: ~10 s of GPU work after start-up
 )
 
 
