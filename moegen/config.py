@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RopeConfig:
-    dim: int  # rotated dims per head (even)
+    dim: int  # R: rotated dims per head (even); a head's dims past R pass through (partial rotary)
     theta: float  # base wavelength
     kind: Literal["default", "yarn"]
     interleaved: bool  # DeepSeek pairs (x0,x1),(x2,x3)… instead of rotate-half

@@ -1,6 +1,6 @@
-"""RMSNorm and rotary position embeddings (default and YaRN; rotate-half and interleaved).
+"""RMSNorm and rotary position embeddings (default and YaRN; rotate-half and interleaved; full or partial).
 
-Letters: T tokens, N heads, R rotary dims.
+Letters: T tokens, N heads, D head dim, R rotary dims (R <= D).
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ class Rope:
         return angles.cos() * self.cfg.attention_factor, angles.sin() * self.cfg.attention_factor
 
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x [T, N, R] rotated. Interleaved inputs come out de-interleaved (first all x0', then x1'),
-        as transformers' DeepSeek-V3 does; q and k share the layout, so q·k is unchanged."""
+        """x [T, N, D]: its first R dims rotated, the other D - R passed through (GLM, MiniMax-M2).
+        Interleaved inputs come out de-interleaved (first all x0', then x1'), as transformers'
+        DeepSeek-V3 does; q and k share the layout, so q·k is unchanged."""
         cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # [T, 1, R/2]
+        R = self.cfg.dim
         if self.cfg.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
+            x1, x2 = x[..., 0:R:2], x[..., 1:R:2]  # [T, N, R/2] each
         else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            x1, x2 = x[..., : R // 2], x[..., R // 2 : R]  # [T, N, R/2] each
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]), dim=-1)  # [T, N, D]

@@ -75,6 +75,20 @@ def test_interleaved_rope_matches_deepseek_v3():
     torch.testing.assert_close(rope.apply(k, cos, sin), want_k[0].transpose(0, 1))
 
 
+@pytest.mark.parametrize("head_dim, rotary", [(8, 4), (16, 12), (8, 8)])
+def test_partial_rotary_matches_transformers(head_dim, rotary):
+    """The first `rotary` dims of each head rotate (rotate-half), the rest pass through unchanged."""
+    from transformers.models.glm4_moe.modeling_glm4_moe import apply_rotary_pos_emb
+
+    rope = Rope(RopeConfig(dim=rotary, theta=10000.0, kind="default", interleaved=False))
+    q, k = torch.randn(5, 3, head_dim), torch.randn(5, 1, head_dim)  # [T, N, D]
+    cos, sin = rope.cos_sin(torch.arange(5))
+    full_cos, full_sin = torch.cat((cos, cos), -1)[None], torch.cat((sin, sin), -1)[None]  # [1, T, R]
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], full_cos, full_sin)
+    assert torch.equal(rope.apply(q, cos, sin), want_q[0].transpose(0, 1))
+    assert torch.equal(rope.apply(k, cos, sin), want_k[0].transpose(0, 1))
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_router_matches_transformers(family, tiny_checkpoint):
     overrides = {"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3} if family == "deepseek_v2" else {}
