@@ -60,15 +60,18 @@ DENSE_NAMES = {
 }
 
 # Fused expert layout: transformers' own module path, the same for every family.
+FUSED_PREFIX = "mlp"
 FUSED_NAMES = {
-    "gate": "mlp.gate.weight",
-    "gate_up_proj": "mlp.experts.gate_up_proj",
-    "down_proj": "mlp.experts.down_proj",
+    "gate": f"{FUSED_PREFIX}.gate.weight",
+    "gate_up_proj": f"{FUSED_PREFIX}.experts.gate_up_proj",
+    "down_proj": f"{FUSED_PREFIX}.experts.down_proj",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Family:
+    """One family's checkpoint names, and what its transformers code fixes that config.json doesn't say."""
+
     name: str  # = HF model_type
     architectures: tuple[str, ...]
     attention: Literal["gqa", "mla"]
@@ -77,7 +80,13 @@ class Family:
     expert_names: tuple[str, str, str]  # gate, up, down of one expert, relative to moe_prefix.experts.{e}
     shared_names: dict[str, str] = field(default_factory=dict)  # gate_proj/up_proj/down_proj (+ gate) of the shared expert
     qk_norm: Literal["none", "head", "full"] = "none"
-    correction_bias: str | None = None  # name of the router's score-correction bias, relative to LAYER
+    qk_norm_flag: str | None = None  # HF config attribute that switches qk_norm on (None: always on)
+    o_proj_bias: bool = True  # o_proj has a bias whenever attention_bias does (GLM-4-MoE: never)
+    partial_rotary: bool = False  # its rotary embedding rotates head_dim * partial_rotary_factor dims, not all
+    scoring: Literal["softmax", "sigmoid"] = "softmax"  # the router's score function
+    correction_bias: str | None = None  # the router's score-correction bias, relative to the MoE block (either layout's)
+    renormalise: Literal["config", "always", "never"] = "config"  # top-k weights renormalised: as norm_topk_prob says, or fixed
+    moe_layers: Literal["all", "first_k_dense_replace", "decoder_sparse_step"] = "all"  # which layers are MoE, by which fields
     skips_layers_past_end: bool = False  # layers >= num_hidden_layers are multi-token-prediction heads transformers ignores
 
     def moe_names(self, fused: bool) -> dict[str, str]:
@@ -88,7 +97,7 @@ class Family:
             gate, up, down = (f"{self.moe_prefix}.experts.{{e}}.{n}.weight" for n in self.expert_names)
             names = {"gate": f"{self.moe_prefix}.gate.weight", "gate_proj": gate, "up_proj": up, "down_proj": down}
         if self.correction_bias:
-            names["e_score_correction_bias"] = self.correction_bias
+            names["e_score_correction_bias"] = f"{FUSED_PREFIX if fused else self.moe_prefix}.{self.correction_bias}"
         return names
 
 
@@ -102,7 +111,8 @@ _DEEPSEEK_SHARED = {
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("mixtral", ("MixtralForCausalLM",), "gqa", "num_local_experts", "block_sparse_moe", ("w1", "w3", "w2")),
+        Family("mixtral", ("MixtralForCausalLM",), "gqa", "num_local_experts", "block_sparse_moe", ("w1", "w3", "w2"),
+               renormalise="always"),
         Family(
             "qwen2_moe", ("Qwen2MoeForCausalLM",), "gqa", "num_experts", "mlp", _QWEN_EXPERT,
             shared_names={
@@ -111,14 +121,16 @@ FAMILIES: dict[str, Family] = {
                 "down_proj": "mlp.shared_expert.down_proj.weight",
                 "shared_expert_gate": "mlp.shared_expert_gate.weight",
             },
+            moe_layers="decoder_sparse_step",
         ),
-        Family("qwen3_moe", ("Qwen3MoeForCausalLM",), "gqa", "num_experts", "mlp", _QWEN_EXPERT, qk_norm="head"),
+        Family("qwen3_moe", ("Qwen3MoeForCausalLM",), "gqa", "num_experts", "mlp", _QWEN_EXPERT, qk_norm="head",
+               moe_layers="decoder_sparse_step"),
         Family("olmoe", ("OlmoeForCausalLM",), "gqa", "num_experts", "mlp", _QWEN_EXPERT, qk_norm="full"),
         Family("deepseek_v2", ("DeepseekV2ForCausalLM",), "mla", "n_routed_experts", "mlp", _QWEN_EXPERT,
-               shared_names=_DEEPSEEK_SHARED),
+               shared_names=_DEEPSEEK_SHARED, renormalise="never", moe_layers="first_k_dense_replace"),
         Family("deepseek_v3", ("DeepseekV3ForCausalLM",), "mla", "n_routed_experts", "mlp", _QWEN_EXPERT,
-               shared_names=_DEEPSEEK_SHARED, correction_bias="mlp.gate.e_score_correction_bias",
-               skips_layers_past_end=True),
+               shared_names=_DEEPSEEK_SHARED, scoring="sigmoid", correction_bias="gate.e_score_correction_bias",
+               moe_layers="first_k_dense_replace", skips_layers_past_end=True),
     )
 }
 

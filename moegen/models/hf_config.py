@@ -77,7 +77,7 @@ def from_hf_config(hf, family: Family) -> ModelConfig:
         max_position_embeddings=hf.max_position_embeddings,
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=eos_ids,
-        extra_layers=int(getattr(hf, "num_nextn_predict_layers", 0) or 0) if family.name == "deepseek_v3" else 0,
+        extra_layers=int(getattr(hf, "num_nextn_predict_layers", 0) or 0) if family.skips_layers_past_end else 0,
     )
 
 
@@ -122,19 +122,33 @@ def _yarn_attention_factor(params: dict, factor: float) -> float:
 
 def _gqa(hf, family: Family) -> GQAConfig:
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    qkv_bias = bool(getattr(hf, "qkv_bias", False) or getattr(hf, "attention_bias", False))
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    qk_norm_on = family.qk_norm_flag is None or bool(getattr(hf, family.qk_norm_flag, False))
     return GQAConfig(
         hidden_size=hf.hidden_size,
         num_heads=hf.num_attention_heads,
         num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
         head_dim=head_dim,
-        qkv_bias=qkv_bias,
-        o_bias=bool(getattr(hf, "attention_bias", False)),
-        qk_norm=family.qk_norm,
+        qkv_bias=bool(getattr(hf, "qkv_bias", False)) or attention_bias,
+        o_bias=attention_bias and family.o_proj_bias,
+        qk_norm=family.qk_norm if qk_norm_on else "none",
         clip_qkv=getattr(hf, "clip_qkv", None),
         rms_norm_eps=hf.rms_norm_eps,
-        rope=_rope(hf, head_dim, interleaved=False),
+        rope=_rope(hf, _rotary_dim(hf, family, head_dim), interleaved=False),
     )
+
+
+def _rotary_dim(hf, family: Family, head_dim: int) -> int:
+    """Dims of each head that rotate: int(head_dim * partial_rotary_factor) as the family's rotary
+    embedding computes it (transformers moves the factor, or its default, into rope_parameters)."""
+    if not family.partial_rotary:
+        return head_dim
+    params = hf.rope_parameters or {}
+    if "partial_rotary_factor" in params:
+        return int(head_dim * params["partial_rotary_factor"])
+    # MiniMax-M2's released spelling; transformers releases that don't convert it would rotate all dims.
+    rotary_dim = getattr(hf, "rotary_dim", None)
+    return int(rotary_dim) if rotary_dim else head_dim
 
 
 def _mla(hf) -> MLAConfig:
@@ -162,29 +176,27 @@ def _mla(hf) -> MLAConfig:
 
 def _moe(hf, family: Family) -> MoEConfig:
     num_experts = getattr(hf, family.num_experts_attr)
-    if family.name == "deepseek_v3":
-        scoring, method = "sigmoid", "noaux_tc"
-    else:
-        scoring, method = "softmax", getattr(hf, "topk_method", None) or "greedy"
+    # Sigmoid routers pick by biased scores within the best groups (noaux_tc); one group where the config has none.
+    method = "noaux_tc" if family.scoring == "sigmoid" else getattr(hf, "topk_method", None) or "greedy"
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
         raise ConfigError(f"topk_method {method!r} is not supported (greedy, group_limited_greedy, noaux_tc)")
     grouped = method != "greedy"
+    renormalise = {"always": True, "never": False}.get(family.renormalise, bool(getattr(hf, "norm_topk_prob", False)))
     router = RouterConfig(
         num_experts=num_experts,
         top_k=hf.num_experts_per_tok,
-        scoring=scoring,
+        scoring=family.scoring,
         topk_method=method,
-        # Mixtral always renormalises; the others say so in the config.
-        norm_topk_prob=family.name == "mixtral" or bool(getattr(hf, "norm_topk_prob", False) and family.name != "deepseek_v2"),
+        norm_topk_prob=renormalise,
         routed_scaling_factor=float(getattr(hf, "routed_scaling_factor", 1.0) or 1.0),
-        n_group=int(hf.n_group) if grouped else 1,
-        topk_group=int(hf.topk_group) if grouped else 1,
-        correction_bias=family.name == "deepseek_v3",
+        n_group=int(getattr(hf, "n_group", None) or 1) if grouped else 1,
+        topk_group=int(getattr(hf, "topk_group", None) or 1) if grouped else 1,
+        correction_bias=family.correction_bias is not None,
     )
     expert_intermediate = getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size
     if family.name == "qwen2_moe":
         shared = hf.shared_expert_intermediate_size
-    elif family.attention == "mla":
+    elif family.shared_names:  # DeepSeek, GLM: n_shared_experts experts' width, as one MLP
         shared = hf.moe_intermediate_size * (hf.n_shared_experts or 0)
     else:
         shared = 0
@@ -193,9 +205,9 @@ def _moe(hf, family: Family) -> MoEConfig:
 
 
 def _is_moe_layer(hf, family: Family, layer: int) -> bool:
-    if family.attention == "mla":
+    if family.moe_layers == "first_k_dense_replace":
         return layer >= (hf.first_k_dense_replace or 0)
-    if family.name in ("qwen2_moe", "qwen3_moe"):
+    if family.moe_layers == "decoder_sparse_step":
         return layer not in (hf.mlp_only_layers or []) and hf.num_experts > 0 and (layer + 1) % hf.decoder_sparse_step == 0
     return True
 
