@@ -38,7 +38,7 @@ class RopeConfig:
 
 @dataclass(frozen=True, slots=True)
 class GQAConfig:
-    """Grouped-query attention (Mixtral, Qwen2/3-MoE, OLMoE)."""
+    """Grouped-query attention (Mixtral, Qwen2/3-MoE, OLMoE, GLM-4-MoE, MiniMax-M2)."""
 
     hidden_size: int
     num_heads: int
@@ -46,7 +46,7 @@ class GQAConfig:
     head_dim: int
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2-MoE)
     o_bias: bool  # o_proj carries a bias
-    qk_norm: Literal["none", "head", "full"]  # RMSNorm of q and k: per head (Qwen3) or whole projection (OLMoE)
+    qk_norm: Literal["none", "head", "full"]  # RMSNorm of q and k: per head (Qwen3, GLM) or whole projection (OLMoE, MiniMax-M2)
     clip_qkv: float | None  # OLMoE: clamp q, k, v to ±clip
     rms_norm_eps: float
     rope: RopeConfig
@@ -86,7 +86,7 @@ class RouterConfig:
     routed_scaling_factor: float
     n_group: int  # expert groups for group-limited routing (1 = none)
     topk_group: int  # groups a token may pick from
-    correction_bias: bool  # DeepSeek-V3 e_score_correction_bias (selection only)
+    correction_bias: bool  # e_score_correction_bias added to sigmoid scores for selection only (DeepSeek-V3, GLM, MiniMax-M2)
 
     def __post_init__(self):
         if not 0 < self.top_k <= self.num_experts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -24,7 +25,7 @@ def tiny_checkpoint(tmp_path_factory):
     made = {}
 
     def make(family: str, layout: str = "per-expert", quantization: str = "none", **overrides):
-        key = (family, layout, quantization, tuple(sorted(overrides.items())))
+        key = (family, layout, quantization, json.dumps(overrides, sort_keys=True))  # overrides may hold dicts (rope_parameters)
         if key not in made:
             quantized = [] if quantization == "none" else [quantization]
             name = "-".join([family, layout, *quantized] + [f"{k}={v}" for k, v in sorted(overrides.items())])

@@ -4,8 +4,9 @@ Random router weights route unevenly: with 256 experts some would never run, and
 over them would prove nothing. Layer by layer, on a calibration text, each router is nudged
 until every expert gets at least half its fair share of the text's tokens, and at least one of
 the text's first 100 tokens (so a 100-token prompt reaches every expert of every layer):
-- DeepSeek-V3 has a per-expert score-correction bias made for exactly this (its
-  auxiliary-loss-free balancing): raise it for underloaded experts, lower it for overloaded ones;
+- sigmoid routers (DeepSeek-V3, GLM-4-MoE, MiniMax-M2) have a per-expert score-correction bias
+  made for exactly this (auxiliary-loss-free balancing): raise it for underloaded experts, lower it
+  for overloaded ones;
 - softmax routers have no bias, so the same nudge moves each expert's gate row along the mean
   router input, which shifts that expert's logit for typical tokens.
 

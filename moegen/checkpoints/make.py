@@ -3,7 +3,7 @@
 The tensors are walked with the loader's own table (so every name and shape the loader expects
 is written, and nothing else), drawn at unit scale, rounded to bfloat16 as real checkpoints are
 stored, and the routers are balanced on a 100-token calibration prompt so that every expert of
-every layer gets tokens (DeepSeek-V3: through its score-correction bias, as its training does).
+every layer gets tokens (sigmoid routers: through their score-correction bias, as their training does).
 With `quantization="fp8"` the linear weights are written in the FP8 block-scaled format
 (moegen.checkpoints.quantize).
 """
@@ -58,6 +58,9 @@ class _RandomTensors:
     def __init__(self, seed: int, family: Family):
         self.seed = seed
         self.per_expert = family.moe_names(fused=False)
+        # Router tensors whose name moves with the layout (Mixtral's, MiniMax-M2's): fused name -> per-expert name.
+        fused = family.moe_names(fused=True)
+        self.router_names = {fused[k]: self.per_expert[k] for k in ("gate", "e_score_correction_bias") if k in fused}
         self.tensors: dict[str, Tensor] = {}
         self.linears: set[str] = set()  # names of the linear weights (what an FP8 checkpoint quantizes)
         self.kept_plain: set[str] = set()  # linear weights an FP8 checkpoint keeps unquantized ([1, H] gates)
@@ -78,11 +81,11 @@ class _RandomTensors:
 
     def _draw(self, name: str, shape: tuple[int, ...]) -> Tensor:
         layer = re.match(r"model\.layers\.\d+\.", name)
-        if layer and name[layer.end():] == FUSED_NAMES["gate"]:  # Mixtral's router moves with the layout
-            name = layer.group(0) + self.per_expert["gate"]
+        if layer and name[layer.end():] in self.router_names:
+            name = layer.group(0) + self.router_names[name[layer.end():]]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         t = _init(name, shape, gen)
-        if not name.endswith("e_score_correction_bias"):  # real V3 keeps this one in float32
+        if not name.endswith("e_score_correction_bias"):  # real checkpoints keep this one in float32
             t = t.to(torch.bfloat16).float()
         return t
 
@@ -227,7 +230,7 @@ def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
 
 def _random_weights(cfg: ModelConfig, draw: _RandomTensors, fused: bool):
     weights = model_weights(draw, cfg, fused)
-    for extra in range(cfg.extra_layers):  # DeepSeek-V3 multi-token-prediction layers, as the real checkpoint has
+    for extra in range(cfg.extra_layers):  # DeepSeek-V3's and GLM's multi-token-prediction layers, as real checkpoints have
         index = cfg.num_layers + extra
         widened = dataclasses.replace(cfg, num_layers=index + 1, moe_layers=cfg.moe_layers + (True,) * (extra + 1),
                                       sliding_windows=cfg.sliding_windows + (None,) * (extra + 1))

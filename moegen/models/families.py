@@ -131,6 +131,15 @@ FAMILIES: dict[str, Family] = {
         Family("deepseek_v3", ("DeepseekV3ForCausalLM",), "mla", "n_routed_experts", "mlp", _QWEN_EXPERT,
                shared_names=_DEEPSEEK_SHARED, scoring="sigmoid", correction_bias="gate.e_score_correction_bias",
                moe_layers="first_k_dense_replace", skips_layers_past_end=True),
+        # GLM-4.5/4.6/4.7: DeepSeek-V3's MoE under GQA with partial rotary and o_proj without bias.
+        Family("glm4_moe", ("Glm4MoeForCausalLM",), "gqa", "n_routed_experts", "mlp", _QWEN_EXPERT,
+               shared_names=_DEEPSEEK_SHARED, qk_norm="head", qk_norm_flag="use_qk_norm", o_proj_bias=False,
+               partial_rotary=True, scoring="sigmoid", correction_bias="gate.e_score_correction_bias",
+               moe_layers="first_k_dense_replace", skips_layers_past_end=True),
+        # MiniMax-M2: Mixtral's names, norms over whole q/k, partial rotary, biased sigmoid routing.
+        Family("minimax_m2", ("MiniMaxM2ForCausalLM",), "gqa", "num_local_experts", "block_sparse_moe", ("w1", "w3", "w2"),
+               qk_norm="full", partial_rotary=True, scoring="sigmoid", correction_bias="e_score_correction_bias",
+               renormalise="always"),
     )
 }
 

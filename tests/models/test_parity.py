@@ -17,7 +17,7 @@ from moegen.models.loader import load_checkpoint
 from moegen.models.reference import ReferenceModel
 from moegen.parity import compare_greedy
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2"]
 NEW_TOKENS = 32
 PROMPTS = [
     "Hi!",
@@ -108,6 +108,16 @@ VARIANTS = {
     "mixtral-sliding": ("mixtral", {"sliding_window": 8}),
     "qwen2_moe-sliding": ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),
     "olmoe-clip": ("olmoe", {"clip_qkv": 0.5}),
+    # GLM-4-MoE with its per-head q/k norms on (GLM-4.5's config has them off).
+    "glm4_moe-qk-norm": ("glm4_moe", {"use_qk_norm": True}),
+    # A quarter of each head rotated, the factor given inside rope_parameters as transformers reads it.
+    "glm4_moe-rotary-quarter": ("glm4_moe", {"partial_rotary_factor": None, "rope_theta": None,
+                                             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "partial_rotary_factor": 0.25}}),
+    # Group-limited selection: 160 experts in 8 groups, the best 3 groups per token.
+    "glm4_moe-grouped": ("glm4_moe", {"n_group": 8, "topk_group": 3}),
+    # MiniMax-M2 rotating 12 of its 16 head dims instead of half.
+    "minimax_m2-rotary-dim": ("minimax_m2", {"rotary_dim": 12}),
 }
 
 

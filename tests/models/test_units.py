@@ -30,6 +30,8 @@ ROUTERS = {
     "olmoe": "OlmoeTopKRouter",
     "deepseek_v2": "DeepseekV2TopkRouter",
     "deepseek_v3": "DeepseekV3TopkRouter",
+    "glm4_moe": "Glm4MoeTopkRouter",
+    "minimax_m2": "MiniMaxM2TopKRouter",
 }
 
 
@@ -89,6 +91,33 @@ def test_partial_rotary_matches_transformers(head_dim, rotary):
     assert torch.equal(rope.apply(k, cos, sin), want_k[0].transpose(0, 1))
 
 
+ROTARY_SPELLINGS = {  # config.json fields (None: removed) -> rotated dims of the tiny heads (GLM 8 dims, MiniMax 16)
+    "glm4_moe top level": ("glm4_moe", {"partial_rotary_factor": 0.25}, 2),
+    "glm4_moe in rope_parameters": ("glm4_moe", {"partial_rotary_factor": None, "rope_theta": None, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.75}}, 6),
+    "glm4_moe absent: transformers' default": ("glm4_moe", {"partial_rotary_factor": None}, 4),
+    "minimax_m2 rotary_dim": ("minimax_m2", {"rotary_dim": 4}, 4),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(ROTARY_SPELLINGS))
+def test_partial_rotary_dims_are_read_as_transformers_reads_them(spelling, tmp_path):
+    """Oracle: the inverse frequencies of the family's own transformers rotary embedding."""
+    import json
+
+    from moegen.checkpoints.make import write_metadata
+
+    family, overrides, want_dim = ROTARY_SPELLINGS[spelling]
+    write_metadata(tmp_path, family, "tiny", overrides)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
+    cfg = load_model_config(tmp_path)
+    hf_rope = hf_class(family, {"glm4_moe": "Glm4MoeRotaryEmbedding", "minimax_m2": "MiniMaxM2RotaryEmbedding"}[family])
+    want = hf_rope(AutoConfig.from_pretrained(tmp_path)).inv_freq
+    assert cfg.attention.rope.dim == want_dim == 2 * len(want)
+    torch.testing.assert_close(inv_freq(cfg.attention.rope), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_router_matches_transformers(family, tiny_checkpoint):
     overrides = {"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3} if family == "deepseek_v2" else {}
@@ -97,10 +126,14 @@ def test_router_matches_transformers(family, tiny_checkpoint):
     layer = next(lw for lw in weights.layers if lw.moe is not None)
     hf_router = hf_class(family, ROUTERS[family])(AutoConfig.from_pretrained(path))
     hf_router.weight.data.copy_(layer.moe.router.gate)
-    if layer.moe.router.e_score_correction_bias is not None:
-        hf_router.e_score_correction_bias.copy_(layer.moe.router.e_score_correction_bias)
+    bias = layer.moe.router.e_score_correction_bias
     x = torch.randn(200, cfg.hidden_size)
-    _, want_weights, want_experts = hf_router(x)
+    if bias is not None and not hasattr(hf_router, "e_score_correction_bias"):
+        _, want_weights, want_experts = hf_router(x, bias)  # MiniMax-M2: the MoE block holds the bias, hands it over
+    else:
+        if bias is not None:
+            hf_router.e_score_correction_bias.copy_(bias)
+        _, want_weights, want_experts = hf_router(x)
     got = route(layer.moe.router, cfg.moe.router, x)
     order_got, order_want = got.experts.argsort(-1), want_experts.argsort(-1)
     assert torch.equal(got.experts.gather(1, order_got), want_experts.gather(1, order_want))

@@ -19,7 +19,7 @@ from moegen.runtime.engine import Engine
 from moegen.runtime.residency import minimum_device_bytes
 from moegen.runtime.requests import Request
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2"]
 NEW_TOKENS = 12
 # Seven prompts of different lengths (ids of the 512-token tiny vocabulary; 1 = BOS).
 PROMPTS = [[1, 5, 9, 12], [1] + list(range(300, 340)), [1, 42], [1, 7, 7, 7, 100, 200], [1, 3],
