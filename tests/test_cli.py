@@ -317,3 +317,32 @@ def test_on_a_gpu_machine_auto_takes_cuda_and_the_checkpoints_dtype(olmoe_dir, m
     assert linked.stderr.splitlines()[:2] == [
         "moegen: device cpu (auto: --sim-link-gbps simulates a link on the cpu backend)",
         "moegen: dtype float32 (auto: float32 on cpu)"]
+
+
+# Names written out by hand from the released GLM-4.5 and MiniMax-M2 checkpoints (layer 3 is GLM's first MoE layer).
+REAL_NAMES = {
+    "glm4_moe": ["model.layers.0.mlp.gate_proj.weight", "model.layers.0.self_attn.q_proj.bias",
+                 "model.layers.3.mlp.gate.weight", "model.layers.3.mlp.gate.e_score_correction_bias",
+                 "model.layers.3.mlp.experts.159.down_proj.weight", "model.layers.3.mlp.shared_experts.up_proj.weight",
+                 "model.layers.5.eh_proj.weight", "model.layers.5.enorm.weight"],
+    "minimax_m2": ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.e_score_correction_bias",
+                   "model.layers.0.block_sparse_moe.experts.255.w3.weight", "model.layers.0.self_attn.q_norm.weight"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(REAL_NAMES))
+def test_make_model_writes_the_newer_families_in_their_real_format(tmp_path, family):
+    out = tmp_path / family
+    result = invoke("make-model", out, "--family", family)
+    assert result.exit_code == 0, result.output
+    shapes = disk_shapes(out)
+    assert set(REAL_NAMES[family]) <= set(shapes)
+    assert not any(".o_proj.bias" in n for n in shapes)  # GLM: attention_bias is q/k/v only; MiniMax: none
+    cfg = json.loads((out / "config.json").read_text())
+    if family == "minimax_m2":  # released spelling of partial rotary; its q/k norms span all heads
+        assert cfg["rotary_dim"] == cfg["head_dim"] // 2 and "partial_rotary_factor" not in cfg
+        assert shapes["model.layers.0.self_attn.q_norm.weight"] == (cfg["num_attention_heads"] * cfg["head_dim"],)
+    _, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    past_end = f"model.layers.{cfg['num_hidden_layers']}."  # GLM's multi-token-prediction layer, which transformers skips
+    assert all(k.startswith(past_end) for k in info["unexpected_keys"])

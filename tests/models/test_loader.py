@@ -25,7 +25,8 @@ from moegen.checkpoints.make import make_model  # noqa: E402
 from moegen.config import ConfigError  # noqa: E402
 from moegen.models.loader import CheckpointError, load_checkpoint  # noqa: E402
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "minimax_m2")
+MTP_FAMILIES = ("deepseek_v3", "glm4_moe")  # real checkpoints store multi-token-prediction layers past the last one
 ERROR_FAMILY = "olmoe"  # the checkpoint the error cases corrupt
 
 
@@ -81,7 +82,7 @@ def made(tmp_path_factory):
     cache = {}
 
     def get(family: str, layout: str = "per-expert", **kwargs):
-        key = (family, layout, tuple(sorted(kwargs.items())))
+        key = (family, layout, json.dumps(kwargs, sort_keys=True))
         if key not in cache:
             out = root / f"{family}-{layout}-{len(cache)}"
             cache[key] = make_model(out, family, "tiny", seed=0, expert_layout=layout, **kwargs)
@@ -112,13 +113,23 @@ def hf(made, tmp_path_factory):
 
 
 @pytest.fixture
-def corrupt(made, tmp_path):
+def private_copy(made, tmp_path):
+    """private_copy(family, layout="per-expert", **kwargs) -> a copy of that tiny checkpoint (single file), safe to damage."""
+
+    def copy(family: str, layout: str = "per-expert", **kwargs) -> Path:
+        src = made(family, layout, **kwargs).path
+        assert (src / "model.safetensors").is_file() and not (src / "model.safetensors.index.json").exists()
+        dst = tmp_path / f"ckpt-{family}-{layout}"
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
+
+
+@pytest.fixture
+def corrupt(private_copy):
     """A private copy of the tiny ERROR_FAMILY checkpoint (single file), safe to damage."""
-    src = made(ERROR_FAMILY).path
-    assert (src / "model.safetensors").is_file() and not (src / "model.safetensors.index.json").exists()
-    dst = tmp_path / "ckpt"
-    shutil.copytree(src, dst)
-    return dst
+    return private_copy(ERROR_FAMILY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +179,57 @@ def test_unexpected_tensor_is_named(corrupt, extra):
         load_checkpoint(corrupt)
     msg = str(exc.value)
     assert repr(name) in msg and "unexpected" in msg and "model.safetensors" in msg
+
+
+# GLM-4-MoE and MiniMax-M2 names: (family, layout, make_model kwargs, tensor, its expected shape from config.json).
+MISSING = {
+    "minimax_m2 router bias": ("minimax_m2", "per-expert", {}, "model.layers.1.block_sparse_moe.e_score_correction_bias",
+                               lambda c: [c["num_local_experts"]]),
+    "minimax_m2 fused router bias": ("minimax_m2", "fused", {}, "model.layers.0.mlp.e_score_correction_bias",
+                                     lambda c: [c["num_local_experts"]]),
+    "minimax_m2 whole-projection k_norm": ("minimax_m2", "per-expert", {}, "model.layers.0.self_attn.k_norm.weight",
+                                           lambda c: [c["num_key_value_heads"] * c["head_dim"]]),
+    "glm4_moe router bias": ("glm4_moe", "per-expert", {}, "model.layers.4.mlp.gate.e_score_correction_bias",
+                             lambda c: [c["n_routed_experts"]]),
+    "glm4_moe shared expert": ("glm4_moe", "per-expert", {}, "model.layers.3.mlp.shared_experts.down_proj.weight",
+                               lambda c: [c["hidden_size"], c["moe_intermediate_size"] * c["n_shared_experts"]]),
+    "glm4_moe dense layer": ("glm4_moe", "per-expert", {}, "model.layers.2.mlp.up_proj.weight",
+                             lambda c: [c["intermediate_size"], c["hidden_size"]]),
+    "glm4_moe per-head k_norm": ("glm4_moe", "per-expert", {"overrides": {"use_qk_norm": True}},
+                                 "model.layers.1.self_attn.k_norm.weight", lambda c: [c["head_dim"]]),
+    "glm4_moe q bias": ("glm4_moe", "per-expert", {}, "model.layers.0.self_attn.q_proj.bias",
+                        lambda c: [c["num_attention_heads"] * c["head_dim"]]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISSING))
+def test_missing_tensor_of_the_newer_families_is_named(private_copy, case):
+    family, layout, kwargs, name, shape = MISSING[case]
+    path = private_copy(family, layout, **kwargs)
+    assert name in disk_shapes(path)
+    rewrite_single_file(path, lambda t: t.pop(name))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    msg = str(exc.value)
+    assert repr(name) in msg and "missing" in msg and str(shape(config_of(path))) in msg
+
+
+@pytest.mark.parametrize("family, name", [
+    ("glm4_moe", "model.layers.0.self_attn.o_proj.bias"),  # attention_bias gives q/k/v a bias, never o_proj
+    ("glm4_moe", "model.layers.0.self_attn.q_norm.weight"),  # use_qk_norm is false in GLM-4.5's config
+    ("glm4_moe", "model.layers.0.mlp.gate.weight"),  # a dense layer (first_k_dense_replace) has no router
+    ("minimax_m2", "model.layers.0.mlp.gate.e_score_correction_bias"),  # the bias is the block's, not the router's
+])
+def test_unexpected_tensor_of_the_newer_families_is_named(private_copy, family, name):
+    path = private_copy(family)
+    shape = (config_of(path)["hidden_size"],)
+    rewrite_single_file(path, lambda t: t.__setitem__(name, torch.ones(shape, dtype=torch.bfloat16)))
+    _, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
+    assert name in info["unexpected_keys"]  # transformers agrees it is no part of the model
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    msg = str(exc.value)
+    assert repr(name) in msg and "unexpected" in msg
 
 
 def test_rotary_inv_freq_is_skipped_like_transformers(corrupt):
@@ -287,7 +349,7 @@ def test_sharded_equals_single_file(made):
 # The load report.
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "glm4_moe"])
 def test_report_loaded_is_everything_on_disk(made, family):
     path = made(family).path
     on_disk = set(disk_shapes(path))
@@ -297,7 +359,7 @@ def test_report_loaded_is_everything_on_disk(made, family):
     assert report.expert_layout == "per-expert"
     prefix = mtp_prefix(path)
     mtp = {n for n in on_disk if n.startswith(prefix)}
-    if family == "deepseek_v3":
+    if family in MTP_FAMILIES:
         assert mtp and {"enorm.weight", "hnorm.weight", "eh_proj.weight"} <= {n[len(prefix):] for n in mtp}
         assert set(report.skipped) == mtp and len(report.skipped) == len(mtp)
         layer = prefix.split(".")[2]
@@ -317,7 +379,29 @@ PER_EXPERT_NAMES = {  # gate, up, down of expert {e} in layer {l}, written out b
     "mixtral": ("model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
                 "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
                 "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight", "model.layers.{l}.block_sparse_moe.gate.weight"),
+    "minimax_m2": ("model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
+                   "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
+                   "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight",
+                   "model.layers.{l}.block_sparse_moe.gate.weight"),
 }
+# The router's score-correction bias per layout, as MiniMax-M2's checkpoints and transformers' fused save name it.
+CORRECTION_BIAS_NAMES = {"minimax_m2": ("model.layers.{l}.block_sparse_moe.e_score_correction_bias",
+                                        "model.layers.{l}.mlp.e_score_correction_bias")}
+
+
+def test_minimax_router_bias_moves_with_the_layout(made, hf):
+    per_expert_dir, fused_dir = made("minimax_m2").path, hf("minimax_m2")["fused"]  # fused: written by transformers
+    ours_fused = made("minimax_m2", "fused").path
+    per_expert_name, fused_name = CORRECTION_BIAS_NAMES["minimax_m2"]
+    _, wp, _ = load_checkpoint(per_expert_dir)
+    _, wf, _ = load_checkpoint(fused_dir)
+    for l, (lp, lf) in enumerate(zip(wp.layers, wf.layers)):
+        on_disk = disk_tensor(per_expert_dir, per_expert_name.format(l=l))
+        assert on_disk.dtype == torch.float32  # as the real checkpoints keep it
+        assert torch.equal(disk_tensor(fused_dir, fused_name.format(l=l)), on_disk)
+        assert torch.equal(disk_tensor(ours_fused, fused_name.format(l=l)), on_disk)  # one seed, one model
+        assert torch.equal(lp.moe.router.e_score_correction_bias, on_disk)
+        assert torch.equal(lf.moe.router.e_score_correction_bias, on_disk)
 
 
 @pytest.mark.parametrize("family", sorted(PER_EXPERT_NAMES))
@@ -360,7 +444,7 @@ def test_on_disk_format_matches_transformers(made, hf, family):
     assert not info["mismatched_keys"], sorted(info["mismatched_keys"])[:10]
     assert not info.get("error_msgs")
     prefix = mtp_prefix(saved["src"])
-    if family == "deepseek_v3":  # the multi-token-prediction layer, which transformers doesn't build
+    if family in MTP_FAMILIES:  # the multi-token-prediction layer, which transformers doesn't build
         assert info["unexpected_keys"] and all(k.startswith(prefix) for k in info["unexpected_keys"])
     else:
         assert not info["unexpected_keys"], sorted(info["unexpected_keys"])[:10]
@@ -373,7 +457,7 @@ def test_on_disk_format_matches_transformers(made, hf, family):
     theirs_default, theirs_fused = disk_shapes(saved["default"]), disk_shapes(saved["fused"])
     assert theirs_fused == ours(ours_fused)
     assert theirs_default == ours(ours_per_expert)
-    if family == "deepseek_v3":  # what we keep beyond transformers is exactly the MTP layer
+    if family in MTP_FAMILIES:  # what we keep beyond transformers is exactly the MTP layer
         assert set(disk_shapes(ours_per_expert)) - set(theirs_default) == {n for n in disk_shapes(ours_per_expert)
                                                                             if n.startswith(prefix)}
 
