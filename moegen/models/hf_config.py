@@ -177,7 +177,7 @@ def _mla(hf) -> MLAConfig:
 def _moe(hf, family: Family) -> MoEConfig:
     num_experts = getattr(hf, family.num_experts_attr)
     # Sigmoid routers pick by biased scores within the best groups (noaux_tc); one group where the config has none.
-    method = "noaux_tc" if family.scoring == "sigmoid" else getattr(hf, "topk_method", None) or "greedy"
+    method = "noaux_tc" if family.scoring == "sigmoid" else (getattr(hf, "topk_method", None) or "greedy")
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
         raise ConfigError(f"topk_method {method!r} is not supported (greedy, group_limited_greedy, noaux_tc)")
     grouped = method != "greedy"
