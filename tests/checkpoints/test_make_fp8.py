@@ -30,7 +30,9 @@ LINEAR = re.compile(r"\.((q|k|v|o|q_a|q_b|kv_b|gate|up|down)_proj|kv_a_proj_with
 FUSED_FIELDS = {"mixtral": ("intermediate_size", "num_local_experts"), "olmoe": ("intermediate_size", "num_experts"),
                 "qwen2_moe": ("moe_intermediate_size", "num_experts"), "qwen3_moe": ("moe_intermediate_size", "num_experts"),
                 "deepseek_v2": ("moe_intermediate_size", "n_routed_experts"),
-                "deepseek_v3": ("moe_intermediate_size", "n_routed_experts")}
+                "deepseek_v3": ("moe_intermediate_size", "n_routed_experts"),
+                "glm4_moe": ("moe_intermediate_size", "n_routed_experts"),
+                "minimax_m2": ("intermediate_size", "num_local_experts")}
 
 
 def fused_overrides(family: str) -> dict:
