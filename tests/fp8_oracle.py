@@ -32,5 +32,13 @@ FP8_PARITY = [
     ("deepseek_v3", {"hidden_size": 128, "q_lora_rank": 128, "kv_lora_rank": 128, "qk_rope_head_dim": 128,
                      "qk_nope_head_dim": 32, "v_head_dim": 32, "intermediate_size": 128,
                      "moe_intermediate_size": 128, "n_routed_experts": 16}),
+    # GQA with partial rotary: q [N D, H], k/v [G D, H], o [H, N D]; one dense first layer, the experts and the
+    # shared expert 128 wide.
+    ("glm4_moe", {"hidden_size": 128, "head_dim": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                  "num_hidden_layers": 3, "first_k_dense_replace": 1, "intermediate_size": 128,
+                  "moe_intermediate_size": 128, "n_routed_experts": 16}),
+    # GQA with a whole-projection q/k norm and rotary_dim of the head; the experts are intermediate_size wide.
+    ("minimax_m2", {"hidden_size": 128, "head_dim": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+                    "rotary_dim": 64, "intermediate_size": 128, "num_local_experts": 16}),
 ]
 IDS = [family for family, _ in FP8_PARITY]

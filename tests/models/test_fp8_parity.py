@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moegen.formats import fp8
+from moegen.models.families import FAMILIES, FUSED_NAMES
 from fp8_oracle import FP8_PARITY, IDS, dequantize_by_hand
 from test_parity import check_family
 
@@ -57,17 +58,41 @@ def test_fp8_greedy_parity(family, overrides, layout, tiny_checkpoint):
 def test_fused_file_holds_the_per_expert_bytes(family, overrides, tiny_checkpoint):
     per_expert = file_tensors(tiny_checkpoint(family, "per-expert", quantization="fp8", **overrides))
     fused = file_tensors(tiny_checkpoint(family, "fused", quantization="fp8", **overrides))
-    stacked = [n for n in fused if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
-    assert stacked
-    for name in stacked:
-        prefix = name.removesuffix("gate_up_proj").removesuffix("down_proj")
-        parts = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
-        for suffix in ("", fp8.SCALE_SUFFIX):  # the FP8 data, then its scales
-            for e, got in enumerate(fused[name + suffix]):
-                expected = torch.cat([per_expert[f"{prefix}{e}.{p}.weight{suffix}"] for p in parts])
-                assert torch.equal(raw(got), raw(expected)), (name + suffix, e)
-    rest = [n for n in per_expert if ".experts." not in n]
-    assert rest and all(torch.equal(raw(per_expert[n]), raw(fused[n])) for n in rest)
+    checked = 0
+    for name, expected in per_expert.items():
+        hit = expert_part(family, name.removesuffix(fp8.SCALE_SUFFIX))
+        if hit is None:  # not an expert's: the same tensor in both files, its router names per layout
+            assert torch.equal(raw(fused[renamed_fused(family, name)]), raw(expected)), name
+            continue
+        prefix, e, part = hit
+        suffix = fp8.SCALE_SUFFIX if fp8.is_scale_name(name) else ""  # the FP8 data, or its scales
+        got = fused[prefix + FUSED_NAMES["down_proj" if part == "down_proj" else "gate_up_proj"] + suffix][e]
+        if part != "down_proj":  # gate rows, then up rows (each a whole number of 128-row blocks)
+            half = len(got) // 2
+            got = got[:half] if part == "gate_proj" else got[half:]
+        assert torch.equal(raw(got), raw(expected)), name
+        checked += 1
+    assert checked
+
+
+def expert_part(family: str, name: str) -> tuple[str, int, str] | None:
+    """(layer prefix, expert, gate_proj/up_proj/down_proj) of a per-expert file's expert weight, by the family's
+    table of names; None for any other tensor."""
+    templates = FAMILIES[family].moe_names(fused=False)
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        pattern = r"(model\.layers\.\d+\.)" + re.escape(templates[part]).replace(re.escape("{e}"), r"(\d+)") + "$"
+        if m := re.match(pattern, name):
+            return m.group(1), int(m.group(2)), part
+    return None
+
+
+def renamed_fused(family: str, name: str) -> str:
+    """A per-expert file's non-expert tensor's name in the fused file (a router or its bias may move)."""
+    per_expert, fused = FAMILIES[family].moe_names(fused=False), FAMILIES[family].moe_names(fused=True)
+    for key in ("gate", "e_score_correction_bias"):
+        if key in per_expert and (m := re.match(r"(model\.layers\.\d+\.)" + re.escape(per_expert[key]) + "$", name)):
+            return m.group(1) + fused[key]
+    return name
 
 
 @pytest.mark.parametrize("family, overrides", FP8_PARITY, ids=IDS)
@@ -89,14 +114,17 @@ def test_transformers_dequantizes_the_files_fp8_bytes(family, overrides, tiny_ch
     for name in disk:
         if fp8.is_scale_name(name) or disk[name].dtype != torch.float8_e4m3fn or layer_of(name) >= layers:
             continue
-        m = re.match(r"(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$", name)
-        if m is None:
+        hit = expert_part(family, name)
+        if hit is None:
             assert torch.equal(state[name], by_hand(name)), name
-        elif m.group(3) == "down":
-            assert torch.equal(state[m.group(1) + "down_proj"][int(m.group(2))], by_hand(name)), name
-        else:
-            width = state[m.group(1) + "gate_up_proj"].shape[1] // 2
-            half = slice(0, width) if m.group(3) == "gate" else slice(width, 2 * width)
-            assert torch.equal(state[m.group(1) + "gate_up_proj"][int(m.group(2)), half], by_hand(name)), name
+        else:  # transformers holds the experts fused, under its own names (FUSED_NAMES), whatever the family
+            prefix, e, part = hit
+            if part == "down_proj":
+                assert torch.equal(state[prefix + FUSED_NAMES["down_proj"]][e], by_hand(name)), name
+            else:
+                gate_up = state[prefix + FUSED_NAMES["gate_up_proj"]][e]
+                half = len(gate_up) // 2
+                got = gate_up[:half] if part == "gate_proj" else gate_up[half:]
+                assert torch.equal(got, by_hand(name)), name
         checked += 1
     assert checked > 20
