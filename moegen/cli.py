@@ -18,6 +18,7 @@ from moegen.runtime.backend import DeviceBudgetError
 from moegen.cli_knobs import (DEVICE_OPTION, DTYPE_OPTION, need_perfetto, plan_user, runtime_config, runtime_options, say,
                               trace_options)
 from moegen.units import format_bytes, parse_bytes
+from moegen.cli_bench import bench_cmd
 
 USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, DeviceBudgetError,
                NotImplementedError)
@@ -270,50 +271,7 @@ def calibrate_cmd(model_dirs, device, dtype):
     click.echo(f"cached in {cache_path(cal.key)}")
 
 
-@main.command("bench")
-@click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload", "planner", "fp8-quality"]),
-              default="all", show_default=True,
-              help="all = vs-transformers and offload; planner (alone): the planner's predictions and choices against "
-                   "measured runs and a grid of hand-set knobs; fp8-quality (alone): greedy completions with "
-                   "--weight-dtype fp8 and fp8-all against the weights as loaded.")
-@click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Checkpoint(s) for vs-transformers and fp8-quality (repeatable) [default: the bench Mixtral-like and "
-                   "DeepSeek-V2-Lite-like checkpoints, made once in the cache].")
-@click.option("--prompts", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--hf-batch", "hf_batches", type=click.IntRange(min=1), multiple=True, default=(32, 128),
-              show_default=True, help="transformers batch sizes (repeatable).")
-@click.option("--offload-batch", type=click.IntRange(min=1), default=3072, show_default=True,
-              help="offload: sequences in flight (module-based; model-based takes what fits, at most this).")
-@click.option("--offload-seq-len", type=click.IntRange(min=2), default=64, show_default=True,
-              help="offload: the longest sequence each mode reserves KV for.")
-@click.option("--offload-prompt-len", type=click.IntRange(min=1), default=2, show_default=True,
-              help="offload: prompt tokens; the whole batch's prompts are admitted in one step, whose activations "
-                   "must fit the budget beside two expert slots.")
-@click.option("--offload-expert-slots", type=click.IntRange(min=1), default=None,
-              help="offload: expert slots for both modes [default: what fits; placement may keep some experts "
-                   "resident instead].")
-@click.option("--offload-new-tokens", type=click.IntRange(min=2), default=12, show_default=True,
-              help="offload: enough that every admitted sequence is still decoding once the last prompt is in.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write every raw number here.")
-@click.option("--keep-trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="offload: keep the module-based run's trace here.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="vs-transformers: what both engines run on (auto: cuda where torch sees a GPU, else cpu). "
-                   "offload and planner run on the cpu backend: their link is simulated.")
-def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
-              offload_expert_slots, offload_new_tokens, json_path, keep_trace, device):
-    """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
-    from moegen.bench.run import BenchOptions, run_bench
-    from moegen.runtime.auto import resolve_device
-
-    if scenario in ("all", "offload", "planner"):  # these scenarios measure from their runs' traces
-        need_perfetto(f"moegen bench --scenario {scenario}")
-    options = BenchOptions(scenario, resolve_device(device, say=say), [Path(m) for m in models], prompts, new_tokens, tuple(hf_batches), offload_batch,
-                           offload_seq_len, offload_prompt_len, offload_expert_slots, offload_new_tokens, json_path,
-                           keep_trace)
-    click.echo("\n".join(run_bench(options, say=lambda text: click.echo(text, err=True))))
+main.add_command(bench_cmd)
 
 
 @main.group("trace")
