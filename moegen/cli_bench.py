@@ -34,6 +34,9 @@ from moegen.cli_knobs import need_perfetto, say
                    "resident instead].")
 @click.option("--offload-new-tokens", type=click.IntRange(min=2), default=12, show_default=True,
               help="offload: enough that every admitted sequence is still decoding once the last prompt is in.")
+@click.option("--offload-hide-tokens", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="offload: the simulated link's speed, as the tokens whose expert compute one expert's copy takes "
+                   "(2000: a 24 GB PCIe-4 card's ratio; larger: a slower link, more link-bound).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every raw number here.")
 @click.option("--keep-trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -42,14 +45,14 @@ from moegen.cli_knobs import need_perfetto, say
               help="vs-transformers: what both engines run on (auto: cuda where torch sees a GPU, else cpu). "
                    "offload and planner run on the cpu backend: their link is simulated.")
 def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
-              offload_expert_slots, offload_new_tokens, json_path, keep_trace, device):
+              offload_expert_slots, offload_new_tokens, offload_hide_tokens, json_path, keep_trace, device):
     """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
     from moegen.bench.run import BenchOptions, run_bench
     from moegen.runtime.auto import resolve_device
 
     if scenario in ("all", "offload", "planner"):  # these scenarios measure from their runs' traces
         need_perfetto(f"moegen bench --scenario {scenario}")
-    options = BenchOptions(scenario, resolve_device(device, say=say), [Path(m) for m in models], prompts, new_tokens, tuple(hf_batches), offload_batch,
-                           offload_seq_len, offload_prompt_len, offload_expert_slots, offload_new_tokens, json_path,
-                           keep_trace)
+    options = BenchOptions(scenario, resolve_device(device, say=say), [Path(m) for m in models], prompts, new_tokens,
+                           tuple(hf_batches), offload_batch, offload_seq_len, offload_prompt_len, offload_expert_slots,
+                           offload_new_tokens, offload_hide_tokens, json_path, keep_trace)
     click.echo("\n".join(run_bench(options, say=lambda text: click.echo(text, err=True))))

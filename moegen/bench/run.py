@@ -26,6 +26,7 @@ class BenchOptions:
     offload_prompt_len: int
     offload_expert_slots: int | None  # None: what fits
     offload_new_tokens: int
+    offload_hide_tokens: int  # the simulated link: one expert's copy takes its compute over this many tokens
     json_path: Path | None  # every raw number, rewritten after each scenario
     keep_trace: Path | None  # the offload module run's trace
 
@@ -57,7 +58,7 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
         say(f"offload regime: {model_dir}")
         result = offload.scenario(model_dir, o.offload_batch, o.offload_prompt_len, o.offload_new_tokens,
                                   o.offload_seq_len, say=say, keep_trace=o.keep_trace,
-                                  expert_slots=o.offload_expert_slots)
+                                  expert_slots=o.offload_expert_slots, hide_tokens=o.offload_hide_tokens)
         out["scenarios"]["offload"] = result
         save()
         tables += report.offload_table(result)
