@@ -74,6 +74,8 @@ class Setting:
     host_bytes: int  # weight arena + host KV cache
     link_gbps: float | None  # host -> device copies (None: nothing is copied)
     sizes: LaunchSizes  # how large each launch may be (experts split past sizes.expert_tokens)
+    fp8_residents: tuple[int, int] = (0, 0)  # residents holding FP8 linears, and the device bytes dequantizing
+    # them once at load costs beyond their bytes as stored (a resident's launches then never dequantize)
 
 
 def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: int | None) -> Setting:
@@ -103,7 +105,12 @@ def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: in
     return Setting(rcfg, B, micro, stage, max_step, residency,
                    reserved + residency.device_bytes if budget is not None else None, budget,
                    facts.arena_bytes + (0 if model_mode else B * S * per_token),
-                   link if (streams or stage) else None, sizes)
+                   link if (streams or stage) else None, sizes, _fp8_residents(facts, residency))
+
+
+def _fp8_residents(facts: ModelFacts, residency: Residency) -> tuple[int, int]:
+    dequantized = [facts.sizes[m] for m in residency.resident if facts.sizes[m].work]
+    return len(dequantized), sum(s.resident - s.host for s in dequantized)
 
 
 @dataclass(slots=True)

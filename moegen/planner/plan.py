@@ -67,6 +67,9 @@ def format_plan(plan: Plan, alternatives: bool = True) -> str:
         f"runs as: B={s.batch}, attention launches of {s.micro} sequences"
         + (", KV staged per launch" if s.stage_kv else "")
         + f", {len(s.residency.resident)} modules resident, slots {dict(s.residency.pools) or 'none'}, {link}",
+    ] + ([f"fp8: {s.fp8_residents[0]} resident modules' FP8 linears dequantized once at load (+"
+          f"{s.fp8_residents[1] / 2**20:.1f} MiB on the device); streamed ones dequantized by each launch"]
+         if s.fp8_residents[0] else []) + [
         f"predicted: prefill {p.prefill_tok_s:.1f} tok/s, decode {p.decode_tok_s:.1f} tok/s; the job "
         f"{p.job_s:.1f}s, {p.job_tok_s:.1f} generated tok/s",
         f"bound: prefill by {p.prefill.bound} ({_busy(p.prefill)}), decode by {p.decode.bound} ({_busy(p.decode)})",

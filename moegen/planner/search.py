@@ -73,7 +73,9 @@ class Plan:
             "bound": self.bound, "limits": self.limits,
             "memory": {"device_bytes": s.device_bytes, "device_budget": s.budget, "host_bytes": s.host_bytes},
             "placement": {"batch": s.batch, "decode_sequences": min(s.batch, self.workload.requests), "attn_micro_batch": s.micro, "expert_slots": s.residency.pools.get("expert", 0),
-                          "resident_modules": len(s.residency.resident), "link_gbps": s.link_gbps},
+                          "resident_modules": len(s.residency.resident), "link_gbps": s.link_gbps,
+                          "fp8_residents_dequantized": s.fp8_residents[0],
+                          "fp8_dequantized_extra_bytes": s.fp8_residents[1]},
             "alternatives": [c.summary() for c in self.alternatives], "considered": self.considered,
         }
 

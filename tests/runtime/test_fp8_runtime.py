@@ -145,3 +145,20 @@ def test_a_second_engine_finds_the_weights_fp8(tiny_checkpoint):
         list(second.generate([Request(PROMPTS[0], 2)]))
         blocks = second.runtime.placement.blocks
     assert {m: b.nbytes for m, b in blocks.items()} == dict(hand_bytes(path))
+
+
+def test_the_plan_says_which_residents_are_dequantized_and_what_it_costs(tiny_checkpoint):
+    from moegen.planner.cost import ModelFacts, setting
+
+    path = tiny_checkpoint("deepseek_v3", quantization="fp8", **dict(FP8_PARITY)["deepseek_v3"])
+    cfg, weights, _ = load_checkpoint(path)
+    s = setting(ModelFacts.of(cfg, weights, torch.float32), RuntimeConfig(max_seq_len=64, sim_link_gbps=1.0), None, None)
+    extra, layers = 0, cfg.num_layers
+    for file in sorted(path.glob("*.safetensors")):  # float32 (4 bytes) in place of 1 a weight and 4 a block
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                layer = re.match(r"model\.layers\.(\d+)\.", name)
+                if layer and int(layer.group(1)) < layers and f.get_slice(name).get_dtype() == "F8_E4M3":
+                    scale = torch.Size(f.get_slice(name + "_scale_inv").get_shape()).numel()
+                    extra += 3 * torch.Size(f.get_slice(name).get_shape()).numel() - 4 * scale
+    assert s.fp8_residents == (len(s.residency.resident), extra) and extra > 0
