@@ -77,3 +77,27 @@ def test_no_block_is_lost_or_held_twice(ops):
         free = set(pool._free)
         assert all(pool.refs[b] == 0 for b in free) and all(pool.refs[b] == held.count(b) for b in range(6))
         assert len(free) + len({b for b in range(6) if pool.refs[b]}) == 6
+
+
+def test_a_block_table_finds_its_prefix_then_grows_and_lets_go():
+    from moegen.runtime.kv.block_table import BlockTable
+
+    size, pool = 4, BlockPool(4)
+    prompt = list(range(1, 11))  # 10 tokens: 2 full blocks + 2 tokens
+    first = BlockTable(size)
+    assert first.find_prefix(pool, block_names(prompt, size)) == 0  # nothing computed yet
+    first.grow(pool, len(prompt))
+    assert len(first.blocks) == 3 and first.capacity == 12
+    for block, name in zip(first.blocks, block_names(prompt, size)):
+        pool.name(block, name)  # its prefill computed them
+    second = BlockTable(size)
+    assert second.find_prefix(pool, block_names(prompt[:8] + [50, 51, 52], size)) == 2  # the 8 shared tokens
+    assert second.blocks == first.blocks[:2] and pool.refs[first.blocks[0]] == 2
+    second.grow(pool, 11)
+    assert len(second.blocks) == 3 and pool.num_free == 0
+    with pytest.raises(OutOfBlocks):
+        first.grow(pool, 13)  # a 4th block: none left
+    assert len(first.blocks) == 3  # what it held before
+    first.release(pool)
+    second.release(pool)
+    assert pool.num_free == 4 and pool.refs == [0] * 4 and first.blocks == [] == second.blocks
