@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from fp8_oracle import FP8_PARITY, IDS
-from test_runtime_parity import PROMPTS, assert_parity, new_tokens
-from transformers import AutoModelForCausalLM
+from test_runtime_parity import PROMPTS, assert_parity, new_tokens, transformers_runs
 
 from moegen.models.hf_config import generation_eos_ids, load_model_config
 from moegen.models.loader import load_checkpoint
@@ -23,7 +22,6 @@ from moegen.runtime.engine import Engine
 from moegen.runtime.requests import Request
 from moegen.runtime.residency import ModuleId
 
-NEW_TOKENS = 12
 CORE = re.compile(r"(input_layernorm|post_attention_layernorm|mlp\.gate\.weight|e_score_correction_bias)$")
 
 
@@ -39,13 +37,7 @@ def fp8_oracle(tiny_checkpoint):
             # transformers on a cpu leaves a fused file's scales unread: its oracle is the per-expert file,
             # which holds the same FP8 bytes (tests/models/test_fp8_parity.py)
             oracle_path = tiny_checkpoint(family, "per-expert", quantization="fp8", **overrides)
-            hf = AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32).eval()
-            runs = []
-            for prompt in PROMPTS:
-                out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                  output_logits=True, return_dict_in_generate=True)
-                runs.append((out.sequences[0, len(prompt):].tolist(), [step[0] for step in out.logits]))
-            cache[family, layout] = (path, runs)
+            cache[family, layout] = (path, transformers_runs(oracle_path))
         return cache[family, layout]
 
     return get

@@ -45,16 +45,21 @@ def oracle(tiny_checkpoint):
     def get(family):
         if family not in cache:
             path = tiny_checkpoint(family)
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            runs = []
-            for prompt in PROMPTS:
-                out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                  output_logits=True, return_dict_in_generate=True)
-                runs.append((out.sequences[0, len(prompt):].tolist(), [step[0] for step in out.logits]))
-            cache[family] = (path, runs)
+            cache[family] = (path, transformers_runs(path))
         return cache[family]
 
     return get
+
+
+def transformers_runs(path) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """transformers' greedy ids and logits for each of PROMPTS alone (float32): the oracle."""
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    runs = []
+    for prompt in PROMPTS:
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+        runs.append((out.sequences[0, len(prompt):].tolist(), [step[0] for step in out.logits]))
+    return runs
 
 
 def new_tokens(i: int) -> int:
