@@ -76,11 +76,10 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def pack(arena: Tensor, unit, extra: dict[str, Tensor | None] | None, dtype: torch.dtype) -> HostBlock:
+def pack(arena: Tensor, unit, tensors: dict[str, Tensor]) -> HostBlock:
     """Move one module's tensors into `arena` (a byte slice of the host arena of at least its size): each
     field of `unit` becomes a view of the arena, so the loaded tensor is freed as soon as it is packed and the
     host never holds the model twice."""
-    tensors = named_tensors(unit, extra, dtype)
     layout, nbytes = block_layout(tensors)
     for part in layout:
         # plain: a unit an earlier engine reordered (`Placement._pack_resident`)
@@ -112,6 +111,7 @@ def host_blocks(backend: Backend, units: dict, packed: set, dtype: torch.dtype) 
     for module, (unit, extra) in units.items():
         layout, nbytes = layouts[module]
         work = fp8.work_numel(unit)
+        named = tensors.pop(module)  # once packed, nothing but the arena may hold the module's bytes
         if module in packed:
             blocks[module] = HostBlock(flat=None, layout=layout, cls=type(unit), nbytes=nbytes, work_numel=work)
         elif reused is not None:
@@ -119,7 +119,7 @@ def host_blocks(backend: Backend, units: dict, packed: set, dtype: torch.dtype) 
             blocks[module] = HostBlock(flat=arena[first: first + nbytes], layout=layout, cls=type(unit), nbytes=nbytes,
                                        work_numel=work)
         else:
-            blocks[module] = pack(arena[off: off + nbytes], unit, extra, dtype)
+            blocks[module] = pack(arena[off: off + nbytes], unit, named)
             off += aligned(nbytes)
     return blocks
 

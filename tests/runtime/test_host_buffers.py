@@ -135,3 +135,29 @@ def test_a_second_engine_on_the_same_weights_reuses_the_first_ones_arena(tmp_pat
     raised = after_first - before
     assert raised > got["arena_bytes"] + got["kv_bytes"] // 2, got  # the first engine's arena and KV show
     assert after_second - after_first < raised / 5, got
+
+
+def test_a_loaded_tensor_is_freed_as_soon_as_its_module_is_packed(tiny_checkpoint, monkeypatch):
+    """The host holds the model once: while later modules are still being packed into the arena, the first
+    expert's loaded tensor (no longer referenced by the weights) is already gone."""
+    import gc
+    import weakref
+
+    import moegen.runtime.host_blocks as host_blocks
+
+    path = tiny_checkpoint("mixtral")
+    cfg, weights, _ = load_checkpoint(path)
+    loaded = weakref.ref(weights.layers[0].moe.experts[0].gate_proj)
+    pack, freed = host_blocks.pack, []
+
+    def watched(*args):
+        block = pack(*args)
+        gc.collect()
+        freed.append(loaded() is None)
+        return block
+
+    monkeypatch.setattr(host_blocks, "pack", watched)
+    rcfg = RuntimeConfig(max_seq_len=32, gpu_memory=2**40, resident_experts=0)  # experts packed into the arena
+    with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg)):
+        pass
+    assert len(freed) > 2 and freed[-2], freed  # freed before the last module was packed
