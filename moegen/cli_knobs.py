@@ -44,7 +44,12 @@ def runtime_options(fn):
                      help="Experts kept on the device for the whole run, the first in layer order "
                           "[default: what fits beside the minimum slots; none with --expert-slots]."),
         click.option("--gpu-memory", default=None, help="Device memory budget, e.g. 512MiB, 24GiB [default: unlimited on cpu]."),
-        click.option("--host-kv-memory", default=None, help="Host memory for the KV cache, e.g. 8GiB [default: what B needs]."),
+        click.option("--host-kv-memory", default=None,
+                     help="Host memory for the KV cache, e.g. 8GiB; bounds its blocks, not B [default: what B needs]."),
+        click.option("--kv-block-size", type=click.IntRange(min=1), default=16, show_default=True,
+                     help="Tokens per block of the paged host KV cache."),
+        click.option("--prefix-sharing/--no-prefix-sharing", default=True, show_default=True,
+                     help="Store identical leading full KV blocks of prompts once and prefill them once."),
         click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
                      help="Longest prompt + completion [default: the longest prompt + --max-new-tokens]."),
         click.option("--max-step-tokens", type=click.IntRange(min=1), default=8192, show_default=True,

@@ -39,7 +39,13 @@ class RuntimeConfig:
     gpu_memory: int | None = None
     """Device memory budget in bytes; None = unlimited (cpu) or the device's free memory (cuda)."""
     host_kv_memory: int | None = None
-    """Host bytes for the KV cache of all sequences in flight; None = what B and max_seq_len need."""
+    """Host bytes for the KV cache of all sequences in flight (bounds its blocks, not B: sequences hold what they
+    use); None = what B sequences of max_seq_len need."""
+    kv_block_size: int = 16
+    """Tokens per block of the paged host KV cache: sequences take blocks as they grow and return them when they
+    finish; identical leading full blocks of prompts are stored once."""
+    prefix_sharing: bool = True
+    """Store identical leading full KV blocks of prompts once and prefill them once (`--no-prefix-sharing`: off)."""
     max_seq_len: int = 2048
     """Longest prompt + completion a sequence may reach (sizes each KV row)."""
     max_step_tokens: int = 8192
@@ -63,7 +69,7 @@ class RuntimeConfig:
 
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"--weight-dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
-        for name in ("batch_size", "attn_micro_batch", "max_seq_len", "max_step_tokens"):
+        for name in ("batch_size", "attn_micro_batch", "max_seq_len", "max_step_tokens", "kv_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.resident_experts is not None and self.resident_experts < 0:

@@ -22,7 +22,10 @@ from moegen.runtime.backend import Backend, Event
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.device_memory import (activation_bytes, launch_sizes, model_batch_size, staging_bytes, step_tokens,
                                           transient_bytes)
-from moegen.runtime.kv_stage import KVStager
+from moegen.runtime.kv.sizing import host_kv_blocks
+from moegen.runtime.kv.block_pool import BlockPool
+from moegen.runtime.kv.manager import KVStats
+from moegen.runtime.kv.staging import KVStager
 from moegen.runtime.placement import Placement
 from moegen.runtime.sampling import SamplingParams
 from moegen.runtime.scheduler import StepPlan
@@ -41,6 +44,7 @@ class EngineStats:
     generated_tokens: int = 0  # sampled so far (live: read by progress lines from another thread)
     tokens_per_step: list[int] = field(default_factory=list)  # prompt + decode tokens of each step
     expert_counts: list[list[int]] = field(default_factory=list)  # tokens per expert, per (step, MoE layer)
+    kv: KVStats | None = None  # the KV cache's blocks, prefix hits and preemptions
 
 
 @dataclass(slots=True)
@@ -75,15 +79,19 @@ class Runtime:
         self.kv_on_device = rcfg.batching == "model"
         B = self.batch_size = (model_batch_size(cfg, rcfg, weights, backend.budget) if self.kv_on_device
                                  else rcfg.batch_size)
-        self._check_host_kv(dtype)
-        # Attention reads the KV where it lives unless it must be staged onto the device: on the cpu
-        # backend with no device budget the "device" is host memory, and a staging copy would be waste.
-        self.stage_kv = not self.kv_on_device and not (backend.device.type == "cpu" and backend.budget is None)
+        # The KV cache in blocks: on the device one block of S positions per sequence (a row); in host memory
+        # --kv-block-size tokens each, as many as --host-kv-memory holds (by default B sequences of S).
+        self.kv_block_size = S if self.kv_on_device else rcfg.kv_block_size
+        self.kv_blocks = B if self.kv_on_device else host_kv_blocks(cfg, rcfg, B)
+        self.kv_pool = BlockPool(self.kv_blocks)
         self.micro_batch = B if self.kv_on_device else min(rcfg.attn_micro_batch, B)  # sequences per attention launch
         self.max_step_tokens = step_tokens(rcfg, B)
+        # Attention reads staged KV unless it is on the device; where the "device" is host memory (the cpu
+        # backend with no device budget) the staged buffers are host buffers and nothing is copied.
+        self.stage_copies = not self.kv_on_device and not (backend.device.type == "cpu" and backend.budget is None)
         if self.kv_on_device:  # every row, every layer
             kv_bytes = B * S * kv_bytes_per_token(cfg, dtype)
-        elif self.stage_kv:  # two staging slots of one layer's KV for a micro-batch, shared by all layers
+        elif self.stage_copies:  # two staging slots of one layer's KV for a micro-batch, shared by all layers
             kv_bytes = staging_bytes(cfg, rcfg, self.micro_batch, self.max_step_tokens)
         else:
             kv_bytes = 0
@@ -94,10 +102,11 @@ class Runtime:
                                    + self.transient_bytes, rcfg.expert_slots, rcfg.resident_experts)
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
-        self.kv: list[LayerKV] = self._kv_cache(B, S, dtype)  # every sequence in flight
+        self.kv: list[LayerKV] = self._kv_cache(dtype)  # every sequence in flight
         # Two staging slots, so one micro-batch's KV comes in while the previous one computes.
-        self.stager = KVStager.allocate(backend, cfg.attention, self.kv, self.micro_batch, S,
-                                        min(self.max_step_tokens, self.micro_batch * S), dtype) if self.stage_kv else None
+        self.stager = None if self.kv_on_device else KVStager.allocate(
+            backend, cfg.attention, self.kv, self.kv_block_size, self.micro_batch, S,
+            min(self.max_step_tokens, self.micro_batch * S), dtype, copies=self.stage_copies)
         self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
                                     for _ in range(3))
         self.step_inputs = StepInputs(backend, step_input_bytes(B, self.max_step_tokens))
@@ -108,23 +117,26 @@ class Runtime:
         self.embed_copied: Event | None = None  # the last step's copy out of embed_rows
         self.counts_read = backend.host_buffer((cfg.num_layers, cfg.moe.router.num_experts), torch.int64, "router counts")
         self.ids_read = backend.host_buffer((B,), torch.int64, "sampled ids")
-        self.stats = EngineStats()
+        self.stats = EngineStats(kv=KVStats(self.kv_blocks, self.kv_block_size,
+                                            rcfg.prefix_sharing and not self.kv_on_device))
         self.queued: dict[str, int] = {}  # tokens waiting per module type (traced runs only)
         self.queue_tracks = {kind: backend.recorder.counter_track(f"tokens waiting: {kind}")
                              for kind in ("attention", "router", "experts")} if backend.recorder is not None else {}
         # What lives in host memory for the run (pinned on cuda): the weight arena and the KV cache.
         self.host_bytes = sum(b.nbytes for b in self.placement.blocks.values()) + (
-            0 if self.kv_on_device else B * S * kv_bytes_per_token(cfg, dtype))
+            0 if self.kv_on_device else self.kv_blocks * self.kv_block_size * kv_bytes_per_token(cfg, dtype))
         backend.synchronize()  # start-up copies done before any stream reads them
 
-    def _kv_cache(self, B: int, S: int, dtype: torch.dtype) -> list[LayerKV]:
-        """The KV cache of B sequences of up to S positions: on the device (--batching model), else one host
-        arena at its exact size, page-locked once, every layer a view of it (zeroed: masked positions are
-        still multiplied by zero probabilities, and stray NaN bits would survive that)."""
+    def _kv_cache(self, dtype: torch.dtype) -> list[LayerKV]:
+        """The KV cache: B rows of S positions on the device (--batching model), else one host arena of
+        blocks at its exact size, page-locked once, every layer a view of it as [blocks, block_size, ...]
+        (zeroed: masked positions are still multiplied by zero probabilities, and stray NaN bits would
+        survive that)."""
+        n, size = self.kv_blocks, self.kv_block_size
         if self.kv_on_device:
-            return allocate_kv(self.cfg, B, S, dtype, self.backend.device)
-        numel = layer_kv_numel(self.cfg.attention, B, S) * self.cfg.num_layers
-        return kv_over(self.cfg, B, S, self.backend.host_buffer((numel,), dtype, "the host KV cache").zero_())
+            return allocate_kv(self.cfg, n, size, dtype, self.backend.device)
+        numel = layer_kv_numel(self.cfg.attention, n, size) * self.cfg.num_layers
+        return kv_over(self.cfg, n, size, self.backend.host_buffer((numel,), dtype, "the host KV cache").zero_())
 
     def close(self) -> None:
         """Drop the run's large buffers (KV cache, staging, activations, slots) when the engine closes, so a
@@ -132,14 +144,6 @@ class Runtime:
         self.kv, self.stager = [], None
         self.h = self.x = self.out = self.step_inputs = self.embed_rows = None
         self.placement.close()
-
-    def _check_host_kv(self, dtype: torch.dtype) -> None:
-        need = kv_bytes_per_token(self.cfg, dtype) * self.batch_size * self.rcfg.max_seq_len
-        if self.rcfg.host_kv_memory is not None and need > self.rcfg.host_kv_memory:
-            raise ValueError(
-                f"the KV cache for --batch-size {self.batch_size} sequences of up to {self.rcfg.max_seq_len} "
-                f"tokens needs {need / 2**30:.2f} GiB, over --host-kv-memory {self.rcfg.host_kv_memory / 2**30:.2f} "
-                "GiB; lower --batch-size or --max-seq-len, or raise --host-kv-memory")
 
     def new_queues(self) -> Queues:
         L, E = self.cfg.num_layers, self.cfg.moe.router.num_experts
@@ -172,7 +176,7 @@ class Runtime:
         if self.backend.recorder is None:
             return None
         return self.label(f"attention[{layer}]", flows_in=flows_in, layer=layer, step=step.index,
-                          micro_batch=mb.index, sequences=len(mb.rows), tokens=sum(mb.q_lens),
+                          micro_batch=mb.index, sequences=len(mb.q_lens), tokens=sum(mb.q_lens),
                           cached=sum(mb.past_lens), query_sq=sum(q * q for q in mb.q_lens))
 
     def waiting(self, kind: str, tokens: int) -> None:
@@ -228,7 +232,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         return Step(
             plan=plan,
-            micro=micro_batches(plan, self.micro_batch, staged=self.stage_kv, max_padded=self.max_step_tokens,
+            micro=micro_batches(plan, self.micro_batch, self.kv_block_size, staged=not self.kv_on_device,
+                                max_padded=self.max_step_tokens,
                                 fits=self.sizes.attention_fits),
             h=self.h[:T], x=self.x, out=self.out,
             last_token=torch.tensor(plan.q_lens).cumsum(0) - 1,  # [B] each sequence's last token

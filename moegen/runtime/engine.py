@@ -27,6 +27,8 @@ from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.context import STOP, EngineStats, Runtime
 from moegen.runtime.cpu_backend import CpuBackend
 from moegen.runtime.host_memory import limit_malloc_arenas
+from moegen.runtime.kv.manager import KVManager
+from moegen.runtime.kv.sizing import too_long
 from moegen.runtime.requests import Request, Result
 from moegen.runtime.scheduler import Scheduler
 from moegen.runtime.tasks import all_tasks, prefetch_task
@@ -94,10 +96,13 @@ class Engine:
         is needed only for requests with stop strings."""
         requests = list(requests)
         self._draining.clear()
+        capacity = self.runtime.kv_blocks * self.runtime.kv_block_size
         for i, r in enumerate(requests):
             if len(r.prompt_ids) + r.max_new_tokens > self.rcfg.max_seq_len:
                 raise ValueError(f"request {r.id if r.id is not None else i}: {len(r.prompt_ids)} prompt tokens + "
                                  f"{r.max_new_tokens} new ones exceed --max-seq-len {self.rcfg.max_seq_len}")
+            if (why := too_long(len(r.prompt_ids), capacity)) is not None:
+                raise ValueError(f"request {r.id if r.id is not None else i}: {why}")
         results: queue.Queue = queue.Queue()
         done = object()
 
@@ -133,7 +138,8 @@ class Engine:
                    detokenize: Callable[[list[int]], str] | None = None) -> None:
         rt = self.runtime
         rt.queues = rt.new_queues()
-        scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens, detokenize,
+        kv = KVManager(rt.kv_pool, rt.kv_block_size, rt.stats.kv, max(r.max_new_tokens for r in requests or [Request([0])]))
+        scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens, kv, detokenize,
                               admitting=lambda: not self._draining.is_set())
         rt.placement.reset(after_a_run=self._runs > 0)  # nothing held over from an earlier run
         self._runs += 1
@@ -147,6 +153,8 @@ class Engine:
                 group.create_task(self._step_loop(scheduler, emit, prefetcher))
         except BaseExceptionGroup as group_error:
             raise _first_cause(group_error) from None
+        finally:  # done, drained, cancelled or failed: no block stays held
+            scheduler.close()
 
     async def _step_loop(self, scheduler: Scheduler, emit: Callable[[Result], None], prefetcher: asyncio.Task
                          ) -> None:

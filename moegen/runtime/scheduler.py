@@ -1,7 +1,8 @@
-"""Which sequences run each step: up to B in flight, refilled from the waiting prompts at once.
+"""Which sequences run each step: up to B in flight, refilled from the waiting prompts while their KV fits.
 
-A step carries one decode token for each running sequence plus the whole prompt of each newly
-admitted one; experts don't care which phase a token is in. Host-side bookkeeping only.
+A step carries one decode token for each running sequence plus the whole prompt (or, past a shared prefix,
+its suffix) of each newly admitted one; experts don't care which phase a token is in. The KV side (blocks,
+admission reserve, preemption, prefix sharing) is `kv.manager`'s. Host-side bookkeeping only.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from moegen.runtime.kv.block_table import BlockTable
+from moegen.runtime.kv.manager import DEFERRED, NO_ROOM, KVManager
 from moegen.runtime.requests import Request, Result
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Sequence:
     request: Request
-    row: int  # its row in the host KV cache
+    table: BlockTable  # its KV blocks
     result: Result
-    feed: list[int]  # tokens to run next step: the prompt first, then the last sampled token
+    feed: list[int]  # tokens to run next step: the prompt (or its suffix) first, then the last sampled token
     cached: int = 0  # tokens already in its KV
+    names: list[bytes] | None = None  # its prompt's full blocks' prefix names, once asked for
 
 
 @dataclass(slots=True)
@@ -28,7 +32,7 @@ class StepPlan:
 
     index: int
     seqs: list[Sequence]
-    rows: list[int]  # KV row per sequence
+    blocks: list[list[int]]  # KV blocks per sequence, covering its past and new tokens
     past_lens: list[int]  # cached tokens per sequence
     q_lens: list[int]  # new tokens per sequence
     token_ids: list[int]  # all new tokens, flattened
@@ -40,38 +44,37 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, requests: list[Request], batch_size: int, eos_ids: tuple[int, ...], max_step_tokens: int,
-                 detokenize: Callable[[list[int]], str] | None = None, admitting: Callable[[], bool] = lambda: True):
+                 kv: KVManager, detokenize: Callable[[list[int]], str] | None = None,
+                 admitting: Callable[[], bool] = lambda: True):
         self.batch_size = batch_size
         self.max_step_tokens = max_step_tokens
+        self.kv = kv
         self.detokenize = detokenize  # for stop strings
         self.admitting = admitting  # False once the job drains: no new prompts, the running ones finish
         self.eos_ids = frozenset(eos_ids)
         # Longest prompts first (ties in dataset order): the prompts admitted into a step are then of
         # similar lengths, and attention pads every prompt of a launch to its longest.
-        self.waiting: deque[tuple[int, Request]] = deque(sorted(enumerate(requests),
-                                                               key=lambda item: -len(item[1].prompt_ids)))
+        order = sorted(enumerate(requests), key=lambda item: -len(item[1].prompt_ids))
+        self.waiting: deque[Sequence] = deque(
+            Sequence(r, BlockTable(kv.block_size), Result(i if r.id is None else r.id, len(r.prompt_ids)),
+                     list(r.prompt_ids)) for i, r in order)
         self.running: list[Sequence] = []
-        self.free_rows = list(range(batch_size - 1, -1, -1))
         self.steps = 0
 
     def next_step(self) -> StepPlan | None:
-        """Admit waiting prompts into free rows while the step's tokens stay within max_step_tokens,
-        then plan the step; None when all is done."""
-        tokens = sum(len(s.feed) for s in self.running)
-        if not self.admitting():
-            self.waiting.clear()
-        while self.waiting and self.free_rows and tokens + len(self.waiting[0][1].prompt_ids) <= self.max_step_tokens:
-            index, request = self.waiting.popleft()
-            tokens += len(request.prompt_ids)
-            rid = index if request.id is None else request.id
-            self.running.append(Sequence(request, self.free_rows.pop(), Result(rid, len(request.prompt_ids)),
-                                         list(request.prompt_ids)))
+        """Give the running sequences the blocks their next tokens need (preempting the newest while too few
+        are free), admit waiting prompts while their KV and the step's tokens fit, then plan the step; None
+        when all is done."""
+        if not self.admitting():  # draining: a preempted sequence already has output, and finishes
+            self.waiting = deque(s for s in self.waiting if s.result.token_ids)
+        self.waiting.extendleft(self.kv.make_room(self.running))
+        self._admit()
         if not self.running:
             return None
         plan = StepPlan(
             index=self.steps,
             seqs=list(self.running),
-            rows=[s.row for s in self.running],
+            blocks=[s.table.blocks for s in self.running],
             past_lens=[s.cached for s in self.running],
             q_lens=[len(s.feed) for s in self.running],
             token_ids=[t for s in self.running for t in s.feed],
@@ -79,9 +82,29 @@ class Scheduler:
         self.steps += 1
         return plan
 
+    def _admit(self) -> None:
+        """Waiting prompts in order while they fit; one whose shared prefix this step computes waits a step."""
+        tokens = sum(len(s.feed) for s in self.running)
+        reserve = self.kv.reserve(self.running) if self.waiting else 0
+        deferred = []
+        while self.waiting and len(self.running) < self.batch_size:
+            seq = self.waiting[0]
+            verdict = self.kv.try_admit(seq, reserve, self.max_step_tokens - tokens, alone=not self.running)
+            if verdict == NO_ROOM:
+                break
+            self.waiting.popleft()
+            if verdict == DEFERRED:
+                deferred.append(seq)
+                continue
+            tokens += len(seq.feed)
+            reserve += self.kv.expected_blocks(seq) - len(seq.table.blocks)
+            self.running.append(seq)
+        self.waiting.extendleft(reversed(deferred))
+
     def finish_step(self, plan: StepPlan, sampled: list[int]) -> list[Result]:
-        """Record each sequence's new token; return the results that finished (their rows are free again)."""
-        done = []
+        """Record each sequence's new token; return the results that finished (their blocks are free again)."""
+        self.kv.step_done()
+        done = {}
         for seq, token in zip(plan.seqs, sampled):
             seq.cached += len(seq.feed)
             seq.feed = [token]
@@ -92,11 +115,19 @@ class Scheduler:
             if stops:
                 result.finish_reason = "stop"
             if stops or len(result.token_ids) >= request.max_new_tokens:
-                done.append(seq)
-        for seq in done:
-            self.running.remove(seq)
-            self.free_rows.append(seq.row)
-        return [seq.result for seq in done]
+                done[id(seq)] = (seq, False)
+            elif self.kv.outgrows(seq):  # alone it would need more blocks than the pool has
+                done[id(seq)] = (seq, True)
+        if done:
+            self.running = [s for s in self.running if id(s) not in done]
+        for seq, outgrew in done.values():
+            self.kv.finish(seq, outgrew)
+        return [seq.result for seq, _ in done.values()]
+
+    def close(self) -> None:
+        """The run ended, done or not: every block a sequence still holds goes back to the pool."""
+        self.kv.release(self.running + list(self.waiting))
+        self.running, self.waiting = [], deque()
 
     def _hit_stop_string(self, request: Request, tokens: list[int]) -> bool:
         """Whether a stop string ends within the newest token: only the tail is decoded (a stop string

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from moegen.models.batch import AttnBatch
@@ -25,10 +26,12 @@ class MicroBatch:
     index: int
     first_seq: int  # sequences [first_seq, first_seq + b) of the plan
     tokens: slice  # their tokens in the step's flattened [T]
-    attn: AttnBatch  # KV rows (staged 0..b-1, or the sequences' own), past and new lengths
-    rows: list[int]  # their rows in the host KV cache
+    attn: AttnBatch  # KV rows (staged 0..b-1, or the sequences' own rows of a device cache), past and new lengths
     past_lens: list[int]  # cached tokens of each
     q_lens: list[int]  # new tokens of each
+    kv_blocks: Tensor | None = None  # [b, S'/block_size] host int64: the host cache's blocks to stage, in order
+    # (S' its longest context rounded up to whole blocks; a shorter sequence's tail names block 0, masked)
+    kv_slots: Tensor | None = None  # [t] host int64: where each new entry goes home (block * block_size + offset)
 
 
 @dataclass(slots=True)
@@ -82,7 +85,7 @@ class Step:
         return self.plan.num_tokens
 
 
-def micro_batches(plan: StepPlan, size: int, staged: bool = True, max_padded: int | None = None,
+def micro_batches(plan: StepPlan, size: int, block_size: int, staged: bool = True, max_padded: int | None = None,
                   fits: Callable[[int, int, int], bool] | None = None) -> list[MicroBatch]:
     """Split the step's sequences, in order, into groups of at most `size`, never mixing decode
     sequences (one new token) with prompts: a prompt in a decode group would pad every query of
@@ -90,20 +93,30 @@ def micro_batches(plan: StepPlan, size: int, staged: bool = True, max_padded: in
     would pass `max_padded` tokens (the step's token budget: what the launch's [b, Qm, ...] buffers
     are sized for), so a long prompt beside short ones never pads them all to its length; and any group
     before `fits(sequences, longest new, longest context)` would fail for it (the launch's transient
-    memory). Staged
-    micro-batches address KV rows 0..b-1 of a staging buffer; unstaged ones the sequences' own rows."""
+    memory). Staged micro-batches address KV rows 0..b-1 of a staging buffer, filled from their blocks of
+    `block_size` tokens; unstaged ones (a device cache of one block per sequence) their blocks as rows."""
     out, token = [], 0
     limit = math.inf if max_padded is None else max_padded
     for index, (first, end) in enumerate(_groups(plan.q_lens, plan.past_lens, size, limit, fits)):
         seqs = slice(first, end)
-        q_lens, past = plan.q_lens[seqs], plan.past_lens[seqs]
-        rows = plan.rows[seqs]
+        q_lens, past, blocks = plan.q_lens[seqs], plan.past_lens[seqs], plan.blocks[seqs]
         n = sum(q_lens)
-        slots = list(range(len(rows))) if staged else rows
+        slots = list(range(len(q_lens))) if staged else [held[0] for held in blocks]
         attn = AttnBatch.build(slots=slots, past_lens=past, q_lens=q_lens)  # host; StepInputs sends it
-        out.append(MicroBatch(index, first, slice(token, token + n), attn, rows, past, q_lens))
+        mb = MicroBatch(index, first, slice(token, token + n), attn, past, q_lens)
+        if staged:
+            mb.kv_blocks, mb.kv_slots = _block_index(blocks, attn, block_size)
+        out.append(mb)
         token += n
     return out
+
+
+def _block_index(blocks: list[list[int]], attn: AttnBatch, block_size: int) -> tuple[Tensor, Tensor]:
+    """The blocks a staged micro-batch gathers ([b, S'/block_size]) and its new entries' home positions ([t])."""
+    width = -(-attn.max_kv // block_size)
+    table = torch.tensor([held[:width] + [0] * (width - len(held[:width])) for held in blocks], dtype=torch.int64)
+    slots = table[attn.token_seq, attn.positions // block_size] * block_size + attn.positions % block_size  # [t]
+    return table, slots
 
 
 def _groups(q_lens: list[int], past_lens: list[int], size: int, max_padded: float,

@@ -229,10 +229,16 @@ def module_budget(cfg: ModelConfig, weights, gpu_memory: int, batch: int, seq: i
 def scheduled_steps(batch: int, prompt: int, decode: int, step_tokens: int) -> tuple[int, int]:
     """(steps until all `batch` prompts are admitted, steps of the whole job), from the runtime's
     Scheduler on fake tokens."""
+    from moegen.runtime.kv.block_pool import BlockPool
+    from moegen.runtime.kv.manager import KVManager, KVStats
     from moegen.runtime.requests import Request
     from moegen.runtime.scheduler import Scheduler
 
-    scheduler = Scheduler([Request([1] * prompt, decode, ignore_eos=True) for _ in range(batch)], batch, (), step_tokens)
+    size = 16  # the run's prompts differ (no shared prefix), and its KV holds every sequence's worst case
+    blocks = batch * -(-(prompt + decode) // size)
+    kv = KVManager(BlockPool(blocks), size, KVStats(blocks, size, prefix_sharing=False), decode)
+    scheduler = Scheduler([Request([1] * prompt, decode, ignore_eos=True) for _ in range(batch)], batch, (), step_tokens,
+                          kv)
     admission = None
     while (plan := scheduler.next_step()) is not None:
         if admission is None and not scheduler.waiting:

@@ -41,6 +41,10 @@ class BlockPool:
             self.refs[b] = 1
         return blocks
 
+    def peek(self, name: bytes) -> int | None:
+        """The block holding the prefix `name`, or None; holds nothing."""
+        return self._by_name.get(name)
+
     def find(self, name: bytes) -> int | None:
         """The block holding the prefix `name`, now held once more (taken back from the free ones if it was
         unheld); None when no block holds it."""

@@ -41,8 +41,11 @@ class BlockTable:
         return self.shared
 
     def grow(self, pool: BlockPool, tokens: int) -> None:
-        """Hold enough blocks for `tokens` tokens in all (raises OutOfBlocks, holding what it held before)."""
-        self.blocks += pool.take(self.blocks_for(tokens))
+        """Hold enough blocks for `tokens` tokens in all (raises OutOfBlocks, holding what it held before). A new
+        list when it grows: a step's plan keeps the one it was planned with."""
+        more = self.blocks_for(tokens)
+        if more:
+            self.blocks = self.blocks + pool.take(more)
 
     def release(self, pool: BlockPool) -> None:
         """Let go of every block (the sequence finished or was preempted)."""

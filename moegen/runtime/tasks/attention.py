@@ -40,7 +40,7 @@ async def attention_task(rt: Runtime, layer: int) -> None:
         if ticket.ready is not None:
             b.compute.wait_event(ticket.ready)
         weight_flow = (ticket.flow,) if ticket.flow and mb.index == 0 else ()
-        if not rt.stage_kv:  # the KV is where the compute reads it (--batching model, or an unbudgeted cpu)
+        if rt.kv_on_device:  # --batching model: the KV is where the compute reads it
             done = b.compute.submit(lambda s=step, m=mb, t=ticket: _attend(rt, layer, s, m, t.unpack(), rt.kv[layer]),
                                     rt.attention_label(layer, step, mb, weight_flow))
         else:
@@ -52,7 +52,7 @@ async def attention_task(rt: Runtime, layer: int) -> None:
 
 
 async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ticket, flows: tuple[int, ...]) -> Event:
-    """Stage the micro-batch's KV in, attend, and write its new entries back to the host (`kv_stage`)."""
+    """Stage the micro-batch's KV in, attend, and write its new entries back to the host (`kv.staging`)."""
     b, stager = rt.backend, rt.stager
     staged = await stager.stage(layer, step.index, mb, rt.label)
     if staged.ready is not None:

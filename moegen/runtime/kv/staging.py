@@ -1,23 +1,26 @@
-"""KV staging: a micro-batch's cached KV of one layer onto the device, and its new entries back to
-the host KV cache, in a number of copies that does not grow with B.
+"""KV staging: a micro-batch's cached KV of one layer from its blocks in the host KV cache onto the device, and
+its new entries back into their blocks, in a number of copies that does not grow with B.
 
-One path on every backend, by index (a micro-batch's sequences may sit in any rows of the host
-cache; the paged KV cache will hand blocks instead of rows):
-  1. gather: a host worker (`Backend.host_gather`) gathers the micro-batch's rows, up to its longest
-     context, into a page-locked staging buffer laid out densely as [b, S', ...];
+One path on every backend, by block index (a micro-batch's sequences hold any blocks of the paged host cache):
+  1. gather: a host worker (`Backend.host_gather`) gathers each sequence's blocks, up to the micro-batch's
+     longest context, into a page-locked staging buffer laid out densely as [b, S', ...] (one index_select of
+     b x S'/block_size blocks per tensor);
   2. stage: one host-to-device copy of that buffer into the slot's device buffer (the KV stream);
   3. the attention launch reads and extends the device buffer, then gathers its new entries into a
      dense [t, ...] device buffer;
   4. write back: one device-to-host copy of those into a page-locked buffer (the D2H stream);
-  5. scatter: a second host worker (`Backend.host_scatter`) puts them into their rows of the cache.
+  5. scatter: a second host worker (`Backend.host_scatter`) puts them into their blocks' positions.
 Why a host gather rather than a device-side gather over mapped host memory: it is plain torch on
 both backends (the cpu backend runs the same code, so CI checks it), the link then carries large
 contiguous DMA transfers, and the host's cost is one pass over the staged bytes on a worker thread
 with torch's intra-op threads, beside the device's work. Two slots alternate, so micro-batch i+1's
 gather and copy run while micro-batch i attends. A staging gather waits only for the previous
-step's scatters of its layer (the rows it reads must be home), never for this step's.
+step's scatters of its layer (the blocks it reads must be home), never for this step's.
+Where the device is host memory (the cpu backend with no device budget) a slot's device buffers are its host
+buffers: steps 2 and 4 vanish, the launch reads the gathered buffer where it is.
 
-Letters: b sequences of a micro-batch, S' its longest context (past + new), t its new tokens.
+Letters: b sequences of a micro-batch, S' its longest context rounded up to whole blocks, t its new tokens,
+N blocks in the host cache.
 """
 
 from __future__ import annotations
@@ -38,9 +41,17 @@ from moegen.runtime.step import MicroBatch
 Label = Callable[..., object]  # Runtime.label: (name, flows_in=, flows_out=, **args) -> a trace label or None
 
 
-def staging_device_numel(cfg: GQAConfig | MLAConfig, micro_batch: int, max_seq_len: int, max_tokens: int) -> int:
-    """Device elements of the two staging slots: each one micro-batch's KV of one layer, and its new entries."""
-    return 2 * (layer_kv_numel(cfg, micro_batch, max_seq_len) + layer_kv_numel(cfg, max_tokens, 1))
+def staging_device_numel(cfg: GQAConfig | MLAConfig, micro_batch: int, max_seq_len: int, max_tokens: int,
+                         block_size: int) -> int:
+    """Device elements of the two staging slots: each one micro-batch's KV of one layer (its sequences' contexts
+    rounded up to whole blocks), and its new entries."""
+    return 2 * (layer_kv_numel(cfg, micro_batch, whole_blocks(max_seq_len, block_size))
+                + layer_kv_numel(cfg, max_tokens, 1))
+
+
+def whole_blocks(tokens: int, block_size: int) -> int:
+    """`tokens` rounded up to a whole number of blocks."""
+    return -(-tokens // block_size) * block_size
 
 
 @dataclass(slots=True)
@@ -61,10 +72,11 @@ class Staged:
     """A micro-batch's KV on the device, for its attention launch."""
 
     slot: Slot
-    kv: LayerKV  # views of slot.device_in: [b, S', ...] per tensor (the micro-batch's rows 0..b-1)
+    kv: LayerKV  # views of slot.device_in: [b, S', ...] per tensor (the micro-batch's sequences 0..b-1)
     ready: Event | None  # what the launch waits for: the stage copy (or, with nothing cached to copy, the
     # slot's last write-back)
     nbytes: int  # bytes the stage copy moved
+    positions: int  # S': the staged buffer's positions per sequence
     flow: int = 0  # trace flow from the stage copy to the attention launch
 
 
@@ -74,24 +86,29 @@ class KVStager:
 
     backend: Backend
     cfg: GQAConfig | MLAConfig
-    host_kv: list[LayerKV]  # the host cache: [B, S, ...] per tensor and layer
+    host_kv: list[LayerKV]  # the host cache: [N, block_size, ...] per tensor and layer
+    block_size: int  # tokens per block
+    copies: bool  # whether the device is apart from host memory (else a slot's device buffers are its host ones)
     slots: list[Slot]
     free: asyncio.Queue = field(default_factory=asyncio.Queue)
     this_step: list[list[Event]] = field(default_factory=list)  # per layer: this step's scatters so far
     last_step: list[list[Event]] = field(default_factory=list)  # per layer: the previous step's scatters
 
     @classmethod
-    def allocate(cls, backend: Backend, cfg: GQAConfig | MLAConfig, host_kv: list[LayerKV], micro_batch: int,
-                 max_seq_len: int, max_tokens: int, dtype: torch.dtype) -> KVStager:
+    def allocate(cls, backend: Backend, cfg: GQAConfig | MLAConfig, host_kv: list[LayerKV], block_size: int,
+                 micro_batch: int, max_seq_len: int, max_tokens: int, dtype: torch.dtype, copies: bool) -> KVStager:
         """Two slots, their device buffers counted against the budget (reserved by the caller). Buffers
         start zeroed: positions past a sequence's own are masked, but a stray NaN bit there would still
         survive being multiplied by a zero probability."""
-        staged, new = layer_kv_numel(cfg, micro_batch, max_seq_len), layer_kv_numel(cfg, max_tokens, 1)
-        slots = [Slot(host_in=backend.host_buffer((staged,), dtype, "KV staging").zero_(),
-                      device_in=torch.zeros(staged, dtype=dtype, device=backend.device),
-                      device_new=torch.zeros(new, dtype=dtype, device=backend.device),
-                      host_new=backend.host_buffer((new,), dtype, "KV write-back").zero_()) for _ in range(2)]
-        return cls(backend, cfg, host_kv, slots)
+        staged = layer_kv_numel(cfg, micro_batch, whole_blocks(max_seq_len, block_size))
+        new = layer_kv_numel(cfg, max_tokens, 1)
+        slots = []
+        for _ in range(2):
+            host_in = backend.host_buffer((staged,), dtype, "KV staging").zero_()
+            host_new = backend.host_buffer((new,), dtype, "KV write-back").zero_()
+            slots.append(Slot(host_in, torch.zeros(staged, dtype=dtype, device=backend.device) if copies else host_in,
+                              torch.zeros(new, dtype=dtype, device=backend.device) if copies else host_new, host_new))
+        return cls(backend, cfg, host_kv, block_size, copies, slots)
 
     def reset(self) -> None:
         """Before a run: every slot free (the backend has finished all earlier work)."""
@@ -109,24 +126,25 @@ class KVStager:
         if mb.index == 0:  # a new step for this layer: what the last one wrote must be home before we read
             self.last_step[layer], self.this_step[layer] = self.this_step[layer], []
         slot = await self.free.get()
-        S = mb.attn.max_kv
-        numel = layer_kv_numel(self.cfg, len(mb.rows), S)
-        host, device = (layer_kv_over(self.cfg, len(mb.rows), S, flat) for flat in (slot.host_in, slot.device_in))
+        S = whole_blocks(mb.attn.max_kv, self.block_size)
+        seqs = len(mb.q_lens)
+        numel = layer_kv_numel(self.cfg, seqs, S)
+        host, device = (layer_kv_over(self.cfg, seqs, S, flat) for flat in (slot.host_in, slot.device_in))
         if not any(mb.past_lens):  # prompts only: nothing cached to bring. The launch waits for the slot's
             if slot.scattered is not None:  # last write-back (it reads the buffer the launch writes), and our
                 await b.wait(slot.scattered)  # write-back for that last scatter (it reads the one ours fills)
-            return Staged(slot, device, slot.written, 0)
-        longest = max(mb.past_lens)
+            return Staged(slot, device, slot.written, 0, S)
         # The gather waits for what still reads the slot's host buffers: its last stage copy (host_in) and
-        # last scatter (host_new, which this micro-batch's write-back overwrites), and for the rows it reads
+        # last scatter (host_new, which this micro-batch's write-back overwrites), and for the blocks it reads
         # to be home; awaiting the gather then covers all of it without holding up the micro-batch before.
         for before in (slot.staged, slot.scattered, *self.last_step[layer]):
             if before is not None:
                 b.host_gather.wait_event(before)
-        rows = torch.tensor(mb.rows)
         where = {"layer": layer, "micro_batch": mb.index, "step": step}
-        await b.wait(b.host_gather.submit(lambda: _gather(self.host_kv[layer], host, rows, longest),
+        await b.wait(b.host_gather.submit(lambda: _gather(self.host_kv[layer], host, mb.kv_blocks),
                                           label(f"gather KV[{layer}]", **where)))
+        if not self.copies:
+            return Staged(slot, device, None, 0, S)
         if slot.written is not None:
             b.h2d_kv.wait_event(slot.written)  # the slot's last launch and write-back are done with it
         nbytes = numel * slot.host_in.element_size()
@@ -135,14 +153,14 @@ class KVStager:
         slot.staged = b.submit_copy(b.h2d_kv, lambda: dst.copy_(src, non_blocking=True), nbytes,
                                     label(f"stage KV[{layer}]", flows_out=(flow,) if flow else (), bytes=nbytes,
                                           **where))
-        return Staged(slot, device, slot.staged, nbytes, flow)
+        return Staged(slot, device, slot.staged, nbytes, S, flow)
 
     def new_entries(self, staged: Staged, mb: MicroBatch) -> None:
         """Inside the attention launch, after it: its new entries, [b, S', ...] -> dense [t, ...] in the slot."""
         a = mb.attn
         t = len(a.positions)
         new = layer_kv_over(self.cfg, t, 1, staged.slot.device_new)  # [t, 1, ...] per tensor
-        flat = a.token_seq * a.max_kv + a.positions  # [t] row of each new entry in the [b * S'] view
+        flat = a.token_seq * staged.positions + a.positions  # [t] row of each new entry in the [b * S'] view
         for f in fields(new):
             src = getattr(staged.kv, f.name)
             torch.index_select(src.flatten(0, 1), 0, flat, out=getattr(new, f.name).flatten(0, 1))
@@ -154,34 +172,33 @@ class KVStager:
         t = sum(mb.q_lens)
         numel = layer_kv_numel(self.cfg, t, 1)
         nbytes = numel * slot.host_new.element_size()
-        b.d2h.wait_event(done)  # (`stage` saw to it that the slot's last scatter is done with host_new)
-        src, dst = slot.device_new[:numel], slot.host_new[:numel]
         where = {"layer": layer, "micro_batch": mb.index, "step": step}
-        slot.written = b.submit_copy(b.d2h, lambda: dst.copy_(src, non_blocking=True), nbytes,
-                                     label(f"write back KV[{layer}]", bytes=nbytes, **where))
+        if self.copies:
+            b.d2h.wait_event(done)  # (`stage` saw to it that the slot's last scatter is done with host_new)
+            src, dst = slot.device_new[:numel], slot.host_new[:numel]
+            slot.written = b.submit_copy(b.d2h, lambda: dst.copy_(src, non_blocking=True), nbytes,
+                                         label(f"write back KV[{layer}]", bytes=nbytes, **where))
+        else:  # the launch wrote its new entries into host_new itself
+            slot.written = done
         b.host_scatter.wait_event(slot.written)
         new = layer_kv_over(self.cfg, t, 1, slot.host_new)
-        slot.scattered = b.host_scatter.submit(lambda: _scatter(self.host_kv[layer], new, mb),
+        slot.scattered = b.host_scatter.submit(lambda: _scatter(self.host_kv[layer], new, mb.kv_slots),
                                                label(f"scatter KV[{layer}]", **where))
         self.this_step[layer].append(slot.scattered)
         self.free.put_nowait(slot)
         return slot.written
 
 
-def _gather(host: LayerKV, staged: LayerKV, rows: Tensor, longest: int) -> None:
-    """host rows `rows` [b], positions [0, longest) -> staged [b, S', ...] (one gather per tensor; into its
-    destination directly: `dst[...] = src[rows]` would build the gathered rows first, a second pass)."""
+def _gather(host: LayerKV, staged: LayerKV, blocks: Tensor) -> None:
+    """host blocks `blocks` [b, S'/block_size] -> staged [b, S', ...]: one gather per tensor, into its
+    destination directly (`dst[...] = src[blocks]` would build the gathered blocks first, a second pass)."""
     for f in fields(host):
-        src, dst = getattr(host, f.name), getattr(staged, f.name)
-        torch.index_select(src[:, :longest], 0, rows, out=dst[:, :longest])  # [b, S'', ...]
+        src, dst = getattr(host, f.name), getattr(staged, f.name)  # [N, block_size, ...], [b, S', ...]
+        torch.index_select(src, 0, blocks.flatten(), out=dst.view(blocks.numel(), src.shape[1], *src.shape[2:]))
 
 
-def _scatter(host: LayerKV, new: LayerKV, mb: MicroBatch) -> None:
-    """new entries [t, 1, ...] -> their rows and positions of the host cache (one scatter per tensor)."""
-    q = torch.tensor(mb.q_lens)
-    rows = torch.tensor(mb.rows).repeat_interleave(q)  # [t] host row of each new token
-    starts = torch.tensor(mb.past_lens).repeat_interleave(q)  # [t] its sequence's cached length
-    first = torch.cumsum(q, 0) - q  # [b] its sequence's first token among the t
-    positions = starts + torch.arange(len(rows)) - first.repeat_interleave(q)  # [t]
+def _scatter(host: LayerKV, new: LayerKV, slots: Tensor) -> None:
+    """new entries [t, 1, ...] -> their positions `slots` [t] (block * block_size + offset) of the host cache."""
     for f in fields(host):
-        getattr(host, f.name)[rows, positions] = getattr(new, f.name)[:, 0]
+        src = getattr(host, f.name)  # [N, block_size, ...]
+        src.view(-1, *src.shape[2:]).index_copy_(0, slots, getattr(new, f.name)[:, 0])

@@ -1,4 +1,5 @@
-"""KV staging: copies that don't grow with B, and staging that overlaps the attention before it."""
+"""KV staging from the paged host cache: copies, gathers and scatters that don't grow with B, staging that
+overlaps the attention before it, and the same tokens whether or not the device is apart from host memory."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ class OpCounter(TorchDispatchMode):
 
 
 def counting_backend(monkeypatch, counters: dict[str, OpCounter]):
-    """make_backend -> a cpu backend whose KV copy streams run each item under an OpCounter."""
+    """make_backend -> a cpu backend whose KV copy streams and host workers run each item under an OpCounter."""
     def make(rcfg, record_intervals=False):
         backend = CpuBackend(budget=rcfg.gpu_memory, link_gbps=rcfg.sim_link_gbps, record_intervals=record_intervals)
-        for stream in (backend.h2d_kv, backend.d2h):
+        for stream in (backend.h2d_kv, backend.d2h, backend.host_gather, backend.host_scatter):
             counter = counters.setdefault(stream.name, OpCounter())
             submit = stream.submit
 
@@ -58,23 +59,27 @@ def run_job(path, B: int, new_tokens: int, **knobs):
 
 
 def test_the_kv_streams_copies_per_step_do_not_grow_with_the_batch(tiny_checkpoint, monkeypatch):
-    """One micro-batch per layer: each decode step stages each layer's KV in one copy and writes its new
-    entries back in one, at B = 8 as at B = 64; a step of prompts alone has nothing cached to stage. The
-    copies are counted as the aten copy_ calls the streams' work items make."""
+    """One micro-batch per layer: each decode step gathers each layer's blocks in one index_select per KV
+    tensor, stages them in one copy, writes its new entries back in one and scatters them into their blocks in
+    one index_copy per tensor, at B = 8 as at B = 64 (4-token blocks: 2 to 3 blocks per sequence); a step of
+    prompts alone has nothing cached to stage. Counted as the aten ops the streams' work items make."""
     path = tiny_checkpoint("mixtral")
     layers = load_checkpoint(path)[0].num_layers
-    copies = {}
+    copies, host_ops = {}, {}
     for B in (8, 64):
         counters: dict[str, OpCounter] = {}
         counting_backend(monkeypatch, counters)
-        engine, _ = run_job(path, B, new_tokens=5, sim_link_gbps=50.0)
+        engine, _ = run_job(path, B, new_tokens=5, sim_link_gbps=50.0, kv_block_size=4)
         steps = engine.stats.steps
         assert steps == 5  # the prompts, then four decode steps, at either B
         copies[B] = (counters["copy H2D KV"].ops["copy_"], counters["copy D2H"].ops["copy_"])
         # no gathers or scatters on the copy streams: those run on the host workers
         assert not {"index", "index_put", "index_select"} & set(counters["copy H2D KV"].ops), counters
+        gathers, scatters = counters["host KV gather"].ops, counters["host KV scatter"].ops
+        host_ops[B] = (gathers["index_select"] - 5, scatters["index_copy_"], scatters["index_put_"])  # (5: embeddings)
     # Per step, the KV stream also carries the step's inputs (one copy) and its embedding rows (one).
     assert copies[8] == copies[64] == (4 * layers + 2 * 5, 5 * layers), copies
+    assert host_ops[8] == host_ops[64] == (4 * layers * 2, 5 * layers * 2, 0), host_ops  # K and V
 
 
 def test_staging_the_next_micro_batch_overlaps_the_attention_before_it(tiny_checkpoint, tmp_path, monkeypatch):
@@ -113,15 +118,16 @@ def test_staging_the_next_micro_batch_overlaps_the_attention_before_it(tiny_chec
 
 
 def test_staged_runs_give_the_tokens_of_unstaged_ones(tiny_checkpoint):
-    """Micro-batches of 3 over 8 sequences (rows reused as sequences finish at different lengths)."""
+    """Micro-batches of 3 over 8 sequences (blocks reused as sequences finish at different lengths), the
+    device apart from host memory (staged copies) or not (the launch reads the gathered buffer in place)."""
     path = tiny_checkpoint("deepseek_v3")
     cfg, weights, _ = load_checkpoint(path)
     requests = [Request([1] + list(range(20 + i, 20 + 3 * i)), 3 + i % 4) for i in range(8)]
     got = {}
     for budget in (None, 2**40):
-        rcfg = RuntimeConfig(batch_size=4, attn_micro_batch=3, max_seq_len=64, gpu_memory=budget)
+        rcfg = RuntimeConfig(batch_size=4, attn_micro_batch=3, max_seq_len=64, gpu_memory=budget, kv_block_size=4)
         with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg)) as engine:
             got[budget] = {r.id: r.token_ids for r in engine.generate(requests)}
-            assert (engine.runtime.stager is not None) == (budget is not None)
+            assert engine.runtime.stager.copies == (budget is not None)
     assert got[None] == got[2**40]
     assert torch.tensor([len(t) for t in got[None].values()]).sum() > 0
