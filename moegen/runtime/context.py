@@ -43,6 +43,7 @@ class EngineStats:
     steps: int = 0
     generated_tokens: int = 0  # sampled so far (live: read by progress lines from another thread)
     tokens_per_step: list[int] = field(default_factory=list)  # prompt + decode tokens of each step
+    sequences_per_step: list[int] = field(default_factory=list)  # sequences in flight in each step
     expert_counts: list[list[int]] = field(default_factory=list)  # tokens per expert, per (step, MoE layer)
     kv: KVStats | None = None  # the KV cache's blocks, prefix hits and preemptions
 

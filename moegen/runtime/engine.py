@@ -138,7 +138,8 @@ class Engine:
                    detokenize: Callable[[list[int]], str] | None = None) -> None:
         rt = self.runtime
         rt.queues = rt.new_queues()
-        kv = KVManager(rt.kv_pool, rt.kv_block_size, rt.stats.kv, max(r.max_new_tokens for r in requests or [Request([0])]))
+        caps = {r.max_new_tokens for r in requests}
+        kv = KVManager(rt.kv_pool, rt.kv_block_size, rt.stats.kv, max(caps, default=1), adaptive=len(caps) == 1)
         scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens, kv, detokenize,
                               admitting=lambda: not self._draining.is_set())
         rt.placement.reset(after_a_run=self._runs > 0)  # nothing held over from an earlier run
@@ -166,6 +167,7 @@ class Engine:
             step = rt.new_step(plan)
             rt.stats.steps += 1
             rt.stats.tokens_per_step.append(plan.num_tokens)
+            rt.stats.sequences_per_step.append(len(plan.seqs))
             began = self.trace.begin_step(plan.index) if self.trace is not None else 0
             await rt.queues.prefetch.put(step)
             await rt.queues.embed.put(step)

@@ -2,7 +2,8 @@
 as sequences grow, preemption when they run out, and shared prompt prefixes found, computed once and named.
 
 Admission: a prompt joins when the blocks its tokens need, plus the growth every running sequence and it are
-expected to still make (`lengths.OutputLengths`), are free. Growth past the expectation is met by preemption:
+expected to still make, are free: up to each row's cap where rows carry different caps (the workload says what
+it expects), else from the output lengths seen so far (`lengths.OutputLengths`). Growth past the expectation is met by preemption:
 before a step, each running sequence (oldest first) takes the blocks its next tokens need; when too few are
 free the most recently admitted sequence lets go of all of its own and goes back to wait, to recompute its
 prompt and the tokens it produced when it is admitted again (its output is the same: sampling is counted per
@@ -52,11 +53,13 @@ class KVStats:
 
 
 class KVManager:
-    def __init__(self, pool: BlockPool, block_size: int, stats: KVStats, max_output: int):
-        """One run's: the pool (and its cached prefix blocks) and `stats` outlive it; the output lengths
-        it expects from are this run's (of at most `max_output` tokens)."""
+    def __init__(self, pool: BlockPool, block_size: int, stats: KVStats, max_output: int, adaptive: bool = True):
+        """One run's: the pool (and its cached prefix blocks) and `stats` outlive it; the output lengths it
+        expects from are this run's (of at most `max_output` tokens). `adaptive`: expect from the lengths seen
+        (every row has the same cap); else each row's own cap is what the workload expects of it."""
         self.pool, self.block_size, self.sharing, self.stats = pool, block_size, stats.prefix_sharing, stats
         self.lengths = OutputLengths(max_output)
+        self.adaptive = adaptive
         self._computing: dict[bytes, tuple[Sequence, int]] = {}  # name -> (sequence, block index) of this step
 
     @property
@@ -67,7 +70,8 @@ class KVManager:
     def expected_blocks(self, seq: Sequence) -> int:
         """Blocks `seq` is expected to hold at its end (prompt + expected output; what it holds now at least)."""
         r = seq.request
-        tokens = len(r.prompt_ids) + self.lengths.expected(len(seq.result.token_ids), r.max_new_tokens) - 1
+        output = self.lengths.expected(len(seq.result.token_ids), r.max_new_tokens) if self.adaptive else r.max_new_tokens
+        tokens = len(r.prompt_ids) + output - 1
         return max(len(seq.table.blocks), -(-tokens // self.block_size))
 
     def reserve(self, running: list[Sequence]) -> int:

@@ -136,3 +136,17 @@ def test_closing_a_run_ended_mid_way_releases_every_block():
     s.next_step()  # in flight when the run ends (a cancelled run)
     s.close()
     assert no_leak(s)
+
+
+def test_rows_with_their_own_caps_are_expected_to_reach_them_and_never_preempted():
+    """Caps 12 and 2 alternating (the workload says what it expects): outputs that end early don't lower what
+    the others are expected to hold, so a pool too small for all at once admits fewer and preempts none."""
+    from moegen.runtime.kv.block_pool import BlockPool
+    from moegen.runtime.kv.manager import KVManager, KVStats
+    from moegen.runtime.scheduler import Scheduler
+
+    requests = [Request([3, 4, 5, 6], max_new_tokens=12 if i % 2 else 2, id=i) for i in range(12)]
+    kv = KVManager(BlockPool(10), 4, KVStats(10, 4, True), 12, adaptive=False)
+    s = Scheduler(requests, 12, eos_ids=(0,), max_step_tokens=64, kv=kv)
+    _, results = run(s, lambda seq: EOS if seq.result.id % 4 == 1 else 7)
+    assert len(results) == 12 and kv.stats.preemptions == 0 and no_leak(s)
