@@ -322,6 +322,19 @@ def _default_dataset() -> Path:
     return here if here.is_file() else Path(__file__).resolve().parent.parent / "examples" / "prompts.jsonl"
 
 
+def kv_line(kv: dict) -> str:
+    """The KV cache's summary line: its blocks, the prefix hits and the preemptions."""
+    line = (f"KV cache: {kv['blocks']} blocks of {kv['block_size']} tokens, at most {kv['peak_blocks_held']} held; "
+            f"{kv['prefill_tokens']} prompt tokens computed")
+    if kv["prefix_sharing"]:
+        line += f", {kv['prefix_hit_tokens']} found in shared prefix blocks ({kv['prefix_hit_rate']:.0%})"
+    if kv["preemptions"]:
+        line += f"; {kv['preemptions']} preemptions, {kv['recomputed_tokens']} tokens recomputed"
+    if kv["outgrew_pool"]:
+        line += f"; {kv['outgrew_pool']} sequences stopped (\"length\") at the cache's size"
+    return line
+
+
 def _print_summary(s, output: Path) -> None:
     lines = [
         f"requests: {s.ok} ok, {s.failed} failed" + (f", {s.skipped_done} already done" if s.skipped_done else "")
@@ -330,7 +343,7 @@ def _print_summary(s, output: Path) -> None:
         f"throughput: prefill {s.prefill_tok_s:.1f} tok/s, decode {s.decode_tok_s:.1f} tok/s",
         f"wall time {s.wall_s:.1f}s, peak host memory {s.peak_host_memory_gib:.2f} GiB"
         + (f" (weight arena + KV cache {s.host_buffers_gib:.2f} GiB)" if s.host_buffers_gib else ""),
-    ] + s.notes
+    ] + ([kv_line(s.kv)] if s.kv else []) + s.notes
     click.echo("\n".join("moegen: " + line for line in lines), err=True)
 
 

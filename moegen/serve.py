@@ -24,6 +24,7 @@ from moegen.io.progress import Progress
 from moegen.io.prompts import Defaults, build_request
 from moegen.io.results import OutputError, ResultWriter, drop_error_records, id_key, scan
 from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.kv.sizing import too_long
 
 EXIT_OK, EXIT_FATAL, EXIT_SIGNAL = 0, 1, 130
 
@@ -72,6 +73,7 @@ class Summary:
     plan: dict | None = None  # the plan in effect (`moegen plan --json`'s object), when planned
     weight_dtype: str = "auto"  # --weight-dtype
     quantized: dict | None = None  # what --weight-dtype quantized at load (tensors, bytes before and after)
+    kv: dict | None = None  # the KV cache: blocks, prefix hits, preemptions (`KVStats`, with its prefix_hit_rate)
 
 
 def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> tuple[int, Summary]:
@@ -178,6 +180,7 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
     if engine.quantized is not None:
         summary.quantized = asdict(engine.quantized)
         summary.notes.append(engine.quantized.note)
+    requests = _fit_kv(engine, rows, requests, opts, writer, summary)
     progress = Progress(total=len(requests), live_tokens=lambda: engine.stats.generated_tokens)
     signals = _Signals(engine, progress)
     began = time.perf_counter()
@@ -196,12 +199,34 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
                 progress.update(len(result.token_ids))
             summary.steps = engine.stats.steps
             summary.host_buffers_gib = engine.runtime.host_bytes / 2**30
+            kv = engine.stats.kv
+            summary.kv = asdict(kv) | {"prefix_hit_rate": kv.prefix_hit_rate}
     finally:
         progress.close()
         elapsed = max(time.perf_counter() - began, 1e-9)
         summary.prefill_tok_s = summary.prompt_tokens / elapsed
         summary.decode_tok_s = summary.generated_tokens / elapsed
         summary.interrupted = signals.count > 0
+
+
+def _fit_kv(engine, rows, requests, opts, writer, summary):
+    """The requests whose prompt fits the host KV cache; each other row is an error record naming
+    --host-kv-memory (or ends the job with --on-error fail). None fitting is an error before any work."""
+    capacity = engine.runtime.kv_blocks * engine.runtime.kv_block_size
+    why = {id(r): too_long(len(r.prompt_ids), capacity) for r in requests}
+    fits = [r for r in requests if why[id(r)] is None]
+    if requests and not fits:
+        shortest = min(len(r.prompt_ids) for r in requests)
+        raise ValueError(f"{opts.dataset}: no prompt fits the host KV cache of {capacity} tokens (the shortest has "
+                         f"{shortest}); raise --host-kv-memory")
+    for request in requests:
+        if why[id(request)] is not None:
+            message = f"{opts.dataset}, {rows[request.id].where}: {why[id(request)]}"
+            if opts.on_error == "fail":
+                raise RowError(message)
+            writer.error(rows[request.id].id, message)
+            summary.failed += 1
+    return fits
 
 
 def _say(line: str) -> None:

@@ -154,3 +154,38 @@ def test_tied_embeddings_are_looked_up_on_the_device(tiny_checkpoint):
     assert_parity(results, runs)
     _, engine = run_engine(tiny_checkpoint("qwen3_moe"), batch_size=4, gpu_memory=2**40)
     assert engine.runtime.placement.embed_on_host
+
+
+def stop_early(runs) -> tuple[set[int], list[list[int]]]:
+    """Stop ids that end each of the three longest prompts' outputs early and none of the others': for each, the
+    first token of its oracle output that no other prompt's output holds. Returns them, and each prompt's oracle
+    tokens cut at its first stop id (a stop id ends the output after it)."""
+    longest = sorted(range(len(PROMPTS)), key=lambda i: -len(PROMPTS[i]))[:3]
+    others = {t for i, (ids, _) in enumerate(runs) if i not in longest for t in ids}
+    stops = {next(t for t in runs[i][0] if t not in others) for i in longest}
+    cut = []
+    for ids, _ in runs:
+        end = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
+        cut.append(ids[:end])
+    return stops, cut
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paged_kv_too_small_for_every_sequence_preempts_and_keeps_parity(family, oracle):
+    """Every request may reach NEW_TOKENS (one cap, so admission expects from the lengths seen); the three
+    admitted first end early (stop ids from the oracle's outputs), so the other four are admitted on that
+    expectation into 12 blocks of 4 tokens, too few for them all to reach their cap (16 blocks): the newest are
+    preempted and recomputed, and every output still matches transformers'."""
+    path, runs = oracle(family)
+    cfg, weights, _ = load_checkpoint(path)
+    stops, expected = stop_early(runs)
+    block, blocks = 4, 12
+    rcfg = RuntimeConfig(max_seq_len=64, batch_size=8, kv_block_size=block,
+                         host_kv_memory=blocks * block * kv_bytes_per_token(cfg, torch.float32))
+    requests = [Request(p, NEW_TOKENS, stop_token_ids=tuple(stops)) for p in PROMPTS]
+    with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg)) as engine:
+        results = {r.id: r for r in engine.generate(requests)}
+    assert engine.runtime.kv_blocks == blocks and engine.stats.kv.preemptions > 0, engine.stats.kv
+    failures = [f"prompt {i}: {v.detail}" for i, (ids, logits) in enumerate(runs)
+                if not (v := compare_greedy(results[i].token_ids, expected[i], None, logits[:len(expected[i])])).ok]
+    assert not failures, "\n".join(failures)
