@@ -25,6 +25,7 @@ import torch
 
 from moegen.config import ModelConfig
 from moegen.models.kv_cache import kv_bytes_per_token
+from moegen.runtime.kv.sizing import host_kv_blocks, kv_block_bytes
 from moegen.models.weights import ModelWeights
 from moegen.planner.calibrate import Machine, Profile
 from moegen.runtime.config import RuntimeConfig
@@ -37,8 +38,10 @@ from moegen.runtime.residency import ModuleId, ModuleSize, Residency, choose_res
 class Workload:
     requests: int
     prompt_len: float  # mean prompt tokens
-    new_tokens: float  # mean tokens generated per request
-    max_seq_len: int  # longest prompt + completion: the KV row size
+    new_tokens: float  # mean tokens generated per request (its cap: EOS may end it earlier)
+    max_seq_len: int  # longest prompt + completion: the most KV one sequence may hold
+    prefix_hit_rate: float = 0.0  # share of prompt tokens found in shared prefix blocks (`kv.prefix`), not computed
+    caps_differ: bool = False  # rows carry different max_new_tokens (each row's is then what it is expected to need)
 
 
 @dataclass(slots=True)
@@ -74,6 +77,7 @@ class Setting:
     host_bytes: int  # weight arena + host KV cache
     link_gbps: float | None  # host -> device copies (None: nothing is copied)
     sizes: LaunchSizes  # how large each launch may be (experts split past sizes.expert_tokens)
+    kv_blocks: int = 0  # blocks of the host KV cache (--batching model: none, its rows are on the device)
     fp8_residents: tuple[int, int] = (0, 0)  # residents holding FP8 linears, and the device bytes dequantizing
     # them once at load costs beyond their bytes as stored (a resident's launches then never dequantize)
 
@@ -102,10 +106,11 @@ def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: in
                                  rcfg.resident_experts)
     streams = any(residency.pools.values())
     link = rcfg.sim_link_gbps or (machine.link_h2d_gbps if rcfg.device == "cuda" else machine.memcpy_gbps)
+    blocks = 0 if model_mode else host_kv_blocks(cfg, rcfg, B)
     return Setting(rcfg, B, micro, stage, max_step, residency,
                    reserved + residency.device_bytes if budget is not None else None, budget,
-                   facts.arena_bytes + (0 if model_mode else B * S * per_token),
-                   link if (streams or stage) else None, sizes, _fp8_residents(facts, residency))
+                   facts.arena_bytes + blocks * kv_block_bytes(cfg, rcfg),
+                   link if (streams or stage) else None, sizes, blocks, _fp8_residents(facts, residency))
 
 
 def _fp8_residents(facts: ModelFacts, residency: Residency) -> tuple[int, int]:
@@ -274,7 +279,7 @@ def predict(facts: ModelFacts, s: Setting, p: Profile, m: Machine, w: Workload) 
     full, rest = divmod(w.requests, B)
     steps = max(0.0, w.new_tokens - 1)  # a request's first token is sampled in its prefill step
     decode_s = steps * (full * decode.seconds + (step_time(facts, s, p, m, rest, context).seconds if rest else 0.0))
-    prefill_s = math.ceil(w.requests / per_step) * prefill.seconds
+    prefill_s = math.ceil(w.requests / per_step) * prefill.seconds * (1 - w.prefix_hit_rate)  # shared: computed once
     job_s = prefill_s + decode_s
     return Prediction(per_step * P / prefill.seconds, B / decode.seconds, job_s,
                       w.requests * w.new_tokens / job_s, prefill, decode)

@@ -58,6 +58,8 @@ def format_plan(plan: Plan, alternatives: bool = True) -> str:
     for name in PLANNED:
         value = getattr(plan.rcfg, name)
         shown = {None: "auto"}.get(value, value) if name != "expert_micro_batch" else (value or "all tokens")
+        if name == "host_kv_memory" and value is not None:
+            shown = f"{value / 2**30:.2f}GiB"
         knobs.append(f"{name}={shown}{' (yours)' if name in plan.user else ''}")
     link = f"{s.link_gbps:g} GB/s link" if s.link_gbps else "no link in use"
     lines = [
@@ -69,7 +71,7 @@ def format_plan(plan: Plan, alternatives: bool = True) -> str:
         + f", {len(s.residency.resident)} modules resident, slots {dict(s.residency.pools) or 'none'}, {link}",
     ] + ([f"fp8: {s.fp8_residents[0]} resident modules' FP8 linears dequantized once at load (+"
           f"{s.fp8_residents[1] / 2**20:.1f} MiB on the device); streamed ones dequantized by each launch"]
-         if s.fp8_residents[0] else []) + [
+         if s.fp8_residents[0] else []) + [kv_line(plan)] + [
         f"predicted: prefill {p.prefill_tok_s:.1f} tok/s, decode {p.decode_tok_s:.1f} tok/s; the job "
         f"{p.job_s:.1f}s, {p.job_tok_s:.1f} generated tok/s",
         f"bound: prefill by {p.prefill.bound} ({_busy(p.prefill)}), decode by {p.decode.bound} ({_busy(p.decode)})",
@@ -87,15 +89,40 @@ def format_plan(plan: Plan, alternatives: bool = True) -> str:
     return "\n".join(lines)
 
 
+def kv_line(plan: Plan) -> str:
+    """The host KV cache of the plan: its blocks, what a sequence is expected to hold, the prefix hits, and
+    whether admission can outrun the blocks (then the newest sequences are preempted and recomputed)."""
+    from moegen.planner.search import expected_blocks
+
+    rcfg, w, s = plan.rcfg, plan.workload, plan.best.setting
+    if rcfg.batching == "model":
+        return f"kv: on the device, {s.batch} rows of {w.max_seq_len} tokens"
+    size = rcfg.kv_block_size
+    line = (f"kv: {s.kv_blocks} blocks of {size} tokens in host memory; a sequence expected to hold "
+            f"{expected_blocks(w, size) * size} tokens (prompt + cap), at most {w.max_seq_len}; "
+            f"shared prefix blocks hold {w.prefix_hit_rate:.0%} of the prompt tokens; ")
+    if s.kv_blocks * size >= min(s.batch, w.requests) * w.max_seq_len:
+        return line + "no preemptions (every sequence's longest fits)"
+    if w.caps_differ:
+        return line + "no preemptions expected (admission reserves what each row's cap needs)"
+    return line + ("admission starts from the cap and adapts to the output lengths seen; a sequence that outgrows "
+                   "them is preempted and recomputed")
+
+
 def _busy(t) -> str:
     return f"step {t.seconds * 1e3:.1f} ms: compute {t.compute_s / t.seconds:.0%}, link {t.link_s / t.seconds:.0%}"
 
 
-def workload_of(requests, max_seq_len: int) -> Workload:
-    """The workload of a list of runtime Requests (their max_new_tokens: EOS may end some earlier)."""
-    n = len(requests)
-    return Workload(n, sum(len(r.prompt_ids) for r in requests) / n, sum(r.max_new_tokens for r in requests) / n,
-                    max_seq_len)
+def workload_of(requests, rcfg: RuntimeConfig) -> Workload:
+    """The workload of a list of runtime Requests (their max_new_tokens: EOS may end some earlier), and the share
+    of their prompt tokens that shared prefix blocks would hold under `rcfg`."""
+    from moegen.runtime.kv.prefix import shared_prefix_tokens
+
+    n, prompt_tokens = len(requests), sum(len(r.prompt_ids) for r in requests)
+    shared = (shared_prefix_tokens([r.prompt_ids for r in requests], rcfg.kv_block_size)
+              if rcfg.prefix_sharing and rcfg.batching == "module" else 0)
+    return Workload(n, prompt_tokens / n, sum(r.max_new_tokens for r in requests) / n, rcfg.max_seq_len,
+                    shared / prompt_tokens, len({r.max_new_tokens for r in requests}) > 1)
 
 
 def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] | None,
@@ -114,7 +141,7 @@ def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] |
         say(report.quantized.note)
     plan = None
     if user is not None:
-        plan = plan_run(cfg, weights, rcfg, user, workload_of(requests, rcfg.max_seq_len), say)
+        plan = plan_run(cfg, weights, rcfg, user, workload_of(requests, rcfg), say)
         rcfg = plan.rcfg
         for line in format_plan(plan, alternatives=False).splitlines():
             say("plan: " + line)

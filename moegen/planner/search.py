@@ -1,9 +1,10 @@
 """The search: every batch knob the user left unset, chosen for the best predicted job throughput
 within both memory budgets.
 
-Knobs searched: B (powers of two up to the number of requests, and that number, within host
-memory), the attention micro-batch (B, B/2, ... within the device's KV staging), how many experts
-stay resident (the rest stream through every slot the budget leaves), and under a device budget
+Knobs searched: B (powers of two up to the number of requests, and that number, as many as the host
+KV cache's blocks hold at the KV each sequence is expected to hold: its prompt and its cap, on average), the
+host KV cache's bytes (its share of the host, no more than B sequences' longest could use), the
+attention micro-batch (B, B/2, ... within the device's KV staging), how many experts stay resident (the rest stream through every slot the budget leaves), and under a device budget
 the step's token budget (its default, or the least that admits any prompt: activations are sized
 by it). Knobs the user set are
 fixed; the rest are planned around them. The expert micro-batch cap is kept off (one launch per
@@ -14,6 +15,7 @@ attention, so none is searched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -23,7 +25,7 @@ from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
 
 PLANNED = ("batch_size", "attn_micro_batch", "expert_micro_batch", "expert_slots", "resident_experts",
-           "max_step_tokens")
+           "max_step_tokens", "host_kv_memory")
 HOST_SHARE = 0.7  # of the host memory available when planning, what the KV cache may take
 
 
@@ -74,6 +76,8 @@ class Plan:
             "memory": {"device_bytes": s.device_bytes, "device_budget": s.budget, "host_bytes": s.host_bytes},
             "placement": {"batch": s.batch, "decode_sequences": min(s.batch, self.workload.requests), "attn_micro_batch": s.micro, "expert_slots": s.residency.pools.get("expert", 0),
                           "resident_modules": len(s.residency.resident), "link_gbps": s.link_gbps,
+                          "kv_blocks": s.kv_blocks, "kv_block_size": s.rcfg.kv_block_size,
+                          "prefix_hit_rate": self.workload.prefix_hit_rate,
                           "fp8_residents_dequantized": s.fp8_residents[0],
                           "fp8_dequantized_extra_bytes": s.fp8_residents[1]},
             "alternatives": [c.summary() for c in self.alternatives], "considered": self.considered,
@@ -103,7 +107,8 @@ def search(facts: ModelFacts, rcfg: RuntimeConfig, user: frozenset[str], machine
             for resident in _resident_counts(facts, rcfg, user, budget):
                 for step_tokens in _step_tokens(B, rcfg, user, budget):
                     c = dataclasses.replace(rcfg, batch_size=B, attn_micro_batch=micro, resident_experts=resident,
-                                            max_step_tokens=step_tokens)
+                                            max_step_tokens=step_tokens,
+                                            host_kv_memory=_host_kv_memory(rcfg, user, B, host_kv, facts))
                     try:
                         s = setting(facts, c, machine, budget)
                     except DeviceBudgetError as exc:
@@ -128,15 +133,32 @@ def _batch_sizes(rcfg: RuntimeConfig, user: frozenset[str], w: Workload, facts: 
                  limits: list[str]) -> list[int]:
     if "batch_size" in user or rcfg.batching == "model":
         return [rcfg.batch_size] if "batch_size" in user else [max(rcfg.batch_size, w.requests)]
-    from moegen.models.kv_cache import kv_bytes_per_token
+    from moegen.runtime.kv.sizing import kv_block_bytes
 
-    per_seq = w.max_seq_len * kv_bytes_per_token(facts.cfg, rcfg.torch_dtype)
-    most = max(1, min(w.requests, host_kv // per_seq))
+    blocks = host_kv // kv_block_bytes(facts.cfg, rcfg)
+    per_seq = expected_blocks(w, rcfg.kv_block_size)
+    most = max(1, min(w.requests, blocks // per_seq))
     if most < w.requests:
-        limits.append(f"host memory: the KV cache of {host_kv / 2**30:.2f} GiB holds {most} sequences of "
-                      f"{w.max_seq_len} tokens ({w.requests} requests)")
+        limits.append(f"host memory: the KV cache of {host_kv / 2**30:.2f} GiB holds {blocks} blocks, {most} sequences "
+                      f"of the {per_seq * rcfg.kv_block_size} tokens each is expected to hold ({w.requests} requests)")
     sizes = {most} | {2**i for i in range(3, 20) if 2**i < most}
     return sorted(sizes, reverse=True)
+
+
+def expected_blocks(w: Workload, block_size: int) -> int:
+    """KV blocks a sequence is expected to hold at its end: its prompt and its cap, on average (the caps are what
+    the workload expects; where all are equal, the runtime's admission adapts from the lengths it sees)."""
+    return max(1, math.ceil((w.prompt_len + w.new_tokens) / block_size))
+
+
+def _host_kv_memory(rcfg: RuntimeConfig, user: frozenset[str], B: int, host_kv: int, facts: ModelFacts) -> int | None:
+    """The host KV cache's bytes: the user's; else the host's share, but no more than B sequences could ever
+    hold (page-locked memory past that would stay idle)."""
+    if "host_kv_memory" in user or rcfg.batching == "model":
+        return rcfg.host_kv_memory
+    from moegen.runtime.kv.sizing import kv_block_bytes
+
+    return min(host_kv, B * math.ceil(rcfg.max_seq_len / rcfg.kv_block_size) * kv_block_bytes(facts.cfg, rcfg))
 
 
 def _micro_batches(B: int, rcfg: RuntimeConfig, user: frozenset[str]) -> list[int]:

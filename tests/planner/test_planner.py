@@ -178,6 +178,39 @@ def test_offload_plan_prefers_a_larger_batch_when_the_link_bounds(models):
     assert all(c.predicted.job_tok_s <= plan.best.predicted.job_tok_s for c in plan.alternatives)
 
 
+def test_the_batch_is_planned_from_the_kv_a_sequence_is_expected_to_hold(models):
+    """Under one host KV budget of 64 blocks of 16 tokens: rows of 8 prompt tokens whose caps average 24 are
+    expected to hold 2 blocks each, so 32 run at once, though only 8 could each reach the longest row's 128
+    tokens; the plan's KV is exactly those blocks, and a shared prefix shortens the predicted prefill."""
+    from moegen.models.kv_cache import kv_bytes_per_token
+    from moegen.planner.plan import format_plan
+
+    cfg, weights = models[0]
+    facts = ModelFacts.of(cfg, weights, torch.float32)
+    host_kv = 64 * 16 * kv_bytes_per_token(cfg, torch.float32)
+    rcfg = RuntimeConfig(max_seq_len=128, host_kv_memory=host_kv)
+    user = frozenset({"host_kv_memory"})
+    plan = search(facts, rcfg, user, MACHINE, flat_profile(), Workload(512, 8, 24, 128, caps_differ=True), None, host_kv)
+    assert plan.best.setting.batch == 32 and plan.best.setting.kv_blocks == 64
+    assert plan.best.setting.host_bytes == facts.arena_bytes + host_kv
+    assert "64 blocks of 16 tokens" in format_plan(plan) and "no preemptions expected" in format_plan(plan)
+    shared = search(facts, rcfg, user, MACHINE, flat_profile(),
+                    Workload(512, 8, 24, 128, prefix_hit_rate=0.5, caps_differ=True), None, host_kv)
+    assert shared.best.predicted.job_s < plan.best.predicted.job_s
+
+
+def test_the_workloads_prefix_hit_rate_counts_the_full_blocks_later_prompts_share():
+    """Three prompts of one 40-token prefix + 3 own tokens, blocks of 16: the two after the first find the
+    prefix's 2 full blocks (64 of 129 prompt tokens); without sharing, none."""
+    from moegen.planner.plan import workload_of
+    from moegen.runtime.requests import Request
+
+    prefix = list(range(100, 140))
+    requests = [Request(prefix + [i, i + 1, i + 2], 4) for i in range(3)]
+    assert workload_of(requests, RuntimeConfig(kv_block_size=16)).prefix_hit_rate == pytest.approx(64 / 129)
+    assert workload_of(requests, RuntimeConfig(kv_block_size=16, prefix_sharing=False)).prefix_hit_rate == 0
+
+
 # -- calibration cache ----------------------------------------------------------------------------
 
 
@@ -293,7 +326,8 @@ def test_serve_offline_plans_around_the_users_knobs_and_records_the_plan(tiny_ch
     plan = stats["plan"]
     assert plan["knobs"]["attn_micro_batch"] == 3 and plan["user_knobs"] == ["attn_micro_batch"]
     assert plan["workload"] == {"requests": 12, "prompt_len": pytest.approx(plan["workload"]["prompt_len"]),
-                                "new_tokens": 5, "max_seq_len": plan["workload"]["max_seq_len"]}
+                                "new_tokens": 5, "max_seq_len": plan["workload"]["max_seq_len"],
+                                "prefix_hit_rate": plan["workload"]["prefix_hit_rate"], "caps_differ": False}
     assert "moegen: plan: knobs:" in err and "attn_micro_batch=3 (yours)" in err
     versus = summarize(trace)["plan"]
     assert versus is not None and versus["decode_tok_s"]["predicted"] == pytest.approx(plan["predicted"]["decode_tok_s"])

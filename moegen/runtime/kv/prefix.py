@@ -22,3 +22,20 @@ def block_names(token_ids: list[int], block_size: int) -> list[bytes]:
         parent = h.digest()
         names.append(parent)
     return names
+
+
+def shared_prefix_tokens(prompts: list[list[int]], block_size: int) -> int:
+    """Prompt tokens that prefix sharing would find already computed, were every prompt's full blocks kept: each
+    prompt's leading blocks named by an earlier prompt (never its last token's block, which it computes)."""
+    seen: set[bytes] = set()
+    found = 0
+    for prompt in sorted(prompts, key=len, reverse=True):  # the scheduler's order
+        names = block_names(prompt, block_size)
+        hit = 0
+        for name in names[: (len(prompt) - 1) // block_size]:
+            if name not in seen:
+                break
+            hit += 1
+        found += hit * block_size
+        seen.update(names)
+    return found
