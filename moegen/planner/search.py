@@ -128,9 +128,9 @@ def _batch_sizes(rcfg: RuntimeConfig, user: frozenset[str], w: Workload, facts: 
                  limits: list[str]) -> list[int]:
     if "batch_size" in user or rcfg.batching == "model":
         return [rcfg.batch_size] if "batch_size" in user else [max(rcfg.batch_size, w.requests)]
-    from moegen.models.kv_cache import kv_bytes_per_token
+    from moegen.runtime.kv.sizing import host_kv_bytes_per_token
 
-    per_seq = w.max_seq_len * kv_bytes_per_token(facts.cfg, rcfg.torch_dtype)
+    per_seq = w.max_seq_len * host_kv_bytes_per_token(facts.cfg, rcfg)
     most = max(1, min(w.requests, host_kv // per_seq))
     if most < w.requests:
         limits.append(f"host memory: the KV cache of {host_kv / 2**30:.2f} GiB holds {most} sequences of "
