@@ -109,13 +109,14 @@ FIRST = PROMPTS[1]  # run alone first, so its prefill fixes every layer's scales
 
 @pytest.fixture(scope="module")
 def fp8_runs(tiny_checkpoint):
-    """(family, budget) -> the engine's greedy ids per prompt with --kv-dtype fp8, after FIRST alone (no prefix
-    sharing: FIRST's blocks would otherwise hand a later prompt quantized entries of its own prefill)."""
+    """(family, budget, **overrides) -> the engine's greedy ids per prompt with --kv-dtype fp8, after FIRST alone
+    (no prefix sharing: FIRST's blocks would otherwise hand a later prompt quantized entries of its own prefill)."""
     cache = {}
 
-    def get(family, budget):
-        if (family, budget) not in cache:
-            path = tiny_checkpoint(family)
+    def get(family, budget, **overrides):
+        key = (family, budget, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tiny_checkpoint(family, **overrides)
             cfg, weights, _ = load_checkpoint(path)
             rcfg = RuntimeConfig(max_seq_len=64, batch_size=4, attn_micro_batch=3, kv_dtype="fp8", gpu_memory=budget,
                                  prefix_sharing=False)
@@ -123,8 +124,8 @@ def fp8_runs(tiny_checkpoint):
                 assert engine.runtime.stage_copies == (budget is not None)
                 list(engine.generate([Request(FIRST, 1)]))
                 results = engine.generate([Request(p, new_tokens(i)) for i, p in enumerate(PROMPTS)])
-                cache[family, budget] = {r.id: r.token_ids for r in results}
-        return cache[family, budget]
+                cache[key] = {r.id: r.token_ids for r in results}
+        return cache[key]
 
     return get
 
@@ -156,11 +157,13 @@ def rounded_kv_runs(path) -> list[tuple[list[int], list[torch.Tensor]]]:
     return runs[1:]
 
 
-@pytest.mark.parametrize(("family", "budget"), FAMILY_BUDGETS, ids=IDS)
-def test_greedy_tokens_equal_the_rounded_kv_oracle(family, budget, fp8_runs, tiny_checkpoint):
+@pytest.mark.parametrize(("family", "budget", "overrides"),
+                         [(f, b, {}) for f, b in FAMILY_BUDGETS] + [("mixtral", None, {"num_key_value_heads": 2})],
+                         ids=IDS + ["mixtral-2-kv-heads"])  # the tiny mixtral has one kv head: one scale per head
+def test_greedy_tokens_equal_the_rounded_kv_oracle(family, budget, overrides, fp8_runs, tiny_checkpoint):
     """Every prompt's tokens equal the oracle's (or part at a near-tie): the staging, the layouts, the scales and
     the rounding are the hand-rounded reference's, staged and in place."""
-    ours, runs = fp8_runs(family, budget), rounded_kv_runs(tiny_checkpoint(family))
+    ours, runs = fp8_runs(family, budget, **overrides), rounded_kv_runs(tiny_checkpoint(family, **overrides))
     verdicts = [compare_greedy(ours[i], ids, None, logits) for i, (ids, logits) in enumerate(runs)]
     assert all(v.ok for v in verdicts), "\n".join(v.detail for v in verdicts)
 
