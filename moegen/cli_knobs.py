@@ -32,6 +32,10 @@ def runtime_options(fn):
                      help="auto: weights as the checkpoint stores them (FP8 checkpoints stay FP8). fp8: quantize the "
                           "routed experts to FP8 128x128 blocks at load (half the bytes of bf16 on the link; lossy); "
                           "fp8-all: every linear but the routers and lm_head."),
+        click.option("--kv-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+                     help="auto: the KV cache in the run dtype. fp8: in e4m3 with a scale per layer and kv head, "
+                          "fixed by each layer's first prefill (half the host bytes and link bytes of bf16 per "
+                          "token; lossy; --batching module only)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                      help="B: sequences in flight; finished ones are refilled from the waiting prompts."),
         click.option("--attn-micro-batch", type=click.IntRange(min=1), default=256, show_default=True,

@@ -74,6 +74,7 @@ class Summary:
     weight_dtype: str = "auto"  # --weight-dtype
     quantized: dict | None = None  # what --weight-dtype quantized at load (tensors, bytes before and after)
     kv: dict | None = None  # the KV cache: blocks, prefix hits, preemptions (`KVStats`, with its prefix_hit_rate)
+    kv_dtype: str = "auto"  # --kv-dtype (fp8: the KV cache in e4m3, lossy)
 
 
 def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> tuple[int, Summary]:
@@ -177,6 +178,11 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
     engine, plan = open_engine(model_dir, rcfg, requests, opts.plan_user, _say, opts.trace, opts.trace_steps)
     summary.plan = None if plan is None else plan.to_json()
     summary.weight_dtype = rcfg.weight_dtype
+    summary.kv_dtype = rcfg.kv_dtype
+    if rcfg.kv_dtype == "fp8":
+        from moegen.runtime.kv.fp8 import NOTE
+
+        summary.notes.append(NOTE)
     if engine.quantized is not None:
         summary.quantized = asdict(engine.quantized)
         summary.notes.append(engine.quantized.note)

@@ -31,6 +31,7 @@ from moegen.planner.calibrate import Machine, Profile
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.device_memory import (LaunchSizes, activation_bytes, launch_sizes, model_batch_size, staging_bytes,
                                           step_tokens, transient_bytes)
+from moegen.runtime.kv.sizing import host_kv_bytes_per_token
 from moegen.runtime.residency import ModuleId, ModuleSize, Residency, choose_residency, core_device_bytes, module_sizes
 
 
@@ -159,7 +160,7 @@ class _Sim:
         self.resident = set(s.residency.resident)
         self.bytes_per_s = None if s.link_gbps is None else s.link_gbps * 1e9
         cfg = facts.cfg
-        self.kv_token_layer = kv_bytes_per_token(cfg, s.rcfg.torch_dtype) // cfg.num_layers
+        self.kv_token_layer = host_kv_bytes_per_token(cfg, s.rcfg) // cfg.num_layers  # staged bytes (--kv-dtype)
 
     def launch(self, kind: str, seconds: float, ready: float = 0.0) -> float:
         seconds += self.p.in_run.get(kind, 0.0) + self.copy_cost

@@ -139,6 +139,10 @@ def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] |
     cfg, weights, report = load_checkpoint(model_dir, rcfg.torch_dtype, rcfg.weight_dtype)
     if report.quantized is not None:
         say(report.quantized.note)
+    if rcfg.kv_dtype == "fp8":
+        from moegen.runtime.kv.fp8 import NOTE
+
+        say(NOTE)
     plan = None
     if user is not None:
         plan = plan_run(cfg, weights, rcfg, user, workload_of(requests, rcfg), say)

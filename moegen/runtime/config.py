@@ -22,6 +22,10 @@ class RuntimeConfig:
     """How linear weights are kept in host memory and on the link: `auto` as the checkpoint stores them (FP8
     block-scaled checkpoints stay FP8), `fp8` the routed experts quantized to FP8 at load, `fp8-all` every
     linear but the routers and lm_head (`formats.weight_dtype`; lossy, opt-in)."""
+    kv_dtype: Literal["auto", "fp8"] = "auto"
+    """How the host KV cache and its staging hold keys and values: `auto` in the run dtype, `fp8` in e4m3 with
+    float32 scales fixed by the first prefill of each layer (`runtime.kv.fp8`): half of bf16's bytes on the
+    host and the link (lossy, opt-in; --batching module only)."""
     batch_size: int = 256
     """B: sequences in flight. Finished ones are replaced by waiting prompts at once. Larger B gives each
     expert more tokens per launch (on 2 cpu cores: 64 -> 256 sequences took the bench Mixtral from 227 to
@@ -80,6 +84,11 @@ class RuntimeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.batching not in ("module", "model"):
             raise ValueError(f"--batching must be module or model, got {self.batching!r}")
+        if self.kv_dtype not in ("auto", "fp8"):
+            raise ValueError(f"--kv-dtype must be auto or fp8, got {self.kv_dtype!r}")
+        if self.kv_dtype == "fp8" and self.batching == "model":
+            raise ValueError("--kv-dtype fp8 quantizes the paged host KV cache, which --batching model does not use "
+                             "(its KV stays on the device in the run dtype): use --batching module or --kv-dtype auto")
         if self.sim_link_gbps is not None and (self.device != "cpu" or self.sim_link_gbps <= 0):
             raise ValueError("--sim-link-gbps is a positive bandwidth and only applies to --device cpu")
 
@@ -89,3 +98,10 @@ class RuntimeConfig:
             raise ValueError("dtype auto is decided against a checkpoint: pass the config through "
                              "moegen.runtime.auto.resolve_dtype(rcfg, model_dir) first, or give a dtype")
         return DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        """The dtype the host KV cache and the staging buffers hold (the link carries it)."""
+        from moegen.formats.fp8 import FP8
+
+        return FP8 if self.kv_dtype == "fp8" else self.torch_dtype

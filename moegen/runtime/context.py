@@ -22,8 +22,9 @@ from moegen.runtime.backend import Backend, Event
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.device_memory import (activation_bytes, launch_sizes, model_batch_size, staging_bytes, step_tokens,
                                           transient_bytes)
-from moegen.runtime.kv.sizing import host_kv_blocks
+from moegen.runtime.kv.sizing import host_kv_blocks, host_kv_bytes_per_token
 from moegen.runtime.kv.block_pool import BlockPool
+from moegen.runtime.kv.fp8 import KVFp8
 from moegen.runtime.kv.manager import KVStats
 from moegen.runtime.kv.staging import KVStager
 from moegen.runtime.placement import Placement
@@ -103,11 +104,13 @@ class Runtime:
                                    + self.transient_bytes, rcfg.expert_slots, rcfg.resident_experts)
         self.core = self.placement.core
         self.rope = Rope(cfg.attention.rope, device=backend.device)
-        self.kv: list[LayerKV] = self._kv_cache(dtype)  # every sequence in flight
+        self.kv: list[LayerKV] = self._kv_cache(rcfg.kv_torch_dtype)  # every sequence in flight
+        # --kv-dtype fp8: the scales (the config keeps it to --batching module, whose KV is staged)
+        self.kv_fp8 = KVFp8.allocate(cfg, backend.device) if rcfg.kv_dtype == "fp8" else None
         # Two staging slots, so one micro-batch's KV comes in while the previous one computes.
         self.stager = None if self.kv_on_device else KVStager.allocate(
             backend, cfg.attention, self.kv, self.kv_block_size, self.micro_batch, S,
-            min(self.max_step_tokens, self.micro_batch * S), dtype, copies=self.stage_copies)
+            min(self.max_step_tokens, self.micro_batch * S), dtype, copies=self.stage_copies, fp8=self.kv_fp8)
         self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
                                     for _ in range(3))
         self.step_inputs = StepInputs(backend, step_input_bytes(B, self.max_step_tokens))
@@ -125,7 +128,7 @@ class Runtime:
                              for kind in ("attention", "router", "experts")} if backend.recorder is not None else {}
         # What lives in host memory for the run (pinned on cuda): the weight arena and the KV cache.
         self.host_bytes = sum(b.nbytes for b in self.placement.blocks.values()) + (
-            0 if self.kv_on_device else self.kv_blocks * self.kv_block_size * kv_bytes_per_token(cfg, dtype))
+            0 if self.kv_on_device else self.kv_blocks * self.kv_block_size * host_kv_bytes_per_token(cfg, rcfg))
         backend.synchronize()  # start-up copies done before any stream reads them
 
     def _kv_cache(self, dtype: torch.dtype) -> list[LayerKV]:
@@ -142,7 +145,7 @@ class Runtime:
     def close(self) -> None:
         """Drop the run's large buffers (KV cache, staging, activations, slots) when the engine closes, so a
         next engine in the same process reuses their memory; the weights stay with their owner."""
-        self.kv, self.stager = [], None
+        self.kv, self.stager, self.kv_fp8 = [], None, None
         self.h = self.x = self.out = self.step_inputs = self.embed_rows = None
         self.placement.close()
 

@@ -32,6 +32,7 @@ from moegen.models.weights import ModelWeights
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.cpu_threads import LANE_FLOPS, cpu_lanes
+from moegen.runtime.kv.fp8 import scale_bytes, staged_element_bytes
 from moegen.runtime.kv.staging import staging_device_numel
 from moegen.runtime.residency import minimum_device_bytes
 from moegen.runtime.step_inputs import step_input_bytes
@@ -180,10 +181,11 @@ def step_tokens(rcfg: RuntimeConfig, batch: int) -> int:
 
 
 def staging_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, micro_batch: int, max_step_tokens: int) -> int:
-    """Device bytes of the KV staging slots (`kv.staging`): one layer's KV of a micro-batch and its new entries, twice."""
+    """Device bytes of the KV staging slots (`kv.staging`): one layer's KV of a micro-batch and its new entries, twice
+    (with --kv-dtype fp8 in e4m3 and again in the run dtype, the launch's work buffers, and the scales)."""
     S = rcfg.max_seq_len
     numel = staging_device_numel(cfg.attention, micro_batch, S, min(max_step_tokens, micro_batch * S), rcfg.kv_block_size)
-    return numel * _size(rcfg)
+    return numel * staged_element_bytes(rcfg) + scale_bytes(cfg, rcfg)
 
 
 def activation_bytes(cfg: ModelConfig, rcfg: RuntimeConfig, max_step_tokens: int, batch: int) -> int:

@@ -8,9 +8,15 @@ from moegen.models.kv_cache import kv_bytes_per_token
 from moegen.runtime.config import RuntimeConfig
 
 
+def host_kv_bytes_per_token(cfg: ModelConfig, rcfg: RuntimeConfig) -> int:
+    """Host bytes one token takes in the KV cache (every layer), in --kv-dtype: what the link carries per staged
+    token too. (FP8's scales live on the device, `kv.fp8.scale_bytes`.)"""
+    return kv_bytes_per_token(cfg, rcfg.kv_torch_dtype)
+
+
 def kv_block_bytes(cfg: ModelConfig, rcfg: RuntimeConfig) -> int:
     """Host bytes of one block: --kv-block-size tokens of every layer's KV."""
-    return rcfg.kv_block_size * kv_bytes_per_token(cfg, rcfg.torch_dtype)
+    return rcfg.kv_block_size * host_kv_bytes_per_token(cfg, rcfg)
 
 
 def host_kv_blocks(cfg: ModelConfig, rcfg: RuntimeConfig, batch_size: int) -> int:

@@ -59,6 +59,7 @@ async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ti
         b.compute.wait_event(staged.ready)
 
     def launch(s=step, m=mb, t=ticket) -> None:
+        stager.dequantize(staged)
         _attend(rt, layer, s, m, t.unpack(), staged.kv)
         stager.new_entries(staged, m)
 
