@@ -10,14 +10,18 @@ from moegen.cli_knobs import need_perfetto, say
 
 
 @click.command("bench")
-@click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload", "planner", "fp8-quality"]),
+@click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload", "planner", "fp8-quality",
+                                                        "paged-kv"]),
               default="all", show_default=True,
               help="all = vs-transformers and offload; planner (alone): the planner's predictions and choices against "
                    "measured runs and a grid of hand-set knobs; fp8-quality (alone): greedy completions with "
-                   "--weight-dtype fp8 and fp8-all against the weights as loaded.")
+                   "--weight-dtype fp8 and fp8-all against the weights as loaded; paged-kv (alone): the paged host KV cache "
+                   "against today's row reservation under one --host-kv-memory (a long-tailed job, offload regime) "
+                   "and with/without prefix sharing (a shared-prefix job).")
 @click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Checkpoint(s) for vs-transformers and fp8-quality (repeatable) [default: the bench Mixtral-like and "
-                   "DeepSeek-V2-Lite-like checkpoints, made once in the cache].")
+              help="Checkpoint(s) for vs-transformers and fp8-quality (repeatable), paged-kv (the first) [default: the bench "
+                   "Mixtral-like and DeepSeek-V2-Lite-like checkpoints; paged-kv: the small Mixtral-like one; made "
+                   "once in the cache].")
 @click.option("--prompts", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--hf-batch", "hf_batches", type=click.IntRange(min=1), multiple=True, default=(32, 128),
@@ -37,6 +41,13 @@ from moegen.cli_knobs import need_perfetto, say
 @click.option("--offload-hide-tokens", type=click.IntRange(min=1), default=2000, show_default=True,
               help="offload: the simulated link's speed, as the tokens whose expert compute one expert's copy takes "
                    "(2000: a 24 GB PCIe-4 card's ratio; larger: a slower link, more link-bound).")
+@click.option("--paged-requests", type=click.IntRange(min=1), default=256, show_default=True,
+              help="paged-kv: rows of the long-tailed job (caps up to 512 new tokens, mean ~48).")
+@click.option("--paged-rows", type=click.IntRange(min=1), default=16, show_default=True,
+              help="paged-kv: rows of max_seq_len the one --host-kv-memory holds (today's row reservation's B); the "
+                   "paged run may keep 8x as many in flight.")
+@click.option("--paged-questions", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="paged-kv: questions after the one 512-token prefix of the shared-prefix job.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every raw number here.")
 @click.option("--keep-trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -45,14 +56,17 @@ from moegen.cli_knobs import need_perfetto, say
               help="vs-transformers: what both engines run on (auto: cuda where torch sees a GPU, else cpu). "
                    "offload and planner run on the cpu backend: their link is simulated.")
 def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
-              offload_expert_slots, offload_new_tokens, offload_hide_tokens, json_path, keep_trace, device):
+              offload_expert_slots, offload_new_tokens, offload_hide_tokens, paged_requests, paged_rows, paged_questions,
+             json_path, keep_trace, device):
     """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
+    from moegen.bench.paged_kv import PagedKVOptions
     from moegen.bench.run import BenchOptions, run_bench
     from moegen.runtime.auto import resolve_device
 
-    if scenario in ("all", "offload", "planner"):  # these scenarios measure from their runs' traces
+    if scenario in ("all", "offload", "planner", "paged-kv"):  # these scenarios measure from their runs' traces
         need_perfetto(f"moegen bench --scenario {scenario}")
     options = BenchOptions(scenario, resolve_device(device, say=say), [Path(m) for m in models], prompts, new_tokens,
                            tuple(hf_batches), offload_batch, offload_seq_len, offload_prompt_len, offload_expert_slots,
-                           offload_new_tokens, offload_hide_tokens, json_path, keep_trace)
+                           offload_new_tokens, offload_hide_tokens, json_path, keep_trace,
+                           PagedKVOptions(requests=paged_requests, rows=paged_rows, questions=paged_questions))
     click.echo("\n".join(run_bench(options, say=lambda text: click.echo(text, err=True))))

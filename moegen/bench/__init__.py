@@ -4,4 +4,6 @@
   transformers `generate` on the same checkpoints, prompts and token counts, on one device.
 - `offload`: module-based against model-based batching under the same device budget and
   simulated link (cpu backend), in the regime module batching exists for.
+- `paged_kv`: the paged host KV cache against today's row reservation under one host KV budget, and
+  prefix sharing on and off (`--scenario paged-kv`, alone).
 """

@@ -78,3 +78,33 @@ def planner_table(results: list[dict]) -> list[str]:
     lines.append(f"  measured/predicted over every run and rate: {min(ratios):.2f}-{max(ratios):.2f}, "
                  f"{within} of {len(ratios)} within 25%")
     return lines
+
+
+def paged_kv_table(result: dict) -> list[str]:
+    """The long-tailed job's rows vs paged, then the shared-prefix job without vs with sharing."""
+    t, p = result["long_tail"], result["shared_prefix"]
+    lines = [f"{Path(result['model']).name}, long-tailed job, offload regime (cpu backend, SIMULATED link "
+             f"{t['link_gbps']:.3f} GB/s, device budget {t['budget_bytes'] / 2**20:.0f} MiB): {t['requests']} rows, caps "
+             f"mean {t['caps_mean']:.1f} / max {t['caps_max']} of {t['max_new']}, host KV {t['host_kv_memory'] / 2**20:.1f} "
+             f"MiB = {t['rows']} rows of {t['seq_len']} tokens",
+             f"  {'mode':<7}{'batch':>6}{'in flight mean/max':>20}{'job s':>8}{'tok/s':>8}{'while waiting: in flight':>26}"
+             f"{'tok/s':>8}{'preempt':>9}{'blocks':>8}{'peak held':>10}{'peak RSS GiB':>14}"]
+    for name, r in t["runs"].items():
+        a = r["admission_bound"]
+        lines.append(f"  {name:<7}{r['batch_size']:>6}{r['sequences_mean']:>13.1f}/{r['sequences_max']:<6}"
+                     f"{r['seconds']:>8.1f}{r['tok_s']:>8.1f}{a['sequences_mean']:>26.1f}{a['tok_s']:>8.1f}"
+                     f"{r['preemptions']:>9}{r['blocks']:>8}{r['peak_blocks_held']:>10}{r['peak_rss_bytes'] / 2**30:>14.2f}")
+    x = t["ratios"]
+    lines.append(f"  paged / rows: in flight {x['sequences_mean']:.2f}x mean, {x['sequences_max']:.2f}x max; job tok/s "
+                 f"{x['tok_s']:.2f}x; while prompts wait: in flight {x['admission_bound_sequences']:.2f}x, tok/s "
+                 f"{x['admission_bound_tok_s']:.2f}x; expected ~ worst/mean length {t['worst_over_mean_tokens']:.2f}x "
+                 f"({t['worst_over_mean_blocks']:.2f}x in blocks)")
+    lines += [f"{Path(result['model']).name}, shared-prefix job, plain cpu: {p['questions']} questions of "
+              f"{p['question_len']} tokens after one {p['prefix_len']}-token prefix, {p['new_tokens']} new tokens each",
+              f"  {'mode':<12}{'job s':>8}{'prefill tokens':>16}{'prefix hits':>13}{'hit rate':>10}{'peak RSS GiB':>14}"]
+    for name, r in p["runs"].items():
+        lines.append(f"  {name:<12}{r['seconds']:>8.1f}{r['prefill_tokens']:>16}{r['prefix_hit_tokens']:>13}"
+                     f"{100 * r['prefix_hit_rate']:>9.1f}%{r['peak_rss_bytes'] / 2**30:>14.2f}")
+    y = p["ratios"]
+    lines.append(f"  sharing: job {y['seconds']:.2f}x faster, {y['prefill_tokens']:.2f}x fewer prefill tokens")
+    return lines

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moegen.bench import fp8_quality, offload, planner, report, vs_transformers
+from moegen.bench import fp8_quality, offload, paged_kv, planner, report, vs_transformers
 from moegen.bench.machine import machine, matmul_peak
 from moegen.checkpoints.demo import cached_checkpoint
 from moegen.io import json_bytes
@@ -14,7 +14,7 @@ from moegen.io import json_bytes
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
-    scenario: str  # all (vs-transformers and offload), vs-transformers, offload, planner or fp8-quality
+    scenario: str  # all (vs-transformers and offload), vs-transformers, offload, planner, fp8-quality or paged-kv
     device: str  # vs-transformers: what both engines run on, cpu or cuda (offload, planner: the cpu backend)
     models: list[Path]  # vs-transformers and fp8-quality checkpoints; empty: the bench Mixtral- and
     # DeepSeek-V2-Lite-like ones
@@ -29,6 +29,7 @@ class BenchOptions:
     offload_hide_tokens: int  # the simulated link: one expert's copy takes its compute over this many tokens
     json_path: Path | None  # every raw number, rewritten after each scenario
     keep_trace: Path | None  # the offload module run's trace
+    paged_kv: paged_kv.PagedKVOptions = paged_kv.PagedKVOptions()  # the paged-kv scenario's sizes
 
 
 def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
@@ -69,6 +70,12 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
             out["scenarios"].setdefault("fp8_quality", []).append(result)
             save()
             tables += report.fp8_quality_table(result)
+    if o.scenario == "paged-kv":
+        model_dir = o.models[0] if o.models else cached_checkpoint("mixtral", "small", "bench")
+        result = paged_kv.scenario(model_dir, o.paged_kv, say)
+        out["scenarios"]["paged_kv"] = result
+        save()
+        tables += report.paged_kv_table(result)
     if o.scenario == "planner":
         results = planner.scenario(say)
         out["scenarios"]["planner"] = results

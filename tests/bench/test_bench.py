@@ -98,3 +98,34 @@ def test_fp8_quality_scenario_runs_each_choice(tiny_checkpoint):
     for choice in ("fp8", "fp8-all"):
         c = result["choices"][choice]
         assert c["total"] == 4 and 0 <= c["identical"] <= 4 and c["bytes_after"] < c["bytes_before"] / 3
+
+
+def test_paged_kv_scenario_runs_each_job_in_both_modes(tiny_checkpoint):
+    from moegen.bench.paged_kv import PagedKVOptions, scenario
+    from moegen.bench.report import paged_kv_table
+
+    o = PagedKVOptions(requests=12, rows=2, paged_factor=4, prompt_len=(4, 8), max_new=40, mean_new=6, hide_tokens=50,
+                       budget_share=1 / 2, questions=5, prefix_len=32, question_len=4, answer_tokens=2, prefix_batch=8)
+    result = scenario(tiny_checkpoint("mixtral"), o, say=lambda text: None)
+    tail = result["long_tail"]
+    rows, paged = tail["runs"]["rows"], tail["runs"]["paged"]
+    assert rows["batch_size"] == 2 and paged["batch_size"] == 8
+    assert rows["host_kv_memory"] == paged["host_kv_memory"] and rows["blocks"] == paged["blocks"]
+    # The pool holds exactly `rows` rows of max_seq_len: the row baseline never waits on blocks, paging fits more.
+    assert rows["blocks"] == 2 * -(-tail["seq_len"] // rows["block_size"]) and rows["preemptions"] == 0
+    assert rows["sequences_max"] == 2 < paged["sequences_max"] <= 8
+    assert rows["generated"] == paged["generated"] == tail["caps_total"]  # each row its cap exactly (EOS ignored)
+    for run in (rows, paged):
+        assert run["admission_bound"]["trace_sequences_max"] == run["sequences_max"]  # the trace's counter agrees
+        assert 0 < run["admission_bound"]["steps"] < run["steps"] and run["peak_rss_bytes"] > 0
+    assert tail["ratios"]["sequences_max"] == paged["sequences_max"] / rows["sequences_max"]
+    prefix = result["shared_prefix"]
+    off, on = prefix["runs"]["no sharing"], prefix["runs"]["sharing"]
+    prompt = o.prefix_len + o.question_len
+    assert off["prefill_tokens"] == 5 * prompt and off["prefix_hit_tokens"] == 0
+    # Sharing computes the prefix's full blocks once: the other 4 prompts find them.
+    shared = prefix["shared_full_blocks"] * on["block_size"]
+    assert shared == 32 and on["prefix_hit_tokens"] == 4 * shared
+    assert on["prefill_tokens"] == off["prefill_tokens"] - 4 * shared
+    assert on["generated"] == off["generated"] == 5 * o.answer_tokens
+    assert "paged / rows" in "\n".join(paged_kv_table(result))
