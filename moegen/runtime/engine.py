@@ -173,8 +173,9 @@ class Engine:
             await rt.queues.embed.put(step)
             sampled = await step.sampled
             if self.trace is not None:
+                pool = rt.kv_pool
                 self.trace.end_step(plan, began, rt.stats.generated_tokens + len(sampled), len(scheduler.waiting),
-                                    rt.host_bytes)
+                                    rt.host_bytes, pool.num_blocks - pool.num_free)
             rt.stats.generated_tokens += len(sampled)
             for result in scheduler.finish_step(plan, sampled):
                 emit(result)

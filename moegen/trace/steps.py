@@ -32,13 +32,15 @@ class StepTracer:
         backend.trace_to(self.recorder)
         self.counters = {name: self.recorder.counter_track(name, unit) for name, unit in (
             ("sequences in flight", None), ("sequences waiting", None), ("tokens in step", None),
-            ("generated tokens", None), ("device memory in use", "bytes"), ("host memory: weights + KV", "bytes"))}
+            ("generated tokens", None), ("device memory in use", "bytes"), ("host memory: weights + KV", "bytes"),
+            ("KV blocks held", None))}
 
     def begin_step(self, index: int) -> int:
         self.recorder.enabled = self.recorder.steps is None or index in self.recorder.steps
         return time.time_ns()
 
-    def end_step(self, plan: StepPlan, began: int, generated: int, waiting: int, host_bytes: int) -> None:
+    def end_step(self, plan: StepPlan, began: int, generated: int, waiting: int, host_bytes: int,
+                 kv_blocks_held: int = 0) -> None:
         self.backend.write_timings()
         prefill = sum(q for q in plan.q_lens if q > 1)
         phase = "prefill" if prefill == plan.num_tokens else "decode" if prefill == 0 else "prefill+decode"
@@ -48,7 +50,7 @@ class StepTracer:
         for name, value in (("sequences in flight", len(plan.seqs)), ("sequences waiting", waiting),
                             ("tokens in step", plan.num_tokens), ("generated tokens", generated),
                             ("device memory in use", self.backend.counters.device_bytes),
-                            ("host memory: weights + KV", host_bytes)):
+                            ("host memory: weights + KV", host_bytes), ("KV blocks held", kv_blocks_held)):
             self.recorder.counter(self.counters[name], value)
 
     def record_plan(self, plan: dict) -> None:

@@ -89,6 +89,7 @@ def test_trace_file_structure(mixtral, tmp_path):
         values = counters[f"tokens waiting: {kind}"]
         assert values[-1] == 0 and min(values) >= 0, (kind, values[-5:])
     assert counters["generated tokens"][-1] == len(PROMPTS) * 6
+    assert max(counters["KV blocks held"]) > 0  # sequences hold blocks while they run
 
 
 def test_trace_steps_records_only_those_steps(mixtral, tmp_path):

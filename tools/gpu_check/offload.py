@@ -60,14 +60,14 @@ class StepWindow:
         self._began = (time.perf_counter(), c.h2d_bytes, c.d2h_bytes, c.h2d_weight_bytes)
         return self.inner.begin_step(index) if self.inner is not None else time.time_ns()
 
-    def end_step(self, plan, began: int, generated: int, waiting: int, host_bytes: int) -> None:
+    def end_step(self, plan, began: int, generated: int, waiting: int, host_bytes: int, kv_blocks_held: int = 0) -> None:
         t0, h2d, d2h, weight = self._began
         c = self.counters
         self.samples.append(StepSample(plan.index, all(q == 1 for q in plan.q_lens), len(plan.seqs),
                                        time.perf_counter() - t0, c.h2d_bytes - h2d, c.d2h_bytes - d2h,
                                        c.h2d_weight_bytes - weight))
         if self.inner is not None:
-            self.inner.end_step(plan, began, generated, waiting, host_bytes)
+            self.inner.end_step(plan, began, generated, waiting, host_bytes, kv_blocks_held)
 
     def record_plan(self, plan: dict) -> None:
         if self.inner is not None:
