@@ -21,16 +21,26 @@ def gqa_attention(
     w: GQAWeights, cfg: GQAConfig, rope: Rope, x: Tensor, batch: AttnBatch, kv: GQALayerKV, window: int | None
 ) -> Tensor:
     """x [T, H] -> [T, H]. Appends the new tokens' k/v to `kv` at their positions, then attends."""
-    q, k, v = _project_qkv(w, cfg, x)  # [T, N, D], [T, G, D], [T, G, D]
-    cos, sin = rope.cos_sin(batch.positions)
-    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-
+    q, k, v = gqa_project(w, cfg, rope, x, batch)  # [T, N, D], [T, G, D], [T, G, D]
     rows = batch.slots[batch.token_seq]  # [T] KV row of each token
     kv.k[rows, batch.positions] = k.to(kv.k.dtype)
     kv.v[rows, batch.positions] = v.to(kv.v.dtype)
+    keys = batch.cached(kv.k).to(q.dtype)  # [B, S, G, D]
+    values = batch.cached(kv.v).to(q.dtype)  # [B, S, G, D]
+    return linear(gqa_attend(cfg, batch, q, keys, values, window), w.o_proj, w.o_bias)  # [T, H]
 
-    keys = batch.cached(kv.k).to(q.dtype).transpose(1, 2)  # [B, G, S, D]
-    values = batch.cached(kv.v).to(q.dtype).transpose(1, 2)  # [B, G, S, D]
+
+def gqa_project(w: GQAWeights, cfg: GQAConfig, rope: Rope, x: Tensor, batch: AttnBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """x [T, H] -> the new tokens' rotated queries [T, N, D], rotated keys and values [T, G, D]."""
+    q, k, v = _project_qkv(w, cfg, x)  # [T, N, D], [T, G, D], [T, G, D]
+    cos, sin = rope.cos_sin(batch.positions)
+    return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
+
+
+def gqa_attend(cfg: GQAConfig, batch: AttnBatch, q: Tensor, keys: Tensor, values: Tensor, window: int | None) -> Tensor:
+    """Queries q [T, N, D] over each sequence's keys and values [B, S, G, D] (its new ones among them) -> the
+    attention output [T, N*D], before the output projection."""
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, G, S, D]
     if batch.is_decode:
         # One new token per sequence (T = B): the N/G query heads of a kv head attend as N/G query
         # rows of that head, so K/V are read as they are, never expanded to N heads (1.4x faster
@@ -38,7 +48,7 @@ def gqa_attention(
         G = cfg.num_kv_heads
         queries = q.view(len(q), G, cfg.num_heads // G, cfg.head_dim)  # [B, G, N/G, D]
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale)
-        return linear(out.reshape(len(q), -1), w.o_proj, w.o_bias)  # [B, G, N/G, D] -> [T, N*D] -> [T, H]
+        return out.reshape(len(q), -1)  # [B, G, N/G, D] -> [T, N*D]
     queries = batch.pad(q).transpose(1, 2)  # [B, N, Qm, D]
     gqa = cfg.num_heads != cfg.num_kv_heads
     if gqa and q.is_cuda:
@@ -51,8 +61,7 @@ def gqa_attention(
     out = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=batch.mask(window), scale=cfg.scale, enable_gqa=gqa
     )  # [B, N, Qm, D]
-    out = batch.unpad(out.transpose(1, 2)).flatten(1)  # [T, N*D]
-    return linear(out, w.o_proj, w.o_bias)
+    return batch.unpad(out.transpose(1, 2)).flatten(1)  # [T, N*D]
 
 
 def _project_qkv(w: GQAWeights, cfg: GQAConfig, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

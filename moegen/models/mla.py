@@ -32,24 +32,50 @@ def mla_attention(
     `absorbed` picks the form; by default decode batches (one new token per sequence) use the
     absorbed form and everything else the expanded one.
     """
+    q_nope, q_rope, latent, k_rope = mla_project(w, cfg, rope, x, batch)
+    rows = batch.slots[batch.token_seq]  # [T]
+    kv.latent[rows, batch.positions] = latent.to(kv.latent.dtype)
+    kv.k_rope[rows, batch.positions] = k_rope.to(kv.k_rope.dtype)
+
+    cached_latent = batch.cached(kv.latent).to(x.dtype)  # [B, S, C]
+    cached_rope = batch.cached(kv.k_rope).to(x.dtype)  # [B, S, R]
+    use_absorbed = batch.is_decode if absorbed is None else absorbed
+    if use_absorbed:
+        w_k, w_v = _kv_b(w, cfg)
+        q_latent = torch.einsum("tnp,npc->tnc", q_nope, w_k)  # [T, N, C]: kv_b_proj's key half folded in
+        out_latent = mla_attend_latent(cfg, batch, q_latent, q_rope, cached_latent, cached_rope)  # [T, N, C]
+        out = torch.einsum("tnc,nvc->tnv", out_latent, w_v)  # [T, N, V]: its value half
+    else:
+        out = batch.unpad(_attend_expanded(w, cfg, batch, batch.pad(q_nope), batch.pad(q_rope), cached_latent,
+                                           cached_rope))  # [T, N, V]
+    return linear(out.flatten(1), w.o_proj, w.o_bias)  # [T, N*V] -> [T, H]
+
+
+def mla_project(w: MLAWeights, cfg: MLAConfig, rope: Rope, x: Tensor, batch: AttnBatch
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x [T, H] -> the new tokens' queries q_nope [T, N, P] and rotated q_rope [T, N, R], and what the cache
+    keeps of them: the normalised latent [T, C] and the rotated key head [T, R]."""
     q_nope, q_rope = _queries(w, cfg, x)  # [T, N, P], [T, N, R]
     ckv = linear(x, w.kv_a_proj_with_mqa)  # [T, C+R]
     latent = rms_norm(ckv[:, : cfg.kv_lora_rank], w.kv_a_layernorm, MLA_LATENT_NORM_EPS)  # [T, C]
     k_rope = ckv[:, None, cfg.kv_lora_rank :]  # [T, 1, R]
     cos, sin = rope.cos_sin(batch.positions)
     q_rope, k_rope = rope.apply(q_rope, cos, sin), rope.apply(k_rope, cos, sin)
+    return q_nope, q_rope, latent, k_rope[:, 0]
 
-    rows = batch.slots[batch.token_seq]  # [T]
-    kv.latent[rows, batch.positions] = latent.to(kv.latent.dtype)
-    kv.k_rope[rows, batch.positions] = k_rope[:, 0].to(kv.k_rope.dtype)
 
-    cached_latent = batch.cached(kv.latent).to(x.dtype)  # [B, S, C]
-    cached_rope = batch.cached(kv.k_rope).to(x.dtype)  # [B, S, R]
-    use_absorbed = batch.is_decode if absorbed is None else absorbed
-    attend = _attend_absorbed if use_absorbed else _attend_expanded
-    out = attend(w, cfg, batch, batch.pad(q_nope), batch.pad(q_rope), cached_latent, cached_rope)  # [B, Qm, N, V]
-    out = batch.unpad(out).flatten(1)  # [T, N*V]
-    return linear(out, w.o_proj, w.o_bias)
+def mla_attend_latent(cfg: MLAConfig, batch: AttnBatch, q_latent: Tensor, q_rope: Tensor, latent: Tensor,
+                      k_rope: Tensor) -> Tensor:
+    """The absorbed form's attention, weights folded out: queries in latent space q_latent [T, N, C] and q_rope
+    [T, N, R] over each sequence's cached latents [B, S, C] and rope keys [B, S, R] -> [T, N, C], the
+    probability-weighted latents (kv_b_proj's value half turns them into values)."""
+    q_l, q_r = batch.pad(q_latent), batch.pad(q_rope)  # [B, Qm, N, C], [B, Qm, N, R]
+    scores = torch.einsum("bqnc,bsc->bnqs", q_l, latent)  # [B, N, Qm, S]
+    scores = scores + torch.einsum("bqnr,bsr->bnqs", q_r, k_rope)
+    scores = scores.float() * cfg.scale
+    scores = scores.masked_fill(~batch.mask(None), float("-inf"))
+    probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, N, Qm, S]
+    return batch.unpad(torch.einsum("bnqs,bsc->bqnc", probs, latent))  # [B, Qm, N, C] -> [T, N, C]
 
 
 def _queries(w: MLAWeights, cfg: MLAConfig, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,15 +105,3 @@ def _attend_expanded(w, cfg: MLAConfig, batch: AttnBatch, q_nope, q_rope, latent
         values = F.pad(values, (0, QK - V))  # [B, N, S, P+R]; cpu's math kernel built [B, N, Qm, S] scores)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask(None), scale=cfg.scale)
     return out[..., :V].transpose(1, 2)  # [B, N, Qm, P+R] -> [B, Qm, N, V]
-
-
-def _attend_absorbed(w, cfg: MLAConfig, batch: AttnBatch, q_nope, q_rope, latent, k_rope) -> Tensor:
-    w_k, w_v = _kv_b(w, cfg)
-    q_latent = torch.einsum("bqnp,npc->bnqc", q_nope, w_k)  # [B, N, Qm, C]
-    scores = torch.einsum("bnqc,bsc->bnqs", q_latent, latent)  # [B, N, Qm, S]
-    scores = scores + torch.einsum("bqnr,bsr->bnqs", q_rope, k_rope)
-    scores = scores.float() * cfg.scale
-    scores = scores.masked_fill(~batch.mask(None), float("-inf"))
-    probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, N, Qm, S]
-    out_latent = torch.einsum("bnqs,bsc->bqnc", probs, latent)  # [B, Qm, N, C]
-    return torch.einsum("bqnc,nvc->bqnv", out_latent, w_v)  # [B, Qm, N, V]
