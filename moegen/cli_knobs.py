@@ -61,6 +61,11 @@ def runtime_options(fn):
         click.option("--batching", type=click.Choice(["module", "model"]), default="module", show_default=True,
                      help="module: micro-batched attention, each expert once per layer over the whole batch; "
                           "model: one batch walks the whole model, KV on the device (the baselines' policy)."),
+        click.option("--cpu-attention", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="Share of each decode step's sequences whose attention runs on host threads over the host KV "
+                          "cache (only q, new k/v and the output cross the link; --batching module)."),
+        click.option("--cpu-attention-threads", type=click.IntRange(min=1), default=None,
+                     help="Threads of the host attention worker [default: torch's]."),
         click.option("--sim-link-gbps", type=float, default=None, help="cpu: simulate a host-device link of this GB/s."),
         click.option("--no-plan", is_flag=True,
                      help="Don't plan: every knob you leave unset takes its default (see `moegen plan`)."),

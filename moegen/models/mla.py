@@ -41,7 +41,7 @@ def mla_attention(
     cached_rope = batch.cached(kv.k_rope).to(x.dtype)  # [B, S, R]
     use_absorbed = batch.is_decode if absorbed is None else absorbed
     if use_absorbed:
-        w_k, w_v = _kv_b(w, cfg)
+        w_k, w_v = kv_b_halves(w, cfg)
         q_latent = torch.einsum("tnp,npc->tnc", q_nope, w_k)  # [T, N, C]: kv_b_proj's key half folded in
         out_latent = mla_attend_latent(cfg, batch, q_latent, q_rope, cached_latent, cached_rope)  # [T, N, C]
         out = torch.einsum("tnc,nvc->tnv", out_latent, w_v)  # [T, N, V]: its value half
@@ -87,14 +87,14 @@ def _queries(w: MLAWeights, cfg: MLAConfig, x: Tensor) -> tuple[Tensor, Tensor]:
     return q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
 
 
-def _kv_b(w: MLAWeights, cfg: MLAConfig) -> tuple[Tensor, Tensor]:
+def kv_b_halves(w: MLAWeights, cfg: MLAConfig) -> tuple[Tensor, Tensor]:
     """kv_b_proj split per head into its key half [N, P, C] and value half [N, V, C]."""
     kv_b = w.kv_b_proj.view(cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
     return kv_b[:, : cfg.qk_nope_head_dim], kv_b[:, cfg.qk_nope_head_dim :]
 
 
 def _attend_expanded(w, cfg: MLAConfig, batch: AttnBatch, q_nope, q_rope, latent, k_rope) -> Tensor:
-    w_k, w_v = _kv_b(w, cfg)
+    w_k, w_v = kv_b_halves(w, cfg)
     k_nope = torch.einsum("bsc,npc->bnsp", latent, w_k)  # [B, N, S, P]
     values = torch.einsum("bsc,nvc->bnsv", latent, w_v)  # [B, N, S, V]
     k_rot = k_rope[:, None].expand(-1, cfg.num_heads, -1, -1)  # [B, N, S, R]

@@ -31,6 +31,7 @@ from moegen.planner.calibrate import Machine, Profile
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.device_memory import (LaunchSizes, activation_bytes, launch_sizes, model_batch_size, staging_bytes,
                                           step_tokens, transient_bytes)
+from moegen.runtime.host_attention.worker import device_bytes as host_attention_device_bytes
 from moegen.runtime.kv.sizing import host_kv_bytes_per_token
 from moegen.runtime.residency import ModuleId, ModuleSize, Residency, choose_residency, core_device_bytes, module_sizes
 
@@ -94,6 +95,8 @@ def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: in
     per_token = kv_bytes_per_token(cfg, dtype)
     kv = B * S * per_token if model_mode else (staging_bytes(cfg, rcfg, micro, max_step) if stage else 0)
     sizes = launch_sizes(cfg, rcfg, budget, max_step, micro, B)
+    if not model_mode:  # --cpu-attention: the host-attended share's q/k/v and outputs, as the runtime reserves them
+        kv += host_attention_device_bytes(cfg, math.ceil(rcfg.cpu_attention * B), rcfg.torch_dtype.itemsize)
     reserved = (facts.core_bytes + kv + activation_bytes(cfg, rcfg, max_step, B)
                 + transient_bytes(cfg, rcfg, sizes, max_step, micro, B))
     if budget is not None and reserved > budget:

@@ -77,8 +77,8 @@ class Stream(ABC):
 
 class Backend(ABC):
     """A device: a compute stream, a weights copy stream, a KV copy stream, a device-to-host stream; and
-    two host worker streams for the host's side of KV staging (gathers into page-locked buffers,
-    scatters out of them), worker threads on every backend."""
+    three host worker streams, worker threads on every backend: the host's side of KV staging (gathers into
+    page-locked buffers, scatters out of them) and decode attention over the host KV cache."""
 
     name: str
     device: torch.device  # where device buffers live
@@ -91,12 +91,18 @@ class Backend(ABC):
     d2h: Stream
     host_gather: Stream
     host_scatter: Stream
+    host_attention: Stream  # decode attention over the host KV cache (`runtime.host_attention`)
     recorder = None  # a TraceRecorder while tracing
     locked: list[tuple[Tensor, int, str]]  # host buffers page-locked by `lock_host`: (buffer, bytes, what)
 
     @property
     def streams(self) -> tuple[Stream, ...]:
-        return (self.compute, self.h2d_weights, self.h2d_kv, self.d2h, self.host_gather, self.host_scatter)
+        return (self.compute, self.h2d_weights, self.h2d_kv, self.d2h, *self.host_workers)
+
+    @property
+    def host_workers(self) -> tuple[Stream, ...]:
+        """The worker-thread streams that run host work on every backend."""
+        return (self.host_gather, self.host_scatter, self.host_attention)
 
     def trace_to(self, recorder) -> None:
         """Record every labelled work item as a slice on its stream's track (in this order)."""

@@ -61,6 +61,12 @@ class RuntimeConfig:
     batching: Literal["module", "model"] = "module"
     """module: attention in micro-batches, each expert once per layer over the whole batch.
     model: one batch walks the whole model (the published baselines' policy)."""
+    cpu_attention: float = 0.0
+    """Share (0-1) of each decode step's sequences whose attention runs on host threads straight over the host KV
+    cache (`runtime.host_attention`): only their q, new k/v and attention output cross the link, none of their
+    KV is staged. Prefill attention stays on the device; --batching module only."""
+    cpu_attention_threads: int | None = None
+    """Threads of the host attention worker; None = torch's intra-op default."""
     sim_link_gbps: float | None = None
     """cpu backend: pace host->device copies to this bandwidth (GB/s) to simulate a PCIe link."""
 
@@ -92,6 +98,15 @@ class RuntimeConfig:
         if self.kv_dtype == "fp8" and self.batching == "model":
             raise ValueError("--kv-dtype fp8 quantizes the paged host KV cache, which --batching model does not use "
                              "(its KV stays on the device in the run dtype): use --batching module or --kv-dtype auto")
+        if not 0 <= self.cpu_attention <= 1:
+            raise ValueError(f"--cpu-attention is a share of the decode sequences, 0 to 1, got {self.cpu_attention}")
+        if self.cpu_attention > 0 and self.batching == "model":
+            raise ValueError("--cpu-attention runs attention over the host KV cache, which --batching model does not "
+                             "use (its KV stays on the device): use --batching module or --cpu-attention 0")
+        if self.cpu_attention > 0 and self.kv_dtype == "fp8":
+            raise ValueError("--cpu-attention does not read an FP8 KV cache yet: use --kv-dtype auto with it")
+        if self.cpu_attention_threads is not None and self.cpu_attention_threads < 1:
+            raise ValueError(f"--cpu-attention-threads must be at least 1, got {self.cpu_attention_threads}")
         if self.sim_link_gbps is not None and (self.device != "cpu" or self.sim_link_gbps <= 0):
             raise ValueError("--sim-link-gbps is a positive bandwidth and only applies to --device cpu")
 

@@ -8,6 +8,7 @@ device budget before any work.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from moegen.runtime.backend import Backend, Event
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.device_memory import (activation_bytes, launch_sizes, model_batch_size, staging_bytes, step_tokens,
                                           transient_bytes)
+from moegen.runtime.host_attention import worker as host_attention
 from moegen.runtime.kv.sizing import host_kv_blocks, host_kv_bytes_per_token
 from moegen.runtime.kv.block_pool import BlockPool
 from moegen.runtime.kv.fp8 import KVFp8
@@ -47,6 +49,7 @@ class EngineStats:
     sequences_per_step: list[int] = field(default_factory=list)  # sequences in flight in each step
     expert_counts: list[list[int]] = field(default_factory=list)  # tokens per expert, per (step, MoE layer)
     kv: KVStats | None = None  # the KV cache's blocks, prefix hits and preemptions
+    host_attended: int = 0  # decode tokens whose attention ran on the host (--cpu-attention), each counted once
 
 
 @dataclass(slots=True)
@@ -97,6 +100,9 @@ class Runtime:
             kv_bytes = staging_bytes(cfg, rcfg, self.micro_batch, self.max_step_tokens)
         else:
             kv_bytes = 0
+        # --cpu-attention: that share of the decode sequences attends on the host; its q/k/v and outputs cross
+        self.host_sequences = 0 if self.kv_on_device else math.ceil(rcfg.cpu_attention * B)
+        kv_bytes += host_attention.device_bytes(cfg, self.host_sequences, dtype.itemsize)
         # How large each launch may be, and what the largest step's launches allocate and free at most
         self.sizes = launch_sizes(cfg, rcfg, backend.budget, self.max_step_tokens, self.micro_batch, B)
         self.transient_bytes = transient_bytes(cfg, rcfg, self.sizes, self.max_step_tokens, self.micro_batch, B)
@@ -111,6 +117,8 @@ class Runtime:
         self.stager = None if self.kv_on_device else KVStager.allocate(
             backend, cfg.attention, self.kv, self.kv_block_size, self.micro_batch, S,
             min(self.max_step_tokens, self.micro_batch * S), dtype, copies=self.stage_copies, fp8=self.kv_fp8)
+        self.host_attention = host_attention.HostAttention.allocate(
+            backend, cfg, self.kv, self.host_sequences, dtype, rcfg.cpu_attention_threads) if self.host_sequences else None
         self.h, self.x, self.out = (torch.empty(self.max_step_tokens, H, dtype=dtype, device=backend.device)
                                     for _ in range(3))
         self.step_inputs = StepInputs(backend, step_input_bytes(B, self.max_step_tokens))
@@ -145,7 +153,7 @@ class Runtime:
     def close(self) -> None:
         """Drop the run's large buffers (KV cache, staging, activations, slots) when the engine closes, so a
         next engine in the same process reuses their memory; the weights stay with their owner."""
-        self.kv, self.stager, self.kv_fp8 = [], None, None
+        self.kv, self.stager, self.kv_fp8, self.host_attention = [], None, None, None
         self.h = self.x = self.out = self.step_inputs = self.embed_rows = None
         self.placement.close()
 
@@ -237,7 +245,7 @@ class Runtime:
         return Step(
             plan=plan,
             micro=micro_batches(plan, self.micro_batch, self.kv_block_size, staged=not self.kv_on_device,
-                                max_padded=self.max_step_tokens,
+                                max_padded=self.max_step_tokens, host_share=self.rcfg.cpu_attention,
                                 fits=self.sizes.attention_fits),
             h=self.h[:T], x=self.x, out=self.out,
             last_token=torch.tensor(plan.q_lens).cumsum(0) - 1,  # [B] each sequence's last token

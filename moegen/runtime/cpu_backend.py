@@ -34,7 +34,7 @@ class CpuBackend(Backend):
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
             CpuStream(name, self.counters, record_intervals, self, lanes=cpu_lanes() if name == "compute" else 1)
             for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
-        self.host_gather, self.host_scatter = host_streams(self, record_intervals)
+        self.host_gather, self.host_scatter, self.host_attention = host_streams(self, record_intervals)
 
     async def wait(self, event: Event) -> None:
         await event.future()

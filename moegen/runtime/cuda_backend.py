@@ -127,7 +127,7 @@ class CudaBackend(Backend):
         self.clock: DeviceClock | None = None
         self.compute, self.h2d_weights, self.h2d_kv, self.d2h = (
             CudaStream(name, self) for name in ("compute", "copy H2D weights", "copy H2D KV", "copy D2H"))
-        self.host_gather, self.host_scatter = host_streams(self)
+        self.host_gather, self.host_scatter, self.host_attention = host_streams(self)
         self._waits: queue.SimpleQueue = queue.SimpleQueue()
         self._waiter = threading.Thread(target=self._wait_loop, name="moegen-cuda-waiter", daemon=True)
         self._waiter.start()
@@ -184,14 +184,14 @@ class CudaBackend(Backend):
         return stream.submit(fn, label)
 
     def synchronize(self) -> None:
-        for stream in (self.host_gather, self.host_scatter):
+        for stream in self.host_workers:
             stream.submit(lambda: None, waiting=True).settle()
         torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         self._waits.put(None)
         self._waiter.join()
-        for stream in (self.host_gather, self.host_scatter):
+        for stream in self.host_workers:
             stream.cancel_pending()
             stream.close()
         torch.cuda.synchronize(self.device)

@@ -146,6 +146,8 @@ class Engine:
         self._runs += 1
         if rt.stager is not None:
             rt.stager.reset()
+        if rt.host_attention is not None:
+            rt.host_attention.reset()
         try:
             async with asyncio.TaskGroup() as group:
                 for coro in all_tasks(rt):

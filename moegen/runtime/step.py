@@ -32,6 +32,7 @@ class MicroBatch:
     kv_blocks: Tensor | None = None  # [b, S'/block_size] host int64: the host cache's blocks to stage, in order
     # (S' its longest context rounded up to whole blocks; a shorter sequence's tail names block 0, masked)
     kv_slots: Tensor | None = None  # [t] host int64: where each new entry goes home (block * block_size + offset)
+    on_host: bool = False  # decode attention on host threads over the host KV (`runtime.host_attention`)
 
 
 @dataclass(slots=True)
@@ -86,7 +87,7 @@ class Step:
 
 
 def micro_batches(plan: StepPlan, size: int, block_size: int, staged: bool = True, max_padded: int | None = None,
-                  fits: Callable[[int, int, int], bool] | None = None) -> list[MicroBatch]:
+                  fits: Callable[[int, int, int], bool] | None = None, host_share: float = 0.0) -> list[MicroBatch]:
     """Split the step's sequences, in order, into groups of at most `size`, never mixing decode
     sequences (one new token) with prompts: a prompt in a decode group would pad every query of
     the group to its length. A group of prompts is also cut before its sequences padded to its longest
@@ -94,16 +95,23 @@ def micro_batches(plan: StepPlan, size: int, block_size: int, staged: bool = Tru
     are sized for), so a long prompt beside short ones never pads them all to its length; and any group
     before `fits(sequences, longest new, longest context)` would fail for it (the launch's transient
     memory). Staged micro-batches address KV rows 0..b-1 of a staging buffer, filled from their blocks of
-    `block_size` tokens; unstaged ones (a device cache of one block per sequence) their blocks as rows."""
+    `block_size` tokens; unstaged ones (a device cache of one block per sequence) their blocks as rows.
+    `host_share` of the leading one-token sequences (the running ones: admitted prompts come after them) form
+    one micro-batch first, attended on the host (`on_host`; any number of sequences: nothing of theirs is staged)."""
     out, token = [], 0
     limit = math.inf if max_padded is None else max_padded
-    for index, (first, end) in enumerate(_groups(plan.q_lens, plan.past_lens, size, limit, fits)):
+    lead = next((i for i, q in enumerate(plan.q_lens) if q != 1), len(plan.q_lens))
+    on_host = round(host_share * lead) if staged else 0
+    groups = ([(0, on_host)] if on_host else []) + [
+        (first + on_host, end + on_host)
+        for first, end in _groups(plan.q_lens[on_host:], plan.past_lens[on_host:], size, limit, fits)]
+    for index, (first, end) in enumerate(groups):
         seqs = slice(first, end)
         q_lens, past, blocks = plan.q_lens[seqs], plan.past_lens[seqs], plan.blocks[seqs]
         n = sum(q_lens)
         slots = list(range(len(q_lens))) if staged else [held[0] for held in blocks]
         attn = AttnBatch.build(slots=slots, past_lens=past, q_lens=q_lens)  # host; StepInputs sends it
-        mb = MicroBatch(index, first, slice(token, token + n), attn, past, q_lens)
+        mb = MicroBatch(index, first, slice(token, token + n), attn, past, q_lens, on_host=index == 0 and on_host > 0)
         if staged:
             mb.kv_blocks, mb.kv_slots = _block_index(blocks, attn, block_size)
         out.append(mb)

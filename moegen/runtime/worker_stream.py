@@ -199,7 +199,9 @@ class CpuStream(Stream):
             event.finish(failed)
 
 
-def host_streams(backend, record_intervals: bool = False) -> tuple[CpuStream, CpuStream]:
-    """A backend's two host worker streams: KV gathers into page-locked staging, KV scatters out of it."""
+def host_streams(backend, record_intervals: bool = False) -> tuple[CpuStream, CpuStream, CpuStream]:
+    """A backend's three host worker streams: KV gathers into page-locked staging, KV scatters out of it, and
+    decode attention over the host KV cache (`runtime.host_attention`)."""
     return (CpuStream("host KV gather", backend.counters, record_intervals, backend),
-            CpuStream("host KV scatter", backend.counters, record_intervals, backend))
+            CpuStream("host KV scatter", backend.counters, record_intervals, backend),
+            CpuStream("host attention", backend.counters, record_intervals, backend))

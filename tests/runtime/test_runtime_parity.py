@@ -189,3 +189,15 @@ def test_paged_kv_too_small_for_every_sequence_preempts_and_keeps_parity(family,
     failures = [f"prompt {i}: {v.detail}" for i, (ids, logits) in enumerate(runs)
                 if not (v := compare_greedy(results[i].token_ids, expected[i], None, logits[:len(expected[i])])).ok]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_host_attention_keeps_parity(family, share, oracle):
+    """A share of each decode step's sequences attends on the host over the paged cache, under a device budget
+    and a simulated link (KV staged for the rest): every output still matches transformers'."""
+    path, runs = oracle(family)
+    results, engine = run_engine(path, batch_size=4, gpu_memory=2**40, sim_link_gbps=50.0, kv_block_size=4,
+                                 cpu_attention=share)
+    assert (engine.stats.host_attended > 0) == (share > 0)
+    assert_parity(results, runs)

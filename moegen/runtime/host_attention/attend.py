@@ -6,7 +6,7 @@ What crosses for a sequence attended here, per layer (the device projects and ap
 GQA: q [N, D] and the new k, v [G, D] in, the output [N*D] back; MLA (absorbed): the latent-space query
 [N, C] and q_rope [N, R], the new latent [C] and rope key [R] in, the weighted latents [N, C] back.
 
-Letters: b sequences, N heads, G kv heads, D head dim, C latent rank, R rope dim, S' context in whole blocks,
+Letters: b sequences, N heads, G kv heads, D head dim, C latent rank, R rope dim, S longest context,
 n blocks per sequence, K blocks in the cache.
 """
 
@@ -40,14 +40,15 @@ def write_new(kv: LayerKV, new: LayerKV, slots: Tensor) -> None:
         cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, getattr(new, f.name))
 
 
-def gathered(kv: LayerKV, blocks: Tensor, dtype: torch.dtype) -> LayerKV:
-    """Each sequence's blocks of the host cache as [b, S', ...] per tensor, in `dtype` (one gather per tensor)."""
+def gathered(kv: LayerKV, blocks: Tensor, positions: int, dtype: torch.dtype) -> LayerKV:
+    """Each sequence's first `positions` positions, from its blocks of the host cache: [b, positions, ...] per
+    tensor, in `dtype` (one gather per tensor)."""
     b, n = blocks.shape
     out = {}
     for f in fields(kv):
         cache = getattr(kv, f.name)  # [K, block_size, ...]
         rows = cache.index_select(0, blocks.flatten())  # [b * n, block_size, ...]
-        out[f.name] = rows.view(b, n * cache.shape[1], *cache.shape[2:]).to(dtype)
+        out[f.name] = rows.view(b, n * cache.shape[1], *cache.shape[2:])[:, :positions].to(dtype)
     return type(kv)(**out)
 
 
@@ -60,8 +61,9 @@ def gqa_decode(cfg: GQAConfig, kv: GQALayerKV, part: HostDecode, q: Tensor, k: T
                window: int | None) -> Tensor:
     """q [b, N, D], the new k, v [b, G, D] -> the attention output [b, N*D] (before the output projection)."""
     write_new(kv, GQALayerKV(k=k.to(kv.k.dtype), v=v.to(kv.v.dtype)), part.slots)
-    cached = gathered(kv, part.blocks, q.dtype)  # [b, S', G, D] each
-    return gqa_attend(cfg, decode_batch(part.past_lens), q, cached.k, cached.v, window)
+    batch = decode_batch(part.past_lens)
+    cached = gathered(kv, part.blocks, batch.max_kv, q.dtype)  # [b, S, G, D] each
+    return gqa_attend(cfg, batch, q, cached.k, cached.v, window)
 
 
 def mla_decode(cfg: MLAConfig, kv: MLALayerKV, part: HostDecode, q_latent: Tensor, q_rope: Tensor, latent: Tensor,
@@ -69,5 +71,6 @@ def mla_decode(cfg: MLAConfig, kv: MLALayerKV, part: HostDecode, q_latent: Tenso
     """Latent-space queries q_latent [b, N, C], q_rope [b, N, R], the new latent [b, C] and rope key [b, R] ->
     the weighted latents [b, N, C] (kv_b_proj's value half, on the device, makes them values)."""
     write_new(kv, MLALayerKV(latent=latent.to(kv.latent.dtype), k_rope=k_rope.to(kv.k_rope.dtype)), part.slots)
-    cached = gathered(kv, part.blocks, q_latent.dtype)  # [b, S', C], [b, S', R]
-    return mla_attend_latent(cfg, decode_batch(part.past_lens), q_latent, q_rope, cached.latent, cached.k_rope)
+    batch = decode_batch(part.past_lens)
+    cached = gathered(kv, part.blocks, batch.max_kv, q_latent.dtype)  # [b, S, C], [b, S, R]
+    return mla_attend_latent(cfg, batch, q_latent, q_rope, cached.latent, cached.k_rope)

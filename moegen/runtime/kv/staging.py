@@ -102,8 +102,10 @@ class KVStager:
     slots: list[Slot]
     fp8: KVFp8 | None  # --kv-dtype fp8: the scales; the buffers hold e4m3 (None: the run dtype)
     free: asyncio.Queue = field(default_factory=asyncio.Queue)
-    this_step: list[list[Event]] = field(default_factory=list)  # per layer: this step's scatters so far
+    this_step: list[list[Event]] = field(default_factory=list)  # per layer: this step's cache writes so far
+    # (scatters, and host attention's writes of its new entries)
     last_step: list[list[Event]] = field(default_factory=list)  # per layer: the previous step's scatters
+    step_of: list[int] = field(default_factory=list)  # per layer: the step its KV work is on
 
     @classmethod
     def allocate(cls, backend: Backend, cfg: GQAConfig | MLAConfig, host_kv: list[LayerKV], block_size: int,
@@ -129,6 +131,14 @@ class KVStager:
             slots.append(slot)
         return cls(backend, cfg, host_kv, block_size, copies, slots, fp8)
 
+    def begin(self, layer: int, step: int) -> list[Event]:
+        """The first KV work of `step` in `layer` (staging, or host attention) makes it the layer's current step:
+        returns the previous step's writes of the layer, which what reads the cache now must wait for."""
+        if self.step_of[layer] != step:
+            self.step_of[layer] = step
+            self.last_step[layer], self.this_step[layer] = self.this_step[layer], []
+        return self.last_step[layer]
+
     def reset(self) -> None:
         """Before a run: every slot free (the backend has finished all earlier work)."""
         self.free = asyncio.Queue()
@@ -137,13 +147,13 @@ class KVStager:
             self.free.put_nowait(slot)
         self.this_step = [[] for _ in self.host_kv]
         self.last_step = [[] for _ in self.host_kv]
+        self.step_of = [-1] * len(self.host_kv)
 
     async def stage(self, layer: int, step: int, mb: MicroBatch, label: Label) -> Staged:
         """Gather the micro-batch's cached rows on the host worker (awaited: the loop goes on meanwhile),
         then copy them onto the device in one copy. `label(name, **args)` names work in a trace."""
         b = self.backend
-        if mb.index == 0:  # a new step for this layer: what the last one wrote must be home before we read
-            self.last_step[layer], self.this_step[layer] = self.this_step[layer], []
+        self.begin(layer, step)
         slot = await self.free.get()
         S = whole_blocks(mb.attn.max_kv, self.block_size)
         seqs = len(mb.q_lens)

@@ -30,7 +30,7 @@ FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.
 async def attention_task(rt: Runtime, layer: int) -> None:
     """attention[layer]: one launch per micro-batch, its KV staged in from the host and the new
     entries written back; the weights ticket is held from the step's first micro-batch to its last."""
-    module, ticket = ModuleId("attn", layer), None
+    module, ticket, on_host = ModuleId("attn", layer), None, []
     b = rt.backend
     while (msg := await rt.queues.attn[layer].get()) is not STOP:
         step, mb = msg
@@ -40,15 +40,30 @@ async def attention_task(rt: Runtime, layer: int) -> None:
         if ticket.ready is not None:
             b.compute.wait_event(ticket.ready)
         weight_flow = (ticket.flow,) if ticket.flow and mb.index == 0 else ()
-        if rt.kv_on_device:  # --batching model: the KV is where the compute reads it
+        if mb.on_host:  # its output projection waits until the device's micro-batches are submitted
+            on_host.append((mb, await rt.host_attention.start(rt, layer, step, mb, ticket)))
+            done = None
+        elif rt.kv_on_device:  # --batching model: the KV is where the compute reads it
             done = b.compute.submit(lambda s=step, m=mb, t=ticket: _attend(rt, layer, s, m, t.unpack(), rt.kv[layer]),
                                     rt.attention_label(layer, step, mb, weight_flow))
         else:
             done = await _attend_staged(rt, layer, step, mb, ticket, weight_flow)
-        if mb.index == len(step.micro) - 1:
-            rt.placement.release(ticket, module, done)
-        rt.waiting("router", sum(mb.q_lens))
-        await rt.queues.router[layer].put((step, mb))
+        await _send_on(rt, layer, step, mb, ticket, module, done, on_host)
+
+
+async def _send_on(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ticket, module, done: Event | None,
+                   on_host: list) -> None:
+    """Hand `mb` to the router (a host-attended one, `done` None, once it is finished); after the layer's last
+    micro-batch, finish the host-attended ones (their output projections) and release the weights once the last
+    launch reading them is done."""
+    finished = [] if done is None else [(mb, done)]
+    if mb.index == len(step.micro) - 1:
+        finished += [(held, finish()) for held, finish in on_host]
+        on_host.clear()
+        rt.placement.release(ticket, module, finished[-1][1])
+    for m, _ in finished:
+        rt.waiting("router", sum(m.q_lens))
+        await rt.queues.router[layer].put((step, m))
 
 
 async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ticket, flows: tuple[int, ...]) -> Event:

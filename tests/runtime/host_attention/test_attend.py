@@ -13,7 +13,7 @@ from moegen.models.kv_cache import GQALayerKV, MLALayerKV
 from moegen.runtime.host_attention.attend import HostDecode, gqa_decode, mla_decode
 
 BLOCK = 4
-PAST = [5, 0, 11, 8]  # cached tokens of each sequence before its new one
+PAST = [5, 0, 9, 8]  # cached tokens of each sequence before its new one (the longest context, 10, ends mid-block)
 
 
 def layout(past: list[int], blocks_in_cache: int, seed: int) -> tuple[HostDecode, list[list[int]]]:
