@@ -97,6 +97,8 @@ class Profile:
     # beyond its time alone (the event loop's thread shares the cores: small launches pay most)
     expert_plain: Curve | None = None  # tokens -> seconds, one routed expert over plain weights: a streamed
     # expert's, where residents' weights are reordered for the matmul (the cpu's oneDNN); None: as `expert`
+    host_attn: Linear | None = None  # (sequences, sequences x context) -> seconds of one layer's decode attention
+    # on the host worker (`planner.host_profile`); None: not measured (no share of attention is planned)
 
 
 @dataclass(slots=True)
@@ -160,7 +162,8 @@ def _profile(raw: dict) -> Profile:
                    attn_decode=Linear(raw["attn_decode"]["coefficients"]),
                    attn_prefill=Linear(raw["attn_prefill"]["coefficients"]),
                    head=curve(raw["head"]), combine=curve(raw["combine"]), in_run=raw.get("in_run", {}),
-                   expert_plain=curve(raw["expert_plain"]) if raw.get("expert_plain") else None)
+                   expert_plain=curve(raw["expert_plain"]) if raw.get("expert_plain") else None,
+                   host_attn=Linear(raw["host_attn"]["coefficients"]) if raw.get("host_attn") else None)
 
 
 def calibrated(device: str, force: bool = False, say: Callable[[str], None] = lambda _: None) -> Calibration:

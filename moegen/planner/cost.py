@@ -32,6 +32,7 @@ from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.device_memory import (LaunchSizes, activation_bytes, launch_sizes, model_batch_size, staging_bytes,
                                           step_tokens, transient_bytes)
 from moegen.runtime.host_attention.worker import device_bytes as host_attention_device_bytes
+from moegen.runtime.host_attention.worker import per_sequence_numel as host_attention_numel
 from moegen.runtime.kv.sizing import host_kv_bytes_per_token
 from moegen.runtime.residency import ModuleId, ModuleSize, Residency, choose_residency, core_device_bytes, module_sizes
 
@@ -164,6 +165,8 @@ class _Sim:
         self.bytes_per_s = None if s.link_gbps is None else s.link_gbps * 1e9
         cfg = facts.cfg
         self.kv_token_layer = host_kv_bytes_per_token(cfg, s.rcfg) // cfg.num_layers  # staged bytes (--kv-dtype)
+        self.host = 0.0  # the host attention worker's clock (cuda: beside the device)
+        self.host_returned_bytes = host_attention_numel(cfg)[1] * s.rcfg.torch_dtype.itemsize  # per sequence
 
     def launch(self, kind: str, seconds: float, ready: float = 0.0) -> float:
         seconds += self.p.in_run.get(kind, 0.0) + self.copy_cost
@@ -202,6 +205,20 @@ class _Sim:
             self.weights = max(self.weights, self.kv)
         return self.kv
 
+    def host_attention(self, b: int, context: float, ready: float) -> float:
+        """The host-attended share of a decode step's layer: its projections on the device (half of a launch
+        over b sequences and no context: the other half is its output projection), then the host's attention;
+        returns when the host is done. On the cpu backend the host worker shares the compute stream's cores, so
+        its time is the compute clock's too; on cuda it is a clock of its own, beside the device."""
+        p = self.p
+        projected = self.launch("attention", p.attn_decode(b, 0) / 2, ready)
+        took = (p.host_attn or p.attn_decode)(b, b * context)
+        if self.s.rcfg.device == "cpu":
+            return self.launch("host attention", took, projected)
+        self.host = max(self.host, projected) + took
+        self.modules["host attention"] = self.modules.get("host attention", 0.0) + took
+        return self.host
+
     @property
     def link_busy(self) -> float:
         return max(self.busy.values())
@@ -214,17 +231,23 @@ class _Sim:
         elem = s.rcfg.torch_dtype.itemsize
         h_ready = self.copy_kv(T * cfg.hidden_size * elem, start)  # the embedding rows cross the link
         self.launch("embed", p.combine(T), h_ready)
-        groups = _groups(decode, s.micro) + _groups(prompts, s.micro)
+        on_host = round(s.rcfg.cpu_attention * decode) if s.rcfg.batching == "module" else 0
+        decode_groups = _groups(decode - on_host, s.micro)
+        groups = decode_groups + _groups(prompts, s.micro)
         for layer in range(cfg.num_layers):
             attn = ModuleId("attn", layer)
-            ready = self.copy_weights(attn)
+            end = ready = self.copy_weights(attn)
+            host_done = self.host_attention(on_host, context, ready) if on_host else 0.0
             for i, b in enumerate(groups):
-                is_decode = i < len(_groups(decode, s.micro))
+                is_decode = i < len(decode_groups)
                 ctx = context if is_decode else 0
                 kv_ready = self.copy_kv(b * ctx * self.kv_token_layer if s.stage_kv else 0, start)
                 took = (p.attn_decode(b, b * ctx) if is_decode
                         else p.attn_prefill(b * prompt_len, b * prompt_len ** 2))
                 end = self.launch("attention", took, max(ready, kv_ready))
+            if on_host:  # its output crosses back, then the output projection
+                back = self.copy_kv(on_host * self.host_returned_bytes, host_done)
+                end = self.launch("attention", p.attn_decode(on_host, 0) / 2, back)
             self.used(attn, end)
             routed = self.launch("router", p.router(T))
             mlp = ModuleId("mlp", layer)

@@ -36,7 +36,14 @@ def calibration_for(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig
         profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
         cal.profiles[sig] = profile
         save(cal)
-    return cal, cal.profiles[sig]
+    profile = cal.profiles[sig]
+    if profile.host_attn is None:  # (a profile cached before host attention was measured gains it now)
+        from moegen.planner.host_profile import measure_host_attention
+
+        say("measuring decode attention on the host (cached for later runs) ...")
+        profile.host_attn = measure_host_attention(cfg, rcfg.torch_dtype, rcfg.cpu_attention_threads)
+        save(cal)
+    return cal, profile
 
 
 def device_budget(rcfg: RuntimeConfig) -> int | None:
@@ -71,7 +78,7 @@ def format_plan(plan: Plan, alternatives: bool = True) -> str:
         + f", {len(s.residency.resident)} modules resident, slots {dict(s.residency.pools) or 'none'}, {link}",
     ] + ([f"fp8: {s.fp8_residents[0]} resident modules' FP8 linears dequantized once at load (+"
           f"{s.fp8_residents[1] / 2**20:.1f} MiB on the device); streamed ones dequantized by each launch"]
-         if s.fp8_residents[0] else []) + [kv_line(plan)] + [
+         if s.fp8_residents[0] else []) + [kv_line(plan)] + _host_line(plan) + [
         f"predicted: prefill {p.prefill_tok_s:.1f} tok/s, decode {p.decode_tok_s:.1f} tok/s; the job "
         f"{p.job_s:.1f}s, {p.job_tok_s:.1f} generated tok/s",
         f"bound: prefill by {p.prefill.bound} ({_busy(p.prefill)}), decode by {p.decode.bound} ({_busy(p.decode)})",
@@ -107,6 +114,18 @@ def kv_line(plan: Plan) -> str:
         return line + "no preemptions expected (admission reserves what each row's cap needs)"
     return line + ("admission starts from the cap and adapts to the output lengths seen; a sequence that outgrows "
                    "them is preempted and recomputed")
+
+
+def _host_line(plan: Plan) -> list[str]:
+    """The share of decode attention on the host, when there is one: how many sequences, and its time a step."""
+    share = plan.rcfg.cpu_attention
+    if not share:
+        return []
+    p, w = plan.best.predicted, plan.workload
+    seconds = p.decode.modules.get("host attention", 0.0)
+    sequences = round(share * min(plan.best.setting.batch, w.requests))
+    return [f"host attention: {share:.0%} of each decode step's sequences ({sequences}), {seconds * 1e3:.1f} ms of "
+            "host time a decode step; none of their KV is staged"]
 
 
 def _busy(t) -> str:

@@ -4,17 +4,19 @@ within both memory budgets.
 Knobs searched: B (powers of two up to the number of requests, and that number, as many as the host
 KV cache's blocks hold at the KV each sequence is expected to hold: its prompt and its cap, on average), the
 host KV cache's bytes (its share of the host, no more than B sequences' longest could use), the
-attention micro-batch (B, B/2, ... within the device's KV staging), how many experts stay resident (the rest stream through every slot the budget leaves), and under a device budget
-the step's token budget (its default, or the least that admits any prompt: activations are sized
-by it). Knobs the user set are
+attention micro-batch (B, B/2, ... within the device's KV staging), how many experts stay resident (the
+rest stream through every slot the budget leaves), and under a device budget the step's token budget (its
+default, or the least that admits any prompt: activations are sized by it). Knobs the user set are
 fixed; the rest are planned around them. The expert micro-batch cap is kept off (one launch per
-expert is never slower in the model) unless the user sets it. The runtime has no CPU share of
-attention, so none is searched.
+expert is never slower in the model) unless the user sets it. The share of decode attention on
+the host (`--cpu-attention`) is searched among SHARES where staged KV crosses a link and the host's attention
+is measured (`planner.host_profile`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,7 +27,8 @@ from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
 
 PLANNED = ("batch_size", "attn_micro_batch", "expert_micro_batch", "expert_slots", "resident_experts",
-           "max_step_tokens", "host_kv_memory")
+           "max_step_tokens", "host_kv_memory", "cpu_attention")
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # --cpu-attention shares searched
 HOST_SHARE = 0.7  # of the host memory available when planning, what the KV cache may take
 
 
@@ -105,9 +108,10 @@ def search(facts: ModelFacts, rcfg: RuntimeConfig, user: frozenset[str], machine
     for B in host_cap:
         for micro in _micro_batches(B, rcfg, user):
             for resident in _resident_counts(facts, rcfg, user, budget):
-                for step_tokens in _step_tokens(B, rcfg, user, budget):
+                for step_tokens, share in itertools.product(_step_tokens(B, rcfg, user, budget),
+                                                            _cpu_attention_shares(rcfg, user, profile, budget)):
                     c = dataclasses.replace(rcfg, batch_size=B, attn_micro_batch=micro, resident_experts=resident,
-                                            max_step_tokens=step_tokens,
+                                            max_step_tokens=step_tokens, cpu_attention=share,
                                             host_kv_memory=_host_kv_memory(rcfg, user, B, host_kv, facts))
                     try:
                         s = setting(facts, c, machine, budget)
@@ -159,6 +163,17 @@ def _host_kv_memory(rcfg: RuntimeConfig, user: frozenset[str], B: int, host_kv: 
     from moegen.runtime.kv.sizing import kv_block_bytes
 
     return min(host_kv, B * math.ceil(rcfg.max_seq_len / rcfg.kv_block_size) * kv_block_bytes(facts.cfg, rcfg))
+
+
+def _cpu_attention_shares(rcfg: RuntimeConfig, user: frozenset[str], profile: Profile, budget: int | None
+                          ) -> tuple[float, ...]:
+    """The user's share; else, where staged KV crosses a link (a device budget, module batching) and the host's
+    attention is measured, every share in SHARES; else none."""
+    if "cpu_attention" in user:
+        return (rcfg.cpu_attention,)
+    if rcfg.batching == "model" or budget is None or profile.host_attn is None or rcfg.kv_dtype == "fp8":
+        return (0.0,)
+    return SHARES
 
 
 def _micro_batches(B: int, rcfg: RuntimeConfig, user: frozenset[str]) -> list[int]:

@@ -64,7 +64,7 @@ class RuntimeConfig:
     cpu_attention: float = 0.0
     """Share (0-1) of each decode step's sequences whose attention runs on host threads straight over the host KV
     cache (`runtime.host_attention`): only their q, new k/v and attention output cross the link, none of their
-    KV is staged. Prefill attention stays on the device; --batching module only."""
+    KV is staged. Prefill attention stays on the device; --batching module only. Planned when unset."""
     cpu_attention_threads: int | None = None
     """Threads of the host attention worker; None = torch's intra-op default."""
     sim_link_gbps: float | None = None

@@ -336,3 +336,22 @@ def test_serve_offline_plans_around_the_users_knobs_and_records_the_plan(tiny_ch
     assert unplanned["plan"] is None and "plan:" not in err
     by_id = lambda rows: {r["id"]: r["text"] for r in rows}  # noqa: E731
     assert by_id(results) == by_id(plain)  # greedy tokens don't depend on the knobs
+
+
+@pytest.mark.parametrize("host_s, chosen", [(1e-6, True), (1.0, False)])
+def test_a_share_of_decode_attention_goes_to_the_host_when_it_shortens_the_step(models, host_s, chosen):
+    """Long contexts over a slow link, every module resident: staging the KV is the step's bound. Host attention
+    that takes 1 us a layer is planned (a share > 0: less KV crosses); one that takes 1 s is not."""
+    from moegen.planner.plan import format_plan
+
+    cfg, weights = models[0]
+    facts = ModelFacts.of(cfg, weights, torch.float32)
+    profile = flat_profile()
+    profile.host_attn = Linear([host_s, 0, 0])
+    rcfg = RuntimeConfig(max_seq_len=256, gpu_memory=2**32, sim_link_gbps=0.1)
+    plan = search(facts, rcfg, frozenset({"batch_size"}), MACHINE, profile, Workload(64, 200, 16, 256), 2**32, 2**40)
+    assert (plan.rcfg.cpu_attention > 0) == chosen, plan.rcfg.cpu_attention
+    assert ("host attention:" in format_plan(plan)) == chosen
+    no_host = flat_profile()  # not measured: never planned
+    assert search(facts, rcfg, frozenset({"batch_size"}), MACHINE, no_host, Workload(64, 200, 16, 256), 2**32,
+                  2**40).rcfg.cpu_attention == 0

@@ -132,8 +132,9 @@ class HostAttention:
         project = be.compute.submit(
             lambda: self._project(rt, layer, step, mb, ticket.unpack(), slot.device_in[: b * sent]),
             rt.label(f"project for host attention[{layer}]", **where))
-        slot.sent = self._copy(rt, be.d2h, (project, slot.attended), slot.device_in[: b * sent],  # (the last host
-                               slot.host_in[: b * sent], f"send to host attention[{layer}]", where)  # attention read it)
+        # the send waits for the projections and for the slot's last host attention to have read host_in
+        slot.sent = self._copy(rt, be.d2h, (project, slot.attended), slot.device_in[: b * sent],
+                               slot.host_in[: b * sent], f"send to host attention[{layer}]", where)
         worker = be.host_attention
         for before in (slot.sent, slot.returned, *rt.stager.begin(layer, step.index)):
             if before is not None:  # the send is in, the last return has read host_out, the blocks are home
@@ -144,9 +145,9 @@ class HostAttention:
         rt.stager.this_step[layer].append(slot.attended)  # the next step's readers of this layer wait for its writes
 
         def finish() -> Event:
-            slot.returned = self._copy(rt, be.h2d_kv, (slot.attended, slot.projected),  # (the last output projection
-                                       slot.host_out[: b * back], slot.device_out[: b * back],  # read device_out)
-                                       f"return host attention[{layer}]", where)
+            # the return waits for the host attention and for the slot's last output projection to have read it
+            slot.returned = self._copy(rt, be.h2d_kv, (slot.attended, slot.projected), slot.host_out[: b * back],
+                                       slot.device_out[: b * back], f"return host attention[{layer}]", where)
             be.compute.wait_event(slot.returned)
             slot.projected = be.compute.submit(lambda: self._output(rt, layer, step, mb, ticket.unpack(),
                                                                     slot.device_out[: b * back]),
