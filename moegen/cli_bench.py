@@ -11,17 +11,18 @@ from moegen.cli_knobs import need_perfetto, say
 
 @click.command("bench")
 @click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload", "planner", "fp8-quality",
-                                                        "paged-kv"]),
+                                                        "paged-kv", "host-attention"]),
               default="all", show_default=True,
               help="all = vs-transformers and offload; planner (alone): the planner's predictions and choices against "
                    "measured runs and a grid of hand-set knobs; fp8-quality (alone): greedy completions with "
                    "--weight-dtype fp8 and fp8-all against the weights as loaded; paged-kv (alone): the paged host KV cache "
                    "against today's row reservation under one --host-kv-memory (a long-tailed job, offload regime) "
-                   "and with/without prefix sharing (a shared-prefix job).")
+                   "and with/without prefix sharing (a shared-prefix job); host-attention (alone): --cpu-attention 0 "
+                   "against the planned share at long contexts (offload regime), predicted against measured.")
 @click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Checkpoint(s) for vs-transformers and fp8-quality (repeatable), paged-kv (the first) [default: the bench "
-                   "Mixtral-like and DeepSeek-V2-Lite-like checkpoints; paged-kv: the small Mixtral-like one; made "
-                   "once in the cache].")
+              help="Checkpoint(s) for vs-transformers and fp8-quality (repeatable), paged-kv and host-attention (the "
+                   "first) [default: the bench Mixtral-like and DeepSeek-V2-Lite-like checkpoints; paged-kv and "
+                   "host-attention: the small Mixtral-like one; made once in the cache].")
 @click.option("--prompts", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--hf-batch", "hf_batches", type=click.IntRange(min=1), multiple=True, default=(32, 128),
@@ -63,7 +64,7 @@ def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, 
     from moegen.bench.run import BenchOptions, run_bench
     from moegen.runtime.auto import resolve_device
 
-    if scenario in ("all", "offload", "planner", "paged-kv"):  # these scenarios measure from their runs' traces
+    if scenario in ("all", "offload", "planner", "paged-kv", "host-attention"):  # these measure from their runs' traces
         need_perfetto(f"moegen bench --scenario {scenario}")
     options = BenchOptions(scenario, resolve_device(device, say=say), [Path(m) for m in models], prompts, new_tokens,
                            tuple(hf_batches), offload_batch, offload_seq_len, offload_prompt_len, offload_expert_slots,

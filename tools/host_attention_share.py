@@ -30,6 +30,7 @@ def main() -> None:
     import torch
 
     from moegen.bench.flops import model_work
+    from moegen.bench.host_attention import per_step_bytes
     from moegen.checkpoints.demo import cached_checkpoint
     from moegen.models.hf_config import generation_eos_ids
     from moegen.models.loader import load_checkpoint
@@ -59,9 +60,7 @@ def main() -> None:
             ids = {int(s.args["step"]) for s in steps}
 
             def per_step(*prefixes: str) -> float:
-                total = sum(int(s.args["bytes"]) for s in slices if s.name.startswith(prefixes)
-                            and int(s.args.get("step", -1)) in ids)
-                return total / max(len(ids), 1) / 1e6
+                return per_step_bytes(slices, ids, *prefixes) / 1e6
 
             seconds = sum(s.end - s.start for s in steps) / 1e9
             tokens = sum(int(s.args["sequences"]) for s in steps)

@@ -108,3 +108,19 @@ def paged_kv_table(result: dict) -> list[str]:
     y = p["ratios"]
     lines.append(f"  sharing: job {y['seconds']:.2f}x faster, {y['prefill_tokens']:.2f}x fewer prefill tokens")
     return lines
+
+
+def host_attention_table(result: dict) -> list[str]:
+    """Share 0 against the planned share: decode tok/s, bytes per decode step, predicted against measured."""
+    o, k = result["options"], result["knobs"]
+    lines = [f"{Path(result['model']).name}, host attention, offload regime (cpu backend, SIMULATED link "
+             f"{o['link_gbps']} GB/s, device budget {result['budget_bytes'] / 2**20:.0f} MiB): {o['requests']} requests "
+             f"of {o['prompt_len']} + {o['new_tokens']} tokens; planned B={k['batch_size']}, attention "
+             f"{k['attn_micro_batch']}, share {k['cpu_attention']}",
+             f"  {'run':<9}{'share':>6}{'decode tok/s':>14}{'KV staged MB/step':>19}{'host MB/step':>14}"
+             f"{'step ms predicted':>19}{'measured':>10}"]
+    for name, r in result["runs"].items():
+        lines.append(f"  {name:<9}{r['share']:>6.2f}{r['decode_tok_s']:>14.1f}{r['staged_mb']:>19.2f}{r['host_mb']:>14.2f}"
+                     f"{r['predicted_step_s'] * 1e3:>19.1f}{r['step_s'] * 1e3:>10.1f}")
+    lines.append(f"  planned / share 0: decode tok/s {result['decode_tok_s_ratio']:.2f}x")
+    return lines

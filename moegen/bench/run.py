@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moegen.bench import fp8_quality, offload, paged_kv, planner, report, vs_transformers
+from moegen.bench import fp8_quality, host_attention, offload, paged_kv, planner, report, vs_transformers
 from moegen.bench.machine import machine, matmul_peak
 from moegen.checkpoints.demo import cached_checkpoint
 from moegen.io import json_bytes
@@ -14,7 +14,8 @@ from moegen.io import json_bytes
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
-    scenario: str  # all (vs-transformers and offload), vs-transformers, offload, planner, fp8-quality or paged-kv
+    scenario: str  # all (vs-transformers and offload), vs-transformers, offload, planner, fp8-quality, paged-kv or
+    # host-attention
     device: str  # vs-transformers: what both engines run on, cpu or cuda (offload, planner: the cpu backend)
     models: list[Path]  # vs-transformers and fp8-quality checkpoints; empty: the bench Mixtral- and
     # DeepSeek-V2-Lite-like ones
@@ -76,6 +77,12 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
         out["scenarios"]["paged_kv"] = result
         save()
         tables += report.paged_kv_table(result)
+    if o.scenario == "host-attention":
+        model_dir = o.models[0] if o.models else cached_checkpoint("mixtral", "small", "bench")
+        result = host_attention.scenario(model_dir, host_attention.HostAttentionOptions(), say)
+        out["scenarios"]["host_attention"] = result
+        save()
+        tables += report.host_attention_table(result)
     if o.scenario == "planner":
         results = planner.scenario(say)
         out["scenarios"]["planner"] = results

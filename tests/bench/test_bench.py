@@ -129,3 +129,22 @@ def test_paged_kv_scenario_runs_each_job_in_both_modes(tiny_checkpoint):
     assert on["prefill_tokens"] == off["prefill_tokens"] - 4 * shared
     assert on["generated"] == off["generated"] == 5 * o.answer_tokens
     assert "paged / rows" in "\n".join(paged_kv_table(result))
+
+
+def test_host_attention_scenario_compares_share_0_with_the_planned_share(tiny_checkpoint):
+    """Tiny sizes, a slow link and long contexts for the tiny model: both runs report the bytes per decode step
+    from their traces; share 0 stages KV and sends nothing to the host; the planned run's share is the plan's,
+    and with a share, less KV is staged and the host's copies appear."""
+    from moegen.bench.host_attention import HostAttentionOptions, scenario
+    from moegen.bench.report import host_attention_table
+
+    o = HostAttentionOptions(requests=8, prompt_len=64, new_tokens=4, link_gbps=0.01, budget_share=1.5)
+    result = scenario(tiny_checkpoint("mixtral"), o, say=lambda text: None)
+    zero, planned = result["runs"]["share 0"], result["runs"]["planned"]
+    assert zero["share"] == 0 and zero["staged_mb"] > 0 and zero["host_mb"] == 0
+    assert planned["share"] == result["knobs"]["cpu_attention"]
+    if planned["share"] > 0:
+        assert planned["staged_mb"] < zero["staged_mb"] and planned["host_mb"] > 0
+    for r in (zero, planned):
+        assert r["decode_steps"] > 0 and r["predicted_step_s"] > 0 and r["step_s"] > 0
+    assert "planned / share 0" in "\n".join(host_attention_table(result))
