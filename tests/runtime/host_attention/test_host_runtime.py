@@ -147,3 +147,23 @@ def test_the_plans_device_bytes_count_the_host_share_as_the_run_reserves_them(ti
     a = cfg.attention
     per_sequence = (a.num_heads * a.head_dim + 2 * a.num_kv_heads * a.head_dim) + a.num_heads * a.head_dim
     assert reserved[0.5] - reserved[0.0] == 2 * 2 * per_sequence * 4  # two slots of 2 sequences, float32
+
+
+def test_the_host_worker_runs_with_its_own_thread_count(tiny_checkpoint, monkeypatch):
+    """--cpu-attention-threads 1: the host attention runs on one intra-op thread, the rest of the run keeps its own."""
+    import moegen.runtime.host_attention.worker as worker
+
+    decode, seen = worker.gqa_decode, []
+
+    def counting(*args):
+        seen.append(torch.get_num_threads())
+        return decode(*args)
+
+    monkeypatch.setattr(worker, "gqa_decode", counting)
+    path = tiny_checkpoint("mixtral")
+    cfg, weights, _ = load_checkpoint(path)
+    before = torch.get_num_threads()
+    rcfg = RuntimeConfig(max_seq_len=16, batch_size=4, kv_block_size=BLOCK, cpu_attention=1.0, cpu_attention_threads=1)
+    with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg)) as engine:
+        list(engine.generate(REQUESTS))
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
