@@ -83,8 +83,8 @@ def planner_table(results: list[dict]) -> list[str]:
 def paged_kv_table(result: dict) -> list[str]:
     """The long-tailed job's rows vs paged, then the shared-prefix job without vs with sharing."""
     t, p = result["long_tail"], result["shared_prefix"]
-    lines = [f"{Path(result['model']).name}, long-tailed job, offload regime (cpu backend, SIMULATED link "
-             f"{t['link_gbps']:.3f} GB/s, device budget {t['budget_bytes'] / 2**20:.0f} MiB): {t['requests']} rows, caps "
+    lines = [f"{Path(result['model']).name}, long-tailed job, {_offload(t['link_gbps'], t['budget_bytes'])}: "
+             f"{t['requests']} rows, caps "
              f"mean {t['caps_mean']:.1f} / max {t['caps_max']} of {t['max_new']}, host KV {t['host_kv_memory'] / 2**20:.1f} "
              f"MiB = {t['rows']} rows of {t['seq_len']} tokens",
              f"  {'mode':<7}{'batch':>6}{'in flight mean/max':>20}{'job s':>8}{'tok/s':>8}{'while waiting: in flight':>26}"
@@ -113,8 +113,8 @@ def paged_kv_table(result: dict) -> list[str]:
 def host_attention_table(result: dict) -> list[str]:
     """Share 0 against the planned share: decode tok/s, bytes per decode step, predicted against measured."""
     o, k = result["options"], result["knobs"]
-    lines = [f"{Path(result['model']).name}, host attention, offload regime (cpu backend, SIMULATED link "
-             f"{o['link_gbps']} GB/s, device budget {result['budget_bytes'] / 2**20:.0f} MiB): {o['requests']} requests "
+    lines = [f"{Path(result['model']).name}, host attention, {_offload(o['link_gbps'], result['budget_bytes'])}: "
+             f"{o['requests']} requests "
              f"of {o['prompt_len']} + {o['new_tokens']} tokens; planned B={k['batch_size']}, attention "
              f"{k['attn_micro_batch']}, share {k['cpu_attention']}",
              f"  {'run':<9}{'share':>6}{'decode tok/s':>14}{'KV staged MB/step':>19}{'host MB/step':>14}"
@@ -124,3 +124,9 @@ def host_attention_table(result: dict) -> list[str]:
                      f"{r['predicted_step_s'] * 1e3:>19.1f}{r['step_s'] * 1e3:>10.1f}")
     lines.append(f"  planned / share 0: decode tok/s {result['decode_tok_s_ratio']:.2f}x")
     return lines
+
+
+def _offload(link_gbps: float, budget_bytes: int) -> str:
+    """How a scenario's offload regime reads in its table's heading."""
+    return (f"offload regime (cpu backend, SIMULATED link {link_gbps:.3f} GB/s, device budget "
+            f"{budget_bytes / 2**20:.0f} MiB)")

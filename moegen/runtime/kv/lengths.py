@@ -18,11 +18,13 @@ class OutputLengths:
         self._count = [0] * (max_len + 1)  # Fenwick tree over lengths 1..max_len
         self._sum = [0] * (max_len + 1)
         self.total = 0  # outputs recorded
+        self.total_tokens = 0  # their lengths summed
 
     def record(self, length: int) -> None:
         """A finished output of `length` tokens (clipped to 1..max_len)."""
         length = min(max(length, 1), self.max_len)
         self.total += 1
+        self.total_tokens += length
         i = length
         while i <= self.max_len:
             self._count[i] += 1
@@ -35,7 +37,7 @@ class OutputLengths:
         longer = self.total - n_le
         if longer == 0:
             return cap
-        mean = -(-(self._prefix(self.max_len)[1] - s_le) // longer)  # rounded up
+        mean = -(-(self.total_tokens - s_le) // longer)  # rounded up
         return max(produced + 1, min(cap, mean))
 
     def _prefix(self, length: int) -> tuple[int, int]:
