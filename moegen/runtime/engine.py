@@ -34,6 +34,7 @@ from moegen.runtime.scheduler import Scheduler
 from moegen.runtime.tasks import all_tasks, prefetch_task
 
 if TYPE_CHECKING:
+    from moegen.runtime.stream import EngineStream, Intake
     from moegen.trace.memory import MemoryRecorder
 
 
@@ -90,12 +91,8 @@ class Engine:
         """From any thread: admit no more prompts; the sequences in flight finish and are yielded."""
         self._draining.set()
 
-    def generate(self, requests: Iterable[Request], detokenize: Callable[[list[int]], str] | None = None
-                 ) -> Iterator[Result]:
-        """Run every request; yield each result when its sequence finishes. `detokenize` (ids -> text)
-        is needed only for requests with stop strings."""
-        requests = list(requests)
-        self._draining.clear()
+    def check(self, requests: list[Request]) -> None:
+        """Refuse (ValueError, naming the request and the flag) a request the run can't hold."""
         capacity = self.runtime.kv_blocks * self.runtime.kv_block_size
         for i, r in enumerate(requests):
             if len(r.prompt_ids) + r.max_new_tokens > self.rcfg.max_seq_len:
@@ -103,6 +100,21 @@ class Engine:
                                  f"{r.max_new_tokens} new ones exceed --max-seq-len {self.rcfg.max_seq_len}")
             if (why := too_long(len(r.prompt_ids), capacity)) is not None:
                 raise ValueError(f"request {r.id if r.id is not None else i}: {why}")
+
+    def stream(self, detokenize: Callable[[list[int]], str] | None = None) -> EngineStream:
+        """One run that takes requests while it runs, from any thread (`EngineStream.submit`): several
+        callers keep one batch full, each getting its own results. Close it to end the run."""
+        from moegen.runtime.stream import EngineStream
+
+        return EngineStream(self, detokenize)
+
+    def generate(self, requests: Iterable[Request], detokenize: Callable[[list[int]], str] | None = None
+                 ) -> Iterator[Result]:
+        """Run every request; yield each result when its sequence finishes. `detokenize` (ids -> text)
+        is needed only for requests with stop strings."""
+        requests = list(requests)
+        self._draining.clear()
+        self.check(requests)
         results: queue.Queue = queue.Queue()
         done = object()
 
@@ -135,11 +147,16 @@ class Engine:
             thread.join()
 
     async def _run(self, requests: list[Request], emit: Callable[[Result], None],
-                   detokenize: Callable[[list[int]], str] | None = None) -> None:
+                   detokenize: Callable[[list[int]], str] | None = None, intake: Intake | None = None) -> None:
+        """One run: `requests`, and with an `intake` those that arrive through it until it closes (their caps
+        unknown ahead, admission reserves each row's own)."""
         rt = self.runtime
         rt.queues = rt.new_queues()
         caps = {r.max_new_tokens for r in requests}
-        kv = KVManager(rt.kv_pool, rt.kv_block_size, rt.stats.kv, max(caps, default=1), adaptive=len(caps) == 1)
+        if intake is None:
+            kv = KVManager(rt.kv_pool, rt.kv_block_size, rt.stats.kv, max(caps, default=1), adaptive=len(caps) == 1)
+        else:
+            kv = KVManager(rt.kv_pool, rt.kv_block_size, rt.stats.kv, self.rcfg.max_seq_len, adaptive=False)
         scheduler = Scheduler(requests, rt.batch_size, self.eos_ids, rt.max_step_tokens, kv, detokenize,
                               admitting=lambda: not self._draining.is_set())
         rt.placement.reset(after_a_run=self._runs > 0)  # nothing held over from an earlier run
@@ -153,19 +170,27 @@ class Engine:
                 for coro in all_tasks(rt):
                     group.create_task(coro)
                 prefetcher = group.create_task(prefetch_task(rt))
-                group.create_task(self._step_loop(scheduler, emit, prefetcher))
+                group.create_task(self._step_loop(scheduler, emit, prefetcher, intake))
         except BaseExceptionGroup as group_error:
             raise _first_cause(group_error) from None
         finally:  # done, drained, cancelled or failed: no block stays held
             scheduler.close()
 
-    async def _step_loop(self, scheduler: Scheduler, emit: Callable[[Result], None], prefetcher: asyncio.Task
-                         ) -> None:
+    async def _step_loop(self, scheduler: Scheduler, emit: Callable[[Result], None], prefetcher: asyncio.Task,
+                         intake: Intake | None = None) -> None:
         """The engine step: plan -> feed the pipeline -> wait for the sampled ids -> finish sequences.
-        At the end the prefetcher is cancelled: it may be waiting for a slot to fill for a step that
-        never comes."""
+        With an intake, what arrived joins the waiting before each step, and an idle run waits for more
+        until the intake closes. At the end the prefetcher is cancelled: it may be waiting for a slot to
+        fill for a step that never comes."""
         rt = self.runtime
-        while (plan := scheduler.next_step()) is not None:
+        while True:
+            if intake is not None:
+                scheduler.add(intake.arrived())
+            if (plan := scheduler.next_step()) is None:
+                if intake is None or not (more := await intake.wait()):
+                    break
+                scheduler.add(more)
+                continue
             step = rt.new_step(plan)
             rt.stats.steps += 1
             rt.stats.tokens_per_step.append(plan.num_tokens)

@@ -52,14 +52,19 @@ class Scheduler:
         self.detokenize = detokenize  # for stop strings
         self.admitting = admitting  # False once the job drains: no new prompts, the running ones finish
         self.eos_ids = frozenset(eos_ids)
-        # Longest prompts first (ties in dataset order): the prompts admitted into a step are then of
-        # similar lengths, and attention pads every prompt of a launch to its longest.
-        order = sorted(enumerate(requests), key=lambda item: -len(item[1].prompt_ids))
-        self.waiting: deque[Sequence] = deque(
-            Sequence(r, BlockTable(kv.block_size), Result(i if r.id is None else r.id, len(r.prompt_ids)),
-                     list(r.prompt_ids)) for i, r in order)
+        self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0
+        self.add(requests)
+
+    def add(self, requests: list[Request]) -> None:
+        """Requests to wait behind those already waiting (an engine stream's later arrivals), longest prompts
+        first (ties in their order): the prompts admitted into a step are then of similar lengths, and
+        attention pads every prompt of a launch to its longest. A request without an id is known by its index."""
+        order = sorted(enumerate(requests), key=lambda item: -len(item[1].prompt_ids))
+        self.waiting.extend(
+            Sequence(r, BlockTable(self.kv.block_size), Result(i if r.id is None else r.id, len(r.prompt_ids)),
+                     list(r.prompt_ids)) for i, r in order)
 
     def next_step(self) -> StepPlan | None:
         """Give the running sequences the blocks their next tokens need (preempting the newest while too few
