@@ -156,10 +156,19 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
               help="skip: write an error record for a bad row and go on; fail: stop at the first.")
 @click.option("--stats-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the summary's numbers here.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run the engines on a Ray cluster (pip install 'moegen[ray]'): one per GPU, the dataset sharded.")
+@click.option("--ray-address", default=None,
+              help="With --ray: the cluster's address [default: $RAY_ADDRESS, else a local cluster moegen starts].")
+@click.option("--engines", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray: engine actors, each with its own copy of the weights in host memory.")
+@click.option("--ray-batch-rows", type=click.IntRange(min=1), default=128, show_default=True,
+              help="With --ray: rows per batch; each engine runs 4 at once into one batch of B sequences.")
 @runtime_options
 def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_field, id_field, chat_template,
                       max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, output_format,
-                      output_token_ids, resume, retry_errors, overwrite, on_error, stats_json, **knobs):
+                      output_token_ids, resume, retry_errors, overwrite, on_error, stats_json, use_ray, ray_address,
+                      engines, ray_batch_rows, **knobs):
     """Run every request of a dataset through MODEL_DIR (default: the demo checkpoint) into --output."""
     from moegen.checkpoints.demo import demo_model_dir
     from moegen.io.dataset import DatasetError, Fields
@@ -176,6 +185,7 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
             raise DatasetError(f"{dataset}: no such dataset file")
         if model_dir is not None and not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: no such model directory")
+        device, dtype = knobs["device"], knobs["dtype"]  # as given: --ray decides them on each engine's node
         rcfg = runtime_config(knobs)
         model_dir = model_dir or demo_model_dir()
         rcfg = resolve_dtype(rcfg, model_dir, say=say)
@@ -187,8 +197,14 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
                             overwrite=overwrite, on_error=on_error, stats_json=stats_json,
                             fit_seq_len=knobs["max_seq_len"] is None, trace=trace, trace_steps=trace_steps,
                             token_ids=output_token_ids, plan_user=user)
-        code, summary = serve_offline(model_dir, opts, rcfg)
-    except (DatasetError, OutputError, RowError, *USER_ERRORS) as exc:
+        if use_ray:
+            from moegen.ray.job import RayOptions, serve_offline_ray
+
+            code, summary = serve_offline_ray(model_dir, opts, rcfg, RayOptions(ray_address, engines, ray_batch_rows,
+                                                                                 device=device, dtype=dtype))
+        else:
+            code, summary = serve_offline(model_dir, opts, rcfg)
+    except (DatasetError, OutputError, RowError, ConnectionError, *USER_ERRORS) as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         click.echo(f"moegen: stopped; every finished result is in {output}. Continue with the same command "
@@ -339,7 +355,8 @@ def _print_summary(s, output: Path) -> None:
     lines = [
         f"requests: {s.ok} ok, {s.failed} failed" + (f", {s.skipped_done} already done" if s.skipped_done else "")
         + f" (of {s.requests}) -> {output}",
-        f"tokens: {s.prompt_tokens} prompt, {s.generated_tokens} generated in {s.steps} steps",
+        f"tokens: {s.prompt_tokens} prompt, {s.generated_tokens} generated "
+        + (f"in {s.steps} steps" if s.engines is None else f"by {s.engines} engine(s) on Ray"),
         f"throughput: prefill {s.prefill_tok_s:.1f} tok/s, decode {s.decode_tok_s:.1f} tok/s",
         f"wall time {s.wall_s:.1f}s, peak host memory {s.peak_host_memory_gib:.2f} GiB"
         + (f" (weight arena + KV cache {s.host_buffers_gib:.2f} GiB)" if s.host_buffers_gib else ""),

@@ -21,7 +21,7 @@ from pathlib import Path
 from moegen.io import json_bytes
 from moegen.io.dataset import DatasetError, Fields, read_rows
 from moegen.io.progress import Progress
-from moegen.io.prompts import Defaults, build_request
+from moegen.io.prompts import Defaults, row_request
 from moegen.io.results import OutputError, ResultWriter, drop_error_records, id_key, scan
 from moegen.runtime.config import RuntimeConfig
 from moegen.runtime.kv.sizing import too_long
@@ -75,6 +75,8 @@ class Summary:
     quantized: dict | None = None  # what --weight-dtype quantized at load (tensors, bytes before and after)
     kv: dict | None = None  # the KV cache: blocks, prefix hits, preemptions (`KVStats`, with its prefix_hit_rate)
     kv_dtype: str = "auto"  # --kv-dtype (fp8: the KV cache in e4m3, lossy)
+    engines: int | None = None  # --ray: the engine actors (None: this process's one engine)
+    repeated: int = 0  # --ray: results that came again from a batch Ray retried, not written again
 
 
 def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> tuple[int, Summary]:
@@ -157,12 +159,11 @@ def _requests(rows, todo, tokenizer, opts, context, template, writer, summary):
     requests = []
     for i in todo:
         row = rows[i]
-        built = row.error or build_request(row, i, tokenizer, opts.defaults, context, template)
+        built = row_request(row, i, tokenizer, opts.defaults, context, template, str(opts.dataset))
         if isinstance(built, str):
-            message = built if built.startswith(str(opts.dataset)) else f"{opts.dataset}, {built}"
             if opts.on_error == "fail":
-                raise RowError(message)
-            writer.error(row.id, message)
+                raise RowError(built)
+            writer.error(row.id, built)
             summary.failed += 1
         else:
             requests.append(built)
@@ -196,7 +197,7 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
             decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
             for result in engine.generate(requests, detokenize=decode):
                 request = by_id[result.id]
-                text = _cut_at_stop(decode(result.token_ids), request.stop_strings)
+                text = cut_at_stop(decode(result.token_ids), request.stop_strings)
                 writer.result(rows[result.id].id, text, result.finish_reason, result.prompt_tokens,
                               len(result.token_ids), result.token_ids if opts.token_ids else None)
                 summary.ok += 1
@@ -239,7 +240,7 @@ def _say(line: str) -> None:
     print("moegen: " + line, file=sys.stderr, flush=True)
 
 
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     """The completion up to (not including) the first stop string it contains."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return text if cut < 0 else text[:cut]

@@ -65,8 +65,13 @@ def read_rows(path: Path, fmt: str | None = None, fields: Fields = Fields()) -> 
         data = path.read_bytes()
     except OSError as exc:
         raise DatasetError(f"{path}: can't read it ({exc.strerror})") from exc
+    return parse_rows(path, data, fmt, fields)
+
+
+def parse_rows(path: Path, data: bytes, fmt: str, fields: Fields = Fields()) -> list[Row]:
+    """The rows of a dataset file's bytes (read here, or by Ray: `moegen.ray`), `fmt` one of FORMATS."""
     reader = {"jsonl": _jsonl, "openai": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet}[fmt]
-    return list(reader(path, data, fields, fmt == "openai"))
+    return list(reader(Path(path), data, fields, fmt == "openai"))
 
 
 def _jsonl(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Row]:
@@ -82,7 +87,7 @@ def _jsonl(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Ro
             kind = "invalid UTF-8" if _bad_utf8(raw) else "malformed JSON"
             yield Row(id=f"line:{number}", where=where, error=f"{path}, {where}: {kind} ({exc})")
             continue
-        yield (_openai_row if openai else _row)(obj, index - 1, where, fields, path)
+        yield (_openai_row if openai else object_row)(obj, index - 1, where, fields, path)
 
 
 def _bad_utf8(raw: bytes) -> bool:
@@ -101,7 +106,7 @@ def _json(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Row
     if not isinstance(items, list):
         raise DatasetError(f"{path}: a .json dataset must be an array of objects, found {type(items).__name__}")
     for index, obj in enumerate(items):
-        yield _row(obj, index, f"row {index + 1}", fields, path)
+        yield object_row(obj, index, f"row {index + 1}", fields, path)
 
 
 def _csv(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Row]:
@@ -115,7 +120,7 @@ def _csv(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Row]
         kept = {k: v for k, v in obj.items() if v != ""}  # an empty cell is an absent field...
         if fields.prompt in obj and fields.messages not in kept:
             kept.setdefault(fields.prompt, obj[fields.prompt])  # ...but an empty prompt is an empty prompt
-        yield _row(kept, index, where, fields, path)
+        yield object_row(kept, index, where, fields, path)
 
 
 def _has_surrogates(text: str) -> bool:
@@ -131,10 +136,10 @@ def _parquet(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[
     except (pa.ArrowInvalid, OSError) as exc:
         raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from exc
     for index, obj in enumerate(table.to_pylist()):
-        yield _row({k: v for k, v in obj.items() if v is not None}, index, f"row {index + 1}", fields, path)
+        yield object_row({k: v for k, v in obj.items() if v is not None}, index, f"row {index + 1}", fields, path)
 
 
-def _row(obj: Any, index: int, where: str, fields: Fields, path: Path) -> Row:
+def object_row(obj: Any, index: int, where: str, fields: Fields, path: Path) -> Row:
     if not isinstance(obj, dict):
         return Row(id=f"line:{where.split()[-1]}", where=where,
                    error=f"{path}, {where}: a row must be an object, found {type(obj).__name__}")
@@ -171,4 +176,4 @@ def _openai_row(obj: Any, index: int, where: str, fields: Fields, path: Path) ->
         return Row(id=obj["custom_id"], where=where, error=f"{path}, {where}: missing 'body' object")
     flat = dict(body)
     flat["__id"] = obj["custom_id"]
-    return _row(flat, index, where, Fields(prompt="prompt", messages="messages", id="__id"), path)
+    return object_row(flat, index, where, Fields(prompt="prompt", messages="messages", id="__id"), path)

@@ -26,6 +26,16 @@ class Defaults:
     ignore_eos: bool = False  # run every request to its max_new_tokens (benchmarks)
 
 
+def row_request(row: Row, index: int, tokenizer, defaults: Defaults, context: int, chat_template: str | None,
+                source: str) -> Request | str:
+    """`build_request` for a row of the dataset `source`, or the error record's message: a row that failed to
+    parse keeps its own (which names the file), any other reason is prefixed with `source`."""
+    built = row.error or build_request(row, index, tokenizer, defaults, context, chat_template)
+    if isinstance(built, str) and not built.startswith(source):
+        return f"{source}, {built}"
+    return built
+
+
 def build_request(row: Row, index: int, tokenizer, defaults: Defaults, context: int,
                   chat_template: str | None) -> Request | str:
     """A Request for `row` (its engine id is `index`), or the reason it can't run."""

@@ -81,25 +81,36 @@ class ResultWriter:
     def result(self, rid: Any, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
                token_ids: list[int] | None = None) -> None:
         """One finished request; `token_ids` (the completion's ids) are written too when given."""
-        if self.fmt == "openai":
-            record = _openai_result(rid, text, finish_reason, prompt_tokens, completion_tokens, self.model)
-        else:
-            record = {"id": rid, "text": text, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
-                      "completion_tokens": completion_tokens}
-        if token_ids is not None:
-            record["token_ids"] = token_ids
-        self._write(record)
+        self.line(json_bytes.dumps(result_record(self.fmt, self.model, rid, text, finish_reason, prompt_tokens,
+                                                 completion_tokens, token_ids)))
 
     def error(self, rid: Any, message: str) -> None:
-        if self.fmt == "openai":
-            record = {"id": f"batch_req_{_suffix(rid)}", "custom_id": rid, "response": None,
-                      "error": {"code": "invalid_request", "message": message}}
-        else:
-            record = {"id": rid, "error": message}
-        self._write(record)
+        self.line(json_bytes.dumps(error_record(self.fmt, rid, message)))
 
-    def _write(self, record: dict) -> None:
-        self._file.write(json_bytes.dumps(record) + b"\n")
+    def line(self, record: bytes) -> None:
+        """One record already in JSON (an engine elsewhere made it: `moegen.ray`)."""
+        self._file.write(record + b"\n")
+
+
+def result_record(fmt: str, model: str, rid: Any, text: str, finish_reason: str, prompt_tokens: int,
+                  completion_tokens: int, token_ids: list[int] | None = None) -> dict:
+    """The line of one finished request, `fmt` "moegen" or "openai"."""
+    if fmt == "openai":
+        record = _openai_result(rid, text, finish_reason, prompt_tokens, completion_tokens, model)
+    else:
+        record = {"id": rid, "text": text, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
+                  "completion_tokens": completion_tokens}
+    if token_ids is not None:
+        record["token_ids"] = token_ids
+    return record
+
+
+def error_record(fmt: str, rid: Any, message: str) -> dict:
+    """The line of a request that could not run."""
+    if fmt == "openai":
+        return {"id": f"batch_req_{_suffix(rid)}", "custom_id": rid, "response": None,
+                "error": {"code": "invalid_request", "message": message}}
+    return {"id": rid, "error": message}
 
 
 def _suffix(rid: Any) -> str:

@@ -149,7 +149,7 @@ def load(device: str) -> Calibration | None:
 def save(cal: Calibration) -> Path:
     path = cache_path(cal.key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # its own: engines on one node may save at once
     tmp.write_bytes(json_bytes.dumps(asdict(cal), indent=True))
     tmp.replace(path)
     return path

@@ -145,10 +145,10 @@ def workload_of(requests, rcfg: RuntimeConfig) -> Workload:
 
 
 def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] | None,
-                say: Callable[[str], None], trace=None, trace_steps=None):
+                say: Callable[[str], None], trace=None, trace_steps=None, workload: Workload | None = None):
     """(engine, plan) for running `requests` on the checkpoint in `model_dir`. With `user` (the knobs the
-    user set), every other knob is planned, the plan printed through `say` and recorded in the trace;
-    `user` None runs `rcfg` as it is (plan None)."""
+    user set), every other knob is planned for `workload` (default: that of `requests`), the plan printed
+    through `say` and recorded in the trace; `user` None runs `rcfg` as it is (plan None)."""
     from moegen.models.hf_config import generation_eos_ids
     from moegen.models.loader import load_checkpoint
     from moegen.runtime.auto import resolve_dtype
@@ -164,7 +164,7 @@ def open_engine(model_dir, rcfg: RuntimeConfig, requests, user: frozenset[str] |
         say(NOTE)
     plan = None
     if user is not None:
-        plan = plan_run(cfg, weights, rcfg, user, workload_of(requests, rcfg), say)
+        plan = plan_run(cfg, weights, rcfg, user, workload or workload_of(requests, rcfg), say)
         rcfg = plan.rcfg
         for line in format_plan(plan, alternatives=False).splitlines():
             say("plan: " + line)
