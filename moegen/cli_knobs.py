@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
+from moegen.config import ConfigError
+from moegen.models.loader import CheckpointError
+from moegen.runtime.backend import DeviceBudgetError
 from moegen.units import parse_bytes
+
+# The failures a command reports as its own one-line error (the input, the problem, the fix), not a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, DeviceBudgetError,
+               NotImplementedError)
 
 DEVICE_OPTION = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

@@ -35,8 +35,7 @@ def connected(address: str | None, say) -> Iterator[None]:
         raise ConnectionError(f"--ray-address {address}: can't reach a Ray cluster there ({exc}); start one with "
                               "`ray start --head` and pass the address it prints, or leave --ray-address and "
                               "$RAY_ADDRESS unset for a local one") from exc
-    say(f"ray: {'connected to ' + address if address else 'started a local cluster'}: "
-        f"{_describe(ray.cluster_resources())}")
+    say(f"ray: connected to {address or 'a cluster on this machine'}: {_describe(ray.cluster_resources())}")
     try:
         yield
     finally:
