@@ -45,7 +45,8 @@ def connected(address: str | None, say) -> Iterator[None]:
 def share(engines: int) -> Share:
     """Each engine's share of the cluster: a GPU each where it has GPUs (and the CPUs beside each GPU, less
     one for Ray's own tasks), else the CPUs less one, split between the engines (fractions on a small
-    node, so reading and parsing the dataset still get a core)."""
+    node, so reading and parsing the dataset still get a core); its torch threads are its share of all
+    the cores (reading and parsing are over before the engines compute)."""
     import ray
 
     resources = ray.cluster_resources()
@@ -56,7 +57,7 @@ def share(engines: int) -> Share:
         per = max(1.0, cpus / gpus - 1)
         return Share(per, 1.0, int(per))
     per = max(cpus - 1, 1.0) / engines if cpus > 1 else cpus / engines
-    return Share(per, 0.0, max(1, int(per)))
+    return Share(per, 0.0, max(1, int(cpus // engines)))  # threads: its cores, once Ray's reading is done
 
 
 def _describe(resources: dict) -> str:

@@ -109,7 +109,8 @@ class MoegenEngine:
         rcfg = dataclasses.replace(c.runtime, device=c.device, dtype=c.dtype)
         engine, _ = open_engine(c.model_dir, rcfg, requests, c.plan, _say, workload=c.workload)
         in_flight = c.batch_rows * c.calls_per_engine
-        if in_flight < 2 * engine.runtime.batch_size:
+        more = c.workload is None or c.workload.requests > in_flight  # else every row is in flight at once anyway
+        if more and in_flight < 2 * engine.runtime.batch_size:
             _say(f"an engine runs B={engine.runtime.batch_size} sequences but is fed {c.calls_per_engine} batches "
                  f"of {c.batch_rows} rows at once: as a batch ends its B may not stay full; raise --ray-batch-rows "
                  f"to at least {-(-2 * engine.runtime.batch_size // c.calls_per_engine)}")

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from moegen.io import json_bytes
 from moegen.io.dataset import DatasetError, detect_format, parse_rows
@@ -52,7 +53,9 @@ def serve_offline_ray(model_dir, opts: ServeOptions, rcfg: RuntimeConfig, ray_op
     writer = ResultWriter(opts.output, opts.output_format, model=model_dir.name)
     try:
         with connected(ray_opts.address, _say):
+            began = time.perf_counter()
             rows = _read(ray, opts, fmt)
+            _say(f"ray: read and parsed {rows.count()} rows in {time.perf_counter() - began:.1f}s")
             keys = rows.select_columns(["key"]).take_all()
             _check_unique(keys, rows, opts)
             summary.requests = len(keys)
@@ -82,8 +85,8 @@ def _read(ray, opts: ServeOptions, fmt: str):
         return [parsed(row, i) | {"key": id_key(row.id)} for i, row in enumerate(parse_rows(path, file["bytes"],
                                                                                             fmt, fields))]
 
-    try:
-        return ray.data.read_binary_files(str(path)).flat_map(parse).materialize()
+    try:  # any node may read it: on several nodes, the path must be on storage they share
+        return ray.data.read_binary_files(str(Path(path).resolve())).flat_map(parse).materialize()
     except Exception as exc:
         cause = _cause(exc, DatasetError)
         if cause is not None:
@@ -118,7 +121,10 @@ def _config(model_dir, opts: ServeOptions, rcfg: RuntimeConfig, ray_opts: RayOpt
     from moegen.planner.cost import Workload
     from moegen.ray.lengths import lengths
 
+    began = time.perf_counter()
     seen = lengths(todo, model_dir, opts)
+    _say(f"ray: measured {len(seen)} requests' lengths in {time.perf_counter() - began:.1f}s; starting "
+         f"{ray_opts.engines} engine(s) of {share.num_cpus:g} CPUs, {share.num_gpus:g} GPUs, {share.threads} threads")
     workload = None
     if seen:
         if opts.fit_seq_len or rcfg.max_seq_len < max(p + n for p, n in seen):
