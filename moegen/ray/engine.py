@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ class MoegenEngine:
         from moegen.generate import load_tokenizer
         from moegen.models.hf_config import load_model_config
 
+        self._born = time.perf_counter()
         torch.set_num_threads(config.threads)
         self.config = config
         self.tokenizer = load_tokenizer(config.model_dir)
@@ -106,8 +108,11 @@ class MoegenEngine:
         from moegen.planner.plan import open_engine
 
         c = self.config
+        began = time.perf_counter()
         rcfg = dataclasses.replace(c.runtime, device=c.device, dtype=c.dtype)
         engine, _ = open_engine(c.model_dir, rcfg, requests, c.plan, _say, workload=c.workload)
+        _say(f"engine ready in {time.perf_counter() - began:.1f}s (weights loaded, knobs planned), "
+             f"{time.perf_counter() - self._born:.1f}s after its actor started")
         in_flight = c.batch_rows * c.calls_per_engine
         more = c.workload is None or c.workload.requests > in_flight  # else every row is in flight at once anyway
         if more and in_flight < 2 * engine.runtime.batch_size:
