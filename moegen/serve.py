@@ -106,12 +106,17 @@ def serve_offline(model_dir: Path, opts: ServeOptions, rcfg: RuntimeConfig) -> t
         if requests:
             _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
     finally:
-        writer.close()
-        summary.wall_s = time.perf_counter() - start
-        summary.peak_host_memory_gib = peak_rss_bytes() / 2**30
-        if opts.stats_json:
-            opts.stats_json.write_bytes(json_bytes.dumps(asdict(summary), indent=True))
+        end_job(writer, summary, start, opts)
     return (EXIT_SIGNAL if summary.interrupted else EXIT_OK), summary
+
+
+def end_job(writer: ResultWriter, summary: Summary, start: float, opts: ServeOptions) -> None:
+    """However the job ended: close the results file; the summary's wall time and peak memory, to --stats-json."""
+    writer.close()
+    summary.wall_s = time.perf_counter() - start
+    summary.peak_host_memory_gib = peak_rss_bytes() / 2**30
+    if opts.stats_json:
+        opts.stats_json.write_bytes(json_bytes.dumps(asdict(summary), indent=True))
 
 
 def peak_rss_bytes() -> int:

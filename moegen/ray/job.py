@@ -14,7 +14,7 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from moegen.io import json_bytes
@@ -24,7 +24,7 @@ from moegen.io.results import ResultWriter, id_key
 from moegen.ray.config import MoegenConfig
 from moegen.ray.rows import ROW, parsed
 from moegen.runtime.config import RuntimeConfig
-from moegen.serve import EXIT_OK, RowError, ServeOptions, Summary, _prepare_output, peak_rss_bytes
+from moegen.serve import EXIT_OK, RowError, ServeOptions, Summary, _prepare_output, end_job
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +68,7 @@ def serve_offline_ray(model_dir, opts: ServeOptions, rcfg: RuntimeConfig, ray_op
                 config = _config(model_dir, opts, rcfg, ray_opts, share(ray_opts.engines), todo)
                 _write_results(todo, config, opts, writer, summary, skip)
     finally:
-        writer.close()
-        summary.wall_s = time.perf_counter() - start
-        summary.peak_host_memory_gib = peak_rss_bytes() / 2**30
-        if opts.stats_json:
-            opts.stats_json.write_bytes(json_bytes.dumps(asdict(summary), indent=True))
+        end_job(writer, summary, start, opts)
     return EXIT_OK, summary
 
 
