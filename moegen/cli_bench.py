@@ -11,14 +11,16 @@ from moegen.cli_knobs import need_perfetto, say
 
 @click.command("bench")
 @click.option("--scenario", type=click.Choice(["all", "vs-transformers", "offload", "planner", "fp8-quality",
-                                                        "paged-kv", "host-attention"]),
+                                                        "paged-kv", "host-attention", "vs-llamacpp"]),
               default="all", show_default=True,
               help="all = vs-transformers and offload; planner (alone): the planner's predictions and choices against "
                    "measured runs and a grid of hand-set knobs; fp8-quality (alone): greedy completions with "
                    "--weight-dtype fp8 and fp8-all against the weights as loaded; paged-kv (alone): the paged host KV cache "
                    "against today's row reservation under one --host-kv-memory (a long-tailed job, offload regime) "
                    "and with/without prefix sharing (a shared-prefix job); host-attention (alone): --cpu-attention 0 "
-                   "against the planned share at long contexts (offload regime), predicted against measured.")
+                   "against the planned share at long contexts (offload regime), predicted against measured; "
+                   "vs-llamacpp (alone): serve-offline against llama.cpp on the cpu (built once into the cache from "
+                   "the llama-cpp-python sdist; needs cmake and a C++ compiler), alternated over rounds.")
 @click.option("--model", "models", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Checkpoint(s) for vs-transformers and fp8-quality (repeatable), paged-kv and host-attention (the "
                    "first) [default: the bench Mixtral-like and DeepSeek-V2-Lite-like checkpoints; paged-kv and "
@@ -49,6 +51,10 @@ from moegen.cli_knobs import need_perfetto, say
                    "paged run may keep 8x as many in flight.")
 @click.option("--paged-questions", type=click.IntRange(min=2), default=1000, show_default=True,
               help="paged-kv: questions after the one 512-token prefix of the shared-prefix job.")
+@click.option("--llamacpp-prompt-len", type=click.IntRange(min=2), default=64, show_default=True,
+              help="vs-llamacpp: tokens per prompt, BOS included (--prompts of them, --new-tokens each).")
+@click.option("--llamacpp-rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="vs-llamacpp: rounds of moegen, llama-batched-bench and llama-server, alternated.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every raw number here.")
 @click.option("--keep-trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -58,7 +64,7 @@ from moegen.cli_knobs import need_perfetto, say
                    "offload and planner run on the cpu backend: their link is simulated.")
 def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
               offload_expert_slots, offload_new_tokens, offload_hide_tokens, paged_requests, paged_rows, paged_questions,
-             json_path, keep_trace, device):
+              llamacpp_prompt_len, llamacpp_rounds, json_path, keep_trace, device):
     """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
     from moegen.bench.paged_kv import PagedKVOptions
     from moegen.bench.run import BenchOptions, run_bench
@@ -69,5 +75,6 @@ def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, 
     options = BenchOptions(scenario, resolve_device(device, say=say), [Path(m) for m in models], prompts, new_tokens,
                            tuple(hf_batches), offload_batch, offload_seq_len, offload_prompt_len, offload_expert_slots,
                            offload_new_tokens, offload_hide_tokens, json_path, keep_trace,
-                           PagedKVOptions(requests=paged_requests, rows=paged_rows, questions=paged_questions))
+                           PagedKVOptions(requests=paged_requests, rows=paged_rows, questions=paged_questions),
+                           llamacpp_prompt_len, llamacpp_rounds)
     click.echo("\n".join(run_bench(options, say=lambda text: click.echo(text, err=True))))

@@ -49,6 +49,9 @@ def runtime_options(fn):
                      help="Sequences per attention launch."),
         click.option("--expert-micro-batch", type=click.IntRange(min=1), default=None,
                      help="Most tokens per expert launch [default: all of an expert's tokens]."),
+        click.option("--expert-groups/--no-expert-groups", default=True, show_default=True,
+                     help="Run a layer's resident experts in a few grouped launches over all their tokens instead "
+                          "of one launch per expert."),
         click.option("--expert-slots", type=click.IntRange(min=1), default=None,
                      help="Experts on the device at once; streams experts through that many slots [default: what fits]."),
         click.option("--resident-experts", type=click.IntRange(min=0), default=None,

@@ -21,6 +21,18 @@ def vs_transformers_table(result: dict) -> list[str]:
     return lines
 
 
+def vs_llamacpp_table(result: dict) -> list[str]:
+    lines = [f"{Path(result['model']).name} vs llama.cpp ({result['llama_cpp']}, GGUF F32, {result['threads']} "
+             f"threads): {result['prompts']} prompts of {result['prompt_tokens'][0]}-{result['prompt_tokens'][1]} "
+             f"tokens, {result['new_tokens']} new each, greedy, EOS ignored, timed from process start",
+             f"  {'round':<7}{'engine':<34}{'seconds':>9}{'gen tok/s':>11}"]
+    for run in result["runs"]:
+        lines.append(f"  {run['round'] + 1:<7}{run['engine']:<34}{run['seconds']:>9.1f}{run['tok_s']:>11.1f}")
+    lines.append(f"  moegen / llama.cpp ({result['best_llama_cpp']}): best {result['ratio_best']:.2f}x, "
+                 f"median {result['ratio_median']:.2f}x")
+    return lines
+
+
 def offload_table(result: dict) -> list[str]:
     lines = [f"{Path(result['model']).name}, offload regime (cpu backend, SIMULATED link "
              f"{result['link_gbps']:.3f} GB/s, device budget {result['budget_bytes'] / 2**20:.0f} MiB)",

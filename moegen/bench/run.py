@@ -6,9 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moegen.bench import fp8_quality, host_attention, offload, paged_kv, planner, report, vs_transformers
+from moegen.bench import (fp8_quality, host_attention, llamacpp, offload, paged_kv, planner, report, vs_llamacpp,
+                          vs_transformers)
 from moegen.bench.machine import machine, matmul_peak
-from moegen.checkpoints.demo import cached_checkpoint
+from moegen.checkpoints.demo import cache_dir, cached_checkpoint
 from moegen.io import json_bytes
 
 
@@ -31,6 +32,8 @@ class BenchOptions:
     json_path: Path | None  # every raw number, rewritten after each scenario
     keep_trace: Path | None  # the offload module run's trace
     paged_kv: paged_kv.PagedKVOptions = paged_kv.PagedKVOptions()  # the paged-kv scenario's sizes
+    llamacpp_prompt_len: int = 64  # vs-llamacpp: tokens per prompt (BOS included)
+    llamacpp_rounds: int = 2  # vs-llamacpp: rounds of every engine, alternated
 
 
 def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
@@ -53,6 +56,22 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
             out["scenarios"].setdefault("vs_transformers", []).append(result)
             save()
             lines = report.vs_transformers_table(result)
+            say("\n".join(lines))
+            tables += lines
+    if o.scenario == "vs-llamacpp":
+        for model_dir in bench_models:
+            say(f"vs llama.cpp: {model_dir}")
+            try:
+                result = vs_llamacpp.scenario(model_dir, o.prompts, o.llamacpp_prompt_len, o.new_tokens,
+                                              o.llamacpp_rounds, cache_dir(), say)
+            except llamacpp.Unavailable as exc:  # no row is better than a made-up one
+                say(f"vs llama.cpp: not run: {exc}")
+                out["scenarios"]["vs_llamacpp_unavailable"] = str(exc)
+                save()
+                break
+            out["scenarios"].setdefault("vs_llamacpp", []).append(result)
+            save()
+            lines = report.vs_llamacpp_table(result)
             say("\n".join(lines))
             tables += lines
     if o.scenario in ("all", "offload"):

@@ -31,9 +31,10 @@ import torch
 from moegen.io import json_bytes
 from moegen.runtime.cpu_threads import cpu_lanes
 
-CACHE_FORMAT = 8  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread;
+CACHE_FORMAT = 9  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread;
 # 4: lanes; 5: oneDNN-reordered residents; 6: streamed experts' plain weights measured apart; 7: a dense
-# layer's MLP alone, not on a lane; 8: the lm_head in passes of bounded rows, MLA prefill on a fused kernel)
+# layer's MLP alone, not on a lane; 8: the lm_head in passes of bounded rows, MLA prefill on a fused kernel;
+# 9: grouped expert launches)
 TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)  # tokens per launch measured for MLPs, routers and the head
 DECODE = ((1, 16), (1, 1024), (16, 16), (16, 256), (16, 1024), (64, 16), (64, 256), (64, 1024), (256, 16),
           (256, 256))  # (sequences, context) of decode attention launches
@@ -97,6 +98,8 @@ class Profile:
     # beyond its time alone (the event loop's thread shares the cores: small launches pay most)
     expert_plain: Curve | None = None  # tokens -> seconds, one routed expert over plain weights: a streamed
     # expert's, where residents' weights are reordered for the matmul (the cpu's oneDNN); None: as `expert`
+    expert_grouped: Curve | None = None  # tokens -> seconds per member of a grouped launch of resident experts
+    # (`tasks.expert_groups`); None: not measured (as `expert`)
     host_attn: Linear | None = None  # (sequences, sequences x context) -> seconds of one layer's decode attention
     # on the host worker (`planner.host_profile`); None: not measured (no share of attention is planned)
 
@@ -163,6 +166,7 @@ def _profile(raw: dict) -> Profile:
                    attn_prefill=Linear(raw["attn_prefill"]["coefficients"]),
                    head=curve(raw["head"]), combine=curve(raw["combine"]), in_run=raw.get("in_run", {}),
                    expert_plain=curve(raw["expert_plain"]) if raw.get("expert_plain") else None,
+                   expert_grouped=curve(raw["expert_grouped"]) if raw.get("expert_grouped") else None,
                    host_attn=Linear(raw["host_attn"]["coefficients"]) if raw.get("host_attn") else None)
 
 

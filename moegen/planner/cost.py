@@ -29,6 +29,7 @@ from moegen.runtime.kv.sizing import host_kv_blocks, kv_block_bytes
 from moegen.models.weights import ModelWeights
 from moegen.planner.calibrate import Machine, Profile
 from moegen.runtime.config import RuntimeConfig
+from moegen.runtime.cpu_threads import cpu_lanes
 from moegen.runtime.device_memory import (LaunchSizes, activation_bytes, launch_sizes, model_batch_size, staging_bytes,
                                           step_tokens, transient_bytes)
 from moegen.runtime.host_attention.worker import device_bytes as host_attention_device_bytes
@@ -223,6 +224,27 @@ class _Sim:
     def link_busy(self) -> float:
         return max(self.busy.values())
 
+    def experts(self, layer: int, T: int, routed: float) -> None:
+        """A layer's routed experts once its counts are read (`routed`): the residents in grouped launches (as
+        `tasks.expert_groups` cuts them: two per cpu lane, one elsewhere) when --expert-groups, each member at the
+        profile's time per member of a group; every other expert alone, once its weights are in."""
+        p, cap, router = self.p, self.s.sizes.expert_tokens, self.f.cfg.moe.router
+        spread = _spread(T * router.top_k, router.num_experts)
+        grouped = self.s.rcfg.expert_groups and p.expert_grouped is not None
+        members = [n for e, n in enumerate(spread) if n and grouped and ModuleId("expert", layer, e) in self.resident]
+        if members:
+            pieces = min(len(members), 2 * cpu_lanes() if self.s.rcfg.device == "cpu" and cpu_lanes() > 1 else 1)
+            total = sum(_capped(p.expert_grouped, n, cap) for n in members)
+            for _ in range(pieces):
+                self.launch("expert", total / pieces, routed)
+        for e, n in enumerate(spread):
+            module = ModuleId("expert", layer, e)
+            if not n or (grouped and module in self.resident):
+                continue
+            ready = max(self.copy_weights(module), routed)
+            curve = p.expert if module in self.resident or p.expert_plain is None else p.expert_plain
+            self.used(module, self.launch("expert", _capped(curve, n, cap), ready))
+
     def step(self, decode: int, context: float, prompts: int, prompt_len: int) -> None:
         f, s, p, m = self.f, self.s, self.p, self.m
         cfg = f.cfg
@@ -255,13 +277,7 @@ class _Sim:
                 curve = p.mlps["shared" if cfg.moe_layers[layer] else "dense"]
                 self.used(mlp, self.launch("mlp", curve(T), self.copy_weights(mlp)))
             if cfg.moe_layers[layer]:
-                for e, n in enumerate(_spread(T * cfg.moe.router.top_k, cfg.moe.router.num_experts)):
-                    if not n:
-                        continue
-                    module = ModuleId("expert", layer, e)
-                    ready = max(self.copy_weights(module), routed + m.sync_s)
-                    curve = p.expert if module in self.resident or p.expert_plain is None else p.expert_plain
-                    self.used(module, self.launch("expert", _capped(curve, n, s.sizes.expert_tokens), ready))
+                self.experts(layer, T, routed + m.sync_s)
             self.launch("combine", p.combine(T))
         self.end = self.launch("lm_head", p.head(decode + prompts)) + m.sync_s
 

@@ -28,8 +28,11 @@ from moegen.runtime.cpu_threads import cpu_lanes, side_by_side
 from moegen.runtime.device_memory import head_rows
 from moegen.runtime.sampling import SamplingParams
 from moegen.runtime.tasks import attention_launch, expert_launch, head_launch, mlp_launch, route_launch
+from moegen.runtime.tasks.expert_groups import Group, group_launch
 from moegen.runtime.worker_stream import CpuStream
 
+GROUP_MEMBERS = 4  # experts per grouped launch profiled
+GROUP_UNITS = 16  # distinct experts the profiled groups take their members from
 SLOW_S = 0.08  # once a launch takes this long, larger sizes are extrapolated (time grows in proportion)
 
 
@@ -75,6 +78,8 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
 
         profile = Profile(
             expert=expert_curve([on(w) for w in some]) if some else None,
+            expert_grouped=_grouped_curve([on(w) for w in moe.moe.experts[:GROUP_UNITS]], x, out, k, device, lanes,
+                                          lock) if some else None,
             mlps={},
             router=_curve(lambda t: route_launch(h[:t], x[:t], out[:t], on(weights.layers[0].post_attention_layernorm),
                                                  cfg.rms_norm_eps, None if moe is None else on(moe.moe.router),
@@ -120,6 +125,23 @@ def _launch_curve(launch: Callable[[int, int], object], params: int, device: str
             event.block()
 
     return _curve(group, TOKENS, device, share)
+
+
+def _grouped_curve(units: list, x: torch.Tensor, out: torch.Tensor, k: int, device: str, lanes: CpuStream | None,
+                   lock) -> Curve:
+    """Seconds per member of a grouped launch (`tasks.expert_groups`) of GROUP_MEMBERS residents over t tokens
+    each, the groups run as the runtime submits them (side by side on the cpu lanes where each member would be)."""
+    m = min(GROUP_MEMBERS, len(units))
+    T = len(x)
+    weights_k = torch.ones(T, k, dtype=torch.float32, device=x.device) / k  # [T, K]
+    picks = (torch.arange(T * m, device=x.device) % T) * k  # [T*m] the members' tokens, each a token's first choice
+
+    def launch(t: int, i: int) -> None:
+        members = [units[(i * m + j) % len(units)] for j in range(m)]
+        group_launch(members, Group(tuple(range(m)), (t,) * m, 0), x, out, picks[: t * m], weights_k, k, None, lock)
+
+    per_group = _launch_curve(launch, mlp_params(units[0]), device, lanes)
+    return Curve([(n, seconds / m) for n, seconds in per_group.points])
 
 
 def _to(unit, device: torch.device, dtype: torch.dtype, pack: bool = True):
@@ -202,7 +224,8 @@ def describe_profile(p: Profile, cfg: ModelConfig) -> str:
     """The profile in numbers a user can check: launch times and achieved FLOP/s at a few sizes."""
     lines = []
     flops = 6 * cfg.hidden_size * cfg.moe.expert_intermediate
-    for name, curve in (("expert", p.expert), ("streamed expert (plain weights)", p.expert_plain)):
+    for name, curve in (("expert", p.expert), ("expert in a grouped launch", p.expert_grouped),
+                        ("streamed expert (plain weights)", p.expert_plain)):
         if curve is not None:
             lines.append(f"  {name}: " + ", ".join(f"{int(n)} tok {t * 1e3:.2f} ms ({flops * n / t / 1e9:.0f} GFLOP/s)"
                                                   for n, t in curve.points))
@@ -289,6 +312,8 @@ def _launch_times(slices, profile: Profile, cfg: ModelConfig) -> list[tuple[str,
 
 def _alone(p: Profile, cfg: ModelConfig, kind: str, args: dict) -> float | None:
     tokens = int(args.get("tokens", 0))
+    if kind == "expert" and args.get("experts") and p.expert_grouped is not None:  # a grouped launch
+        return sum(p.expert_grouped(int(m.split(":")[1])) for m in str(args["experts"]).split())
     if kind == "expert" and p.expert is not None:
         return p.expert(tokens)
     if kind == "mlp":

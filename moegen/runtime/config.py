@@ -35,6 +35,9 @@ class RuntimeConfig:
     dominated by per-launch overhead: 16 -> 256 took the bench Mixtral from 308 to 336 tok/s on cpu."""
     expert_micro_batch: int | None = None
     """Most tokens in one expert launch; None = all of an expert's tokens in one launch."""
+    expert_groups: bool = True
+    """Run a layer's resident experts that have tokens in a few grouped launches (`tasks.expert_groups`): one
+    gather, each member's matmuls, one add; on the cpu two groups per compute lane. Streamed experts run alone."""
     expert_slots: int | None = None
     """Experts whose weights may be on the device at once (≥ 1; ≥ 2 overlaps copy and compute); None = what fits."""
     resident_experts: int | None = None

@@ -55,6 +55,8 @@ class LaunchSizes:
     head_rows: tuple[int, int]  # sequences per lm_head pass: greedy, drawing
     cfg: ModelConfig
     dtype_size: int
+    group_tokens: int | None = None  # picks per grouped expert launch (None: unbounded), within what one launch's
+    # transient memory is reserved for already
 
     def mlp_chunk(self, width: int) -> int:
         """Tokens per chunk of a dense/shared MLP launch of this width."""
@@ -84,13 +86,27 @@ def launch_sizes(cfg: ModelConfig, rcfg: RuntimeConfig, budget: int | None, max_
     needed = _largest_launch(cfg, rcfg, whole, max_step_tokens, micro_batch, batch)
     share = min(WORKSPACE_MAX, int(budget * WORKSPACE_SHARE))
     if needed <= share:
-        return dataclasses.replace(whole, workspace=needed)
-    workspace = max(minimum_workspace(cfg, rcfg), share)
-    expert = _tokens(lambda t: _expert(t, H, cfg.moe.expert_intermediate, s), workspace)
-    if rcfg.expert_micro_batch:
-        expert = min(expert, rcfg.expert_micro_batch)
-    return LaunchSizes(workspace, expert, {w: _mlp_tokens(w, H, s, workspace) for w in widths},
-                       _tokens(lambda t: _router(cfg, t, s), workspace), head_rows(cfg, s, workspace), cfg, s)
+        sizes = dataclasses.replace(whole, workspace=needed)
+    else:
+        workspace = max(minimum_workspace(cfg, rcfg), share)
+        expert = _tokens(lambda t: _expert(t, H, cfg.moe.expert_intermediate, s), workspace)
+        if rcfg.expert_micro_batch:
+            expert = min(expert, rcfg.expert_micro_batch)
+        sizes = LaunchSizes(workspace, expert, {w: _mlp_tokens(w, H, s, workspace) for w in widths},
+                            _tokens(lambda t: _router(cfg, t, s), workspace), head_rows(cfg, s, workspace), cfg, s)
+    sizes.group_tokens = _group_tokens(cfg, rcfg, sizes, _largest_launch(cfg, rcfg, sizes, max_step_tokens,
+                                                                         micro_batch, batch), max_step_tokens)
+    return sizes
+
+
+def _group_tokens(cfg: ModelConfig, rcfg: RuntimeConfig, sizes: LaunchSizes, reserved: int, T: int) -> int:
+    """Picks per grouped expert launch (`tasks.expert_groups`) that keep it, or the cpu lanes' groups side by
+    side, within the `reserved` bytes of the step's largest launch: the group's rows gathered [P, H], scaled in
+    place, their tokens and weights [P], beside its largest member's launch at `sizes` (0: none fit, no groups)."""
+    s, H, I = sizes.dtype_size, cfg.hidden_size, cfg.moe.expert_intermediate
+    lanes = cpu_lanes() if rcfg.device == "cpu" else 1
+    member = _expert(min(T, sizes.expert_tokens or T), H, I, s)
+    return max(0, (reserved // lanes - member) // (H * s + I64 + F32 + s))
 
 
 def _mlp_tokens(width: int, H: int, s: int, workspace: int | None) -> int:

@@ -108,6 +108,7 @@ def summarize(path: Path) -> dict:
         "overlap": overlap,
         "bubbles": _bubbles(t, compute),
         "modules": _modules(top, wall),
+        "experts": _experts(top),
         "link_gbps": link_gbps,
         "flops": flops / compute_s if compute_s else 0.0,
         "bound": _bound(fractions),
@@ -154,6 +155,33 @@ def _modules(top: list[Slice], wall: int) -> dict:
         entry["s"] = length(union(intervals[kind])) / 1e9
         entry["share_of_wall"] = entry["s"] * 1e9 / wall
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["s"]))
+
+
+def _experts(top: list[Slice]) -> dict[str, dict]:
+    """Compute time and tokens per routed expert ("expert[l][e]"): its own launches, plus its share of each
+    grouped launch it was in ("expert[l] group", args `experts` "e:tokens ..."), in proportion to its tokens
+    (the members of a layer are the same size)."""
+    out: dict[str, dict] = {}
+
+    def add(name: str, seconds: float, tokens: int) -> None:
+        entry = out.setdefault(name, {"s": 0.0, "tokens": 0, "launches": 0})
+        entry["s"] += seconds
+        entry["tokens"] += tokens
+        entry["launches"] += 1
+
+    for s in top:
+        if "compute" not in s.track or module_kind(s.name) != "expert":
+            continue
+        seconds = (s.end - s.start) / 1e9
+        members = str(s.args.get("experts", "")).split()
+        if not members:
+            add(s.name, seconds, int(s.args.get("tokens", 0)))
+            continue
+        counts = [(e, int(n)) for e, n in (m.split(":") for m in members)]
+        total = sum(n for _, n in counts) or 1
+        for e, n in counts:
+            add(f"expert[{s.args.get('layer')}][{e}]", seconds * n / total, n)
+    return out
 
 
 def _versus_plan(t: ParsedTrace) -> dict | None:
@@ -209,6 +237,8 @@ def format_summary(s: dict) -> str:
     lines.append("modules (compute time):")
     lines += [f"  {k:<16} {v['s']:8.3f}s {v['share_of_wall']:6.1%} of wall, {v['launches']} launches, "
               f"{v['tokens']} tokens" for k, v in s["modules"].items()]
+    if s.get("experts"):
+        lines += _format_experts(s["experts"])
     return "\n".join(lines)
 
 
@@ -225,4 +255,14 @@ def _format_plan(v: dict) -> list[str]:
             lines.append(cmp(key.replace("_", " "), v[key], unit, scale))
     for kind, pair in v["modules"].items():
         lines.append(cmp(f"{kind} per decode step", pair, " ms", 1e3))
+    return lines
+
+
+def _format_experts(experts: dict[str, dict]) -> list[str]:
+    """Time per routed expert (a grouped launch's time shared by tokens): spread, and the five that took most."""
+    ranked = sorted(experts.items(), key=lambda kv: -kv[1]["s"])
+    times = [v["s"] for _, v in ranked]
+    lines = [f"experts (compute time each, a group's shared by tokens): {len(times)} experts, mean "
+             f"{sum(times) / len(times) * 1e3:.2f} ms, min {times[-1] * 1e3:.2f} ms, max {times[0] * 1e3:.2f} ms"]
+    lines += [f"  {name:<16} {v['s'] * 1e3:8.2f} ms, {v['tokens']} tokens" for name, v in ranked[:5]]
     return lines

@@ -194,15 +194,16 @@ def test_residents_are_reordered_for_onednn_and_held_once(tiny_checkpoint):
 
 
 def test_resident_experts_launch_largest_share_first(tiny_checkpoint, monkeypatch, tmp_path):
-    """Within a step's layer the resident experts are submitted by descending token count (ties by
-    index), so the lanes, each taking the next launch when free, end the layer together. One lane
-    runs them in submission order, which the trace shows."""
+    """Within a step's layer the resident experts (launched one by one: --no-expert-groups) are submitted by
+    descending token count (ties by index), so the lanes, each taking the next launch when free, end the layer
+    together. One lane runs them in submission order, which the trace shows."""
     path = tiny_checkpoint("mixtral")
     cfg, weights, _ = load_checkpoint(path)
     monkeypatch.setenv(LANES_ENV, "1")
     trace = tmp_path / "order.pftrace"
     requests = [Request([1] + list(range(100 + 7 * i, 140 + 7 * i)), 4) for i in range(6)]
-    with Engine(cfg, weights, RuntimeConfig(max_seq_len=64), generation_eos_ids(path, cfg), trace=trace) as engine:
+    rcfg = RuntimeConfig(max_seq_len=64, expert_groups=False)
+    with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg), trace=trace) as engine:
         list(engine.generate(requests))
     launches: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for s in sorted(parse(trace).slices, key=lambda s: s.start):

@@ -71,10 +71,13 @@ def test_the_budgets_transient_term_holds_the_largest_steps_peak(tiny_checkpoint
     rcfg = dataclasses.replace(rcfg, gpu_memory=2**40 if budget == "roomy" else int(least / WORKSPACE_SHARE))
     requests = [Request([1] + list(range(3 + i, 2 + prompt + i)), 4, ignore_eos=True, temperature=0.5 * (i % 2),
                         seed=i) for i in range(B)]
-    with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg), trace=MemoryRecorder()) as engine:
+    recorder = MemoryRecorder()
+    with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg), trace=recorder) as engine:
         list(engine.generate(requests))
         rt = engine.runtime
     assert engine.stats.tokens_per_step[0] == rt.max_step_tokens  # the largest step the budget is sized for
+    groups = [s for s in recorder.slices if s.name.endswith("] group")]
+    assert groups and max(s.args["tokens"] for s in groups) <= rt.sizes.group_tokens  # grouped within their bound
     by_step = defaultdict(list)
     for step, peak, left in launches:
         by_step[step].append((peak, left))

@@ -32,6 +32,12 @@ KNOBS = {
     "refill-mb1-slots1": dict(batch_size=3, attn_micro_batch=1, expert_micro_batch=1, expert_slots=1),
     # Odd micro-batches, two expert slots.
     "odd-slots2": dict(batch_size=5, attn_micro_batch=3, expert_micro_batch=5, expert_slots=2),
+    # Grouped expert launches off: every resident expert its own launch.
+    "groups-off": dict(expert_groups=False),
+    # Grouped launches whose members run in launches of at most 3 tokens.
+    "groups-cap3": dict(batch_size=5, expert_micro_batch=3),
+    # The first 3 experts in layer order resident (grouped), the rest streamed through 2 slots (each alone).
+    "groups-and-streamed": dict(resident_experts=3, expert_slots=2),
     # The published baselines' policy: one batch walks the whole model, its KV on the device.
     "model-batching": dict(batching="model", expert_slots=2),
 }

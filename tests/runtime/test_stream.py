@@ -66,6 +66,7 @@ def test_a_failing_run_reaches_every_waiting_caller(tiny_checkpoint, monkeypatch
         raise RuntimeError("expert launch failed on purpose")
 
     monkeypatch.setattr("moegen.runtime.tasks.moe._run_expert", explode)
+    monkeypatch.setattr("moegen.runtime.tasks.expert_groups.group_launch", explode)
     errors = []
     with engine_for(tiny_checkpoint("mixtral")) as engine:
         stream = engine.stream()

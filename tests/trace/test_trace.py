@@ -164,8 +164,26 @@ def test_summarize_numbers_by_hand(tmp_path):
     assert s["flops"] == pytest.approx(2e9 / 0.020)
     assert s["modules"]["expert"]["s"] == pytest.approx(0.010) and s["modules"]["attention"]["launches"] == 1
     assert s["bound"] == "compute"  # compute and link both 50% busy: not link-bound
-    assert set(s) == {"wall_s", "streams", "overlap", "bubbles", "modules", "link_gbps", "flops", "bound", "plan"}
+    assert s["experts"] == {"expert[0][0]": {"s": pytest.approx(0.010), "tokens": 5, "launches": 1}}
+    assert set(s) == {"wall_s", "streams", "overlap", "bubbles", "modules", "experts", "link_gbps", "flops", "bound",
+                      "plan"}
     assert s["plan"] is None  # no plan was recorded
+
+
+def test_summarize_shares_a_grouped_launch_among_its_experts_by_tokens(tmp_path):
+    """By hand (ms): a group of experts 3 (30 tokens) and 5 (10 tokens) of layer 1 over [0, 8), and expert[1][5]
+    alone over [8, 10): expert 3 took 6 ms, expert 5 2 + 2 = 4 ms in two launches."""
+    trace, sl = hand_trace(["event loop", "compute stream"])
+    sl("event loop", "step 0", 0, 10)
+    sl("compute stream", "expert[1] group", 0, 8, layer=1, tokens=40, experts="3:30 5:10")
+    sl("compute stream", "expert[1][5]", 8, 10, layer=1, tokens=4)
+    path = tmp_path / "grouped.pftrace"
+    path.write_bytes(trace.SerializeToString())
+    s = summarize(path)
+    assert s["experts"] == {"expert[1][3]": {"s": pytest.approx(0.006), "tokens": 30, "launches": 1},
+                            "expert[1][5]": {"s": pytest.approx(0.004), "tokens": 14, "launches": 2}}
+    assert s["modules"]["expert"]["launches"] == 2 and s["modules"]["expert"]["s"] == pytest.approx(0.010)
+    assert "expert[1][3]" in format_summary(s)
 
 
 def test_summarize_counts_a_streams_lanes_as_the_stream(tmp_path):

@@ -22,6 +22,7 @@ from moegen.runtime.cpu_threads import host_threads, side_by_side
 from moegen.runtime.device_memory import MLP_TEMP_BYTES
 from moegen.runtime.residency import ModuleId
 from moegen.runtime.step import Step
+from moegen.runtime.tasks.expert_groups import submit_groups
 
 if TYPE_CHECKING:
     from moegen.runtime.context import Runtime
@@ -54,8 +55,12 @@ async def router_task(rt: Runtime, layer: int) -> None:
         counts = read.tolist()  # sync: expert batch sizes
         step.counts[layer].set_result(counts)
         rt.stats.expert_counts.append(counts)
-        busy = [e for e, n in enumerate(counts) if n]
-        await rt.queues.combine[layer].put(("expect", step, len(busy) + has_mlp))
+        groups = submit_groups(rt, layer, step, counts) if rt.rcfg.expert_groups else []
+        grouped = {e for g in groups for e in g.experts}
+        alone = [e for e, n in enumerate(counts) if n and e not in grouped]
+        await rt.queues.combine[layer].put(("expect", step, len(groups) + len(alone) + has_mlp))
+        for _ in groups:
+            await rt.queues.combine[layer].put(("done", step, 0))
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
@@ -63,6 +68,8 @@ async def router_task(rt: Runtime, layer: int) -> None:
         # launch when free, then end the layer together. Streamed ones keep the prefetcher's order.
         order = range(len(counts)) if streams else sorted(range(len(counts)), key=lambda e: -counts[e])
         for e in order:
+            if e in grouped:
+                continue
             if counts[e] or rt.placement.streamed(ModuleId("expert", layer, e)):  # a streamed expert always hears back
                 rt.waiting("experts", counts[e])
                 await rt.queues.expert[layer][e].put((step, starts[e], counts[e]))
