@@ -9,9 +9,10 @@ Streamed experts are not grouped: each still runs alone when its slot is filled,
 order. On the cpu backend a layer's groups are submitted as concurrent, so the compute stream's lanes
 take them side by side; elsewhere (and with --no-expert-groups) nothing changes but the launch count.
 
-Why each member keeps its own matmuls (measured with `python -m tools.grouped_kernels`, 2 cpu cores,
-one DeepSeek-V2-Lite-like layer, 256 tokens top-6): a loop of oneDNN-packed linears 40 ms, against
-torch._grouped_mm over stacked weights 49 ms and a padded bmm 78 ms (float32).
+Why each member keeps its own matmuls (`python -m tools.grouped_kernels`, 2 cpu cores, float32, one
+DeepSeek-V2-Lite-like layer over 256 tokens top-6): a loop of oneDNN-reordered linears 44 ms, against
+torch._grouped_mm over the stacked weights 88 ms and a padded bmm 61 ms; a Mixtral-like layer (8 experts
+top-2) 44 against 69 and 83. On a GPU the choice is not measured yet.
 
 Letters: T tokens, H hidden, K top-k, E experts, P picks of the group.
 """
