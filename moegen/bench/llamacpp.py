@@ -123,9 +123,10 @@ def parse_batched_bench(text: str) -> dict:
 
 
 def server(llama: LlamaCpp, model: Path, overrides: list[str], prompt_ids: list[list[int]], new_tokens: int,
-           threads: int) -> dict:
+           threads: int, log: Path) -> dict:
     """`llama-server` with a slot per request and continuous batching, every prompt sent at once (as token ids,
-    greedy, EOS ignored); timed from the server's start to the last completion (its load included)."""
+    greedy, EOS ignored); timed from the server's start to the last completion (its load included). Its log goes
+    to `log` (a pipe nobody reads would fill and stall it)."""
     n = len(prompt_ids)
     ctx = n * (max(map(len, prompt_ids)) + new_tokens + 8)
     port = _free_port()
@@ -133,9 +134,10 @@ def server(llama: LlamaCpp, model: Path, overrides: list[str], prompt_ids: list[
                "2048", "-ub", "512", "-t", str(threads), "--host", "127.0.0.1", "--port", str(port), *overrides]
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(url, proc)
+        _wait_healthy(url, proc, log)
 
         def complete(ids: list[int]) -> int:
             body = json.dumps({"prompt": ids, "n_predict": new_tokens, "ignore_eos": True, "temperature": 0.0,
@@ -157,11 +159,12 @@ def server(llama: LlamaCpp, model: Path, overrides: list[str], prompt_ids: list[
             "tok_s": generated / seconds}
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, limit_s: float = 600.0) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, limit_s: float = 600.0) -> None:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited ({proc.returncode}) before it was ready:\n{proc.stderr.read()[-3000:]}")
+            raise RuntimeError(f"llama-server exited ({proc.returncode}) before it was ready; the end of {log}:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                 if response.status == 200:

@@ -60,7 +60,8 @@ def scenario(model_dir: Path, prompts: int, prompt_len: int, new_tokens: int, ro
         runs.append({**llamacpp.batched_bench(llama, model, overrides, prompts, round(statistics.mean(lengths)),
                                               new_tokens, threads), "round": r})
         say(f"  round {r + 1}: llama-server ...")
-        runs.append({**llamacpp.server(llama, model, overrides, prompt_ids, new_tokens, threads), "round": r})
+        runs.append({**llamacpp.server(llama, model, overrides, prompt_ids, new_tokens, threads,
+                                       model.with_suffix(".server.log")), "round": r})
         say("  " + ", ".join(f"{x['engine']} {x['tok_s']:.0f} tok/s" for x in runs[-3:]))
     ours = [x["tok_s"] for x in runs if x["engine"].startswith("moegen")]
     theirs = [x for x in runs if x["engine"].startswith("llama.cpp")]

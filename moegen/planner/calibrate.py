@@ -81,6 +81,8 @@ class Machine:
     sync_s: float  # a host sync: device event -> waiter -> the loop resumes a task
     copy_cost_s_per_byte: float = 0.0  # cpu backend: compute time lost per byte a copy thread moves (its
     # memcpy takes a core and memory bandwidth from the compute threads); 0 on cuda (copy engines)
+    bf16_speedup: float = 0.0  # cpu: an expert-sized matmul in bfloat16 against float32 as the runtime runs each
+    # (float32 over oneDNN-reordered weights); below 1 where the CPU has no native bf16; 0: not measured
 
 
 @dataclass(slots=True)
@@ -220,7 +222,32 @@ def measure_machine(device: str) -> Machine:
         d2h = 4 * n / timed(lambda: pinned.copy_(dev, non_blocking=True), device) / 1e9
     launch, sync = _loop_costs(device)
     return Machine(link_h2d_gbps=h2d, link_d2h_gbps=d2h, memcpy_gbps=memcpy, launch_s=launch, sync_s=sync,
-                   copy_cost_s_per_byte=_copy_cost(src, dst) if device == "cpu" else 0.0)
+                   copy_cost_s_per_byte=_copy_cost(src, dst) if device == "cpu" else 0.0,
+                   bf16_speedup=bf16_speedup() if device == "cpu" else 0.0)
+
+
+def bf16_speedup() -> float:
+    """float32 seconds / bfloat16 seconds of a [256, 1024] x [1024, 2816] linear on the cpu, each the way the
+    runtime runs it (float32 over a oneDNN-reordered weight, bfloat16 through F.linear), best of 3 each."""
+    import torch.nn.functional as F
+
+    from moegen.models.linear import linear, pack_linear
+
+    w, x = torch.randn(2816, 1024), torch.randn(256, 1024)
+    packed, w16, x16 = pack_linear(w), w.bfloat16(), x.bfloat16()
+    f32 = min(timed(lambda: linear(x, packed), "cpu") for _ in range(3))
+    bf16 = min(timed(lambda: F.linear(x16, w16), "cpu") for _ in range(3))
+    return f32 / bf16
+
+
+def native_bf16() -> bool:
+    """Whether the CPU reports bf16 arithmetic (AVX-512-BF16 or AMX-BF16) in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _copy_cost(src: torch.Tensor, dst: torch.Tensor) -> float:

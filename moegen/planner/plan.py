@@ -29,6 +29,7 @@ def calibration_for(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig
                     say: Callable[[str], None] = lambda _: None, recalibrate: bool = False) -> tuple[Calibration, Profile]:
     """The device's calibration and this model's profile on it, measured and cached when missing."""
     cal = calibrated(rcfg.device, recalibrate, say)
+    slow_bf16(rcfg, cal.machine, say)
     sig = signature(cfg, rcfg.dtype, weights)
     if sig not in cal.profiles:
         say("profiling this model's modules on the device (cached for later runs) ...")
@@ -44,6 +45,18 @@ def calibration_for(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig
         profile.host_attn = measure_host_attention(cfg, rcfg.torch_dtype, rcfg.cpu_attention_threads)
         save(cal)
     return cal, profile
+
+
+def slow_bf16(rcfg: RuntimeConfig, machine, say: Callable[[str], None]) -> None:
+    """Say so when --dtype bfloat16 on the cpu is slower than float32 here (calibration measured both)."""
+    from moegen.planner.calibrate import native_bf16
+
+    speedup = machine.bf16_speedup
+    if rcfg.device != "cpu" or rcfg.dtype != "bfloat16" or not 0 < speedup < 1:
+        return
+    why = "it reports native bf16, yet" if native_bf16() else "it has no native bf16 (AVX-512-BF16 or AMX), so"
+    say(f"--dtype bfloat16 is slower than float32 on this CPU: {why} its matmuls ran at {speedup:.2f}x float32's "
+        f"speed in calibration; --dtype float32 runs this job faster (and exactly)")
 
 
 def device_budget(rcfg: RuntimeConfig) -> int | None:

@@ -355,3 +355,20 @@ def test_a_share_of_decode_attention_goes_to_the_host_when_it_shortens_the_step(
     no_host = flat_profile()  # not measured: never planned
     assert search(facts, rcfg, frozenset({"batch_size"}), MACHINE, no_host, Workload(64, 200, 16, 256), 2**32,
                   2**40).rcfg.cpu_attention == 0
+
+
+def test_bfloat16_slower_than_float32_on_this_cpu_is_said_at_start():
+    """Calibration times one expert-sized matmul in both dtypes; --dtype bfloat16 on the cpu where it ran slower
+    gets one line saying so and by how much, and nothing where it ran faster or another dtype was asked for."""
+    from moegen.planner.calibrate import Machine
+    from moegen.planner.plan import slow_bf16
+
+    def said(speedup: float, dtype: str) -> list[str]:
+        lines: list[str] = []
+        machine = Machine(None, None, memcpy_gbps=10.0, launch_s=1e-5, sync_s=1e-4, bf16_speedup=speedup)
+        slow_bf16(RuntimeConfig(device="cpu", dtype=dtype), machine, lines.append)
+        return lines
+
+    (line,) = said(0.17, "bfloat16")
+    assert "slower than float32" in line and "0.17x" in line and "--dtype float32" in line
+    assert said(1.7, "bfloat16") == [] and said(0.17, "float32") == [] and said(0.0, "bfloat16") == []
