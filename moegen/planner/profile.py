@@ -30,6 +30,7 @@ from moegen.runtime.sampling import SamplingParams
 from moegen.runtime.tasks import attention_launch, expert_launch, head_launch, mlp_launch, route_launch
 from moegen.runtime.tasks.expert_groups import Group, group_launch
 from moegen.runtime.worker_stream import CpuStream
+from moegen.trace.slices import group_members
 
 GROUP_MEMBERS = 4  # experts per grouped launch profiled
 GROUP_UNITS = 16  # distinct experts the profiled groups take their members from
@@ -312,8 +313,9 @@ def _launch_times(slices, profile: Profile, cfg: ModelConfig) -> list[tuple[str,
 
 def _alone(p: Profile, cfg: ModelConfig, kind: str, args: dict) -> float | None:
     tokens = int(args.get("tokens", 0))
-    if kind == "expert" and args.get("experts") and p.expert_grouped is not None:  # a grouped launch
-        return sum(p.expert_grouped(int(m.split(":")[1])) for m in str(args["experts"]).split())
+    members = group_members(args)
+    if kind == "expert" and members and p.expert_grouped is not None:  # a grouped launch
+        return sum(p.expert_grouped(n) for _, n in members)
     if kind == "expert" and p.expert is not None:
         return p.expert(tokens)
     if kind == "mlp":

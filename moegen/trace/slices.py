@@ -44,3 +44,9 @@ def stream_of(track: str) -> str:
 def module_kind(name: str) -> str:
     """A compute slice's module type: "expert[3][7]" -> "expert", "lm_head + sample" -> "lm_head"."""
     return name.split("[")[0].split(" ")[0]
+
+
+def group_members(args: dict) -> list[tuple[int, int]]:
+    """(expert, tokens) of each member of a grouped expert launch, from its slice's `experts` arg ("e:tokens ...",
+    written by `tasks.expert_groups`); [] for any other slice."""
+    return [(int(e), int(n)) for e, n in (m.split(":") for m in str(args.get("experts", "")).split())]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moegen.intervals import intersect, length, union
 from moegen.trace.protos import DecodeError, Trace, TrackEvent
-from moegen.trace.slices import Slice, module_kind, stream_of
+from moegen.trace.slices import Slice, group_members, module_kind, stream_of
 
 
 class TraceFileError(ValueError):
@@ -173,11 +173,10 @@ def _experts(top: list[Slice]) -> dict[str, dict]:
         if "compute" not in s.track or module_kind(s.name) != "expert":
             continue
         seconds = (s.end - s.start) / 1e9
-        members = str(s.args.get("experts", "")).split()
-        if not members:
+        counts = group_members(s.args)
+        if not counts:
             add(s.name, seconds, int(s.args.get("tokens", 0)))
             continue
-        counts = [(e, int(n)) for e, n in (m.split(":") for m in members)]
         total = sum(n for _, n in counts) or 1
         for e, n in counts:
             add(f"expert[{s.args.get('layer')}][{e}]", seconds * n / total, n)

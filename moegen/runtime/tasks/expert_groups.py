@@ -61,23 +61,26 @@ def plan_groups(counts: list[int], grouped: list[bool], pieces: int, limit: int 
     target = -(-total // max(1, pieces))
     groups: list[Group] = []
     members: list[int] = []
-    start = first = 0
+    start = first = held = 0  # held: the open group's tokens
 
     def close() -> None:
+        nonlocal held
         if members:
             groups.append(Group(tuple(members), tuple(counts[e] for e in members), first))
             members.clear()
+            held = 0
 
     for e, n in enumerate(counts):
         if n and not grouped[e]:
             close()
         elif n:
-            if members and limit is not None and sum(counts[m] for m in members) + n > limit:
+            if members and limit is not None and held + n > limit:
                 close()
             if not members:
                 first = start
             members.append(e)
-            if sum(counts[m] for m in members) >= target:
+            held += n
+            if held >= target:
                 close()
         start += n
     close()
