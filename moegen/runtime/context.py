@@ -184,12 +184,14 @@ class Runtime:
 
         return Label(name, args, flows_out=flows_out, flows_in=flows_in)
 
-    def attention_label(self, layer: int, step: Step, mb, flows_in: tuple[int, ...]):
+    def attention_label(self, layer: int, step: Step, mb, flows_in: tuple[int, ...], share: slice = slice(None)):
+        """An attention launch's label: over the micro-batch `mb`, or over its sequences `share` (a launch on a lane)."""
         if self.backend.recorder is None:
             return None
+        past, q = mb.past_lens[share], mb.q_lens[share]
         return self.label(f"attention[{layer}]", flows_in=flows_in, layer=layer, step=step.index,
-                          micro_batch=mb.index, sequences=len(mb.q_lens), tokens=sum(mb.q_lens),
-                          cached=sum(mb.past_lens), query_sq=sum(q * q for q in mb.q_lens))
+                          micro_batch=mb.index, sequences=len(q), tokens=sum(q), cached=sum(past),
+                          query_sq=sum(n * n for n in q))
 
     def waiting(self, kind: str, tokens: int) -> None:
         """Tokens queued in front of a module type (attention, router, experts): a trace counter."""
