@@ -35,3 +35,23 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def attention_split(monkeypatch):
+    """Every decode micro-batch of two or more sequences attends as two launches on the cpu lanes; yields the
+    number of launches each staged micro-batch's attention was cut into, as the run goes."""
+    from moegen.runtime.tasks import attention
+
+    monkeypatch.setenv(LANES_ENV, "2")
+    monkeypatch.setattr(attention, "LANE_SEQUENCES", 1)
+    split: list[int] = []
+    lane_parts = attention.lane_parts
+
+    def spy(mb, lanes):
+        parts = lane_parts(mb, lanes)
+        split.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(attention, "lane_parts", spy)
+    return split

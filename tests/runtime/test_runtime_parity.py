@@ -210,17 +210,9 @@ def test_host_attention_keeps_parity(family, share, oracle):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decode_attention_split_over_the_cpu_lanes_keeps_parity(family, oracle, monkeypatch):
+def test_decode_attention_split_over_the_cpu_lanes_keeps_parity(family, oracle, attention_split):
     """Every decode micro-batch of two or more sequences attends as two launches side by side on the lanes."""
-    from moegen.runtime.tasks import attention
-
-    monkeypatch.setenv("MOEGEN_CPU_LANES", "2")
-    monkeypatch.setattr(attention, "LANE_SEQUENCES", 1)
-    split = []
-    lane_parts = attention.lane_parts
-    monkeypatch.setattr(attention, "lane_parts", lambda mb, lanes: split.append(len(lane_parts(mb, lanes))) or
-                        lane_parts(mb, lanes))
     path, runs = oracle(family)
     results, _ = run_engine(path, attn_micro_batch=5)
-    assert 2 in split and 1 in split  # decode micro-batches split, prefill ones (and single sequences) not
+    assert 2 in attention_split and 1 in attention_split  # decode micro-batches split, prefill ones (and single sequences) not
     assert_parity(results, runs)

@@ -186,17 +186,9 @@ def test_greedy_agreement_with_unquantized_transformers(family, budget, fp8_runs
 
 @pytest.mark.parametrize(("family", "budget"), FAMILY_BUDGETS, ids=IDS)
 def test_decode_attention_split_over_the_cpu_lanes_keeps_the_rounded_kv_oracle(family, budget, tiny_checkpoint,
-                                                                                monkeypatch):
+                                                                                attention_split):
     """FP8 KV with every decode micro-batch attending as two launches on the lanes: the staged entries are
     dequantized once before both, the new ones quantized once after."""
-    from moegen.runtime.tasks import attention
-
-    monkeypatch.setenv("MOEGEN_CPU_LANES", "2")
-    monkeypatch.setattr(attention, "LANE_SEQUENCES", 1)
-    split = []
-    lane_parts = attention.lane_parts
-    monkeypatch.setattr(attention, "lane_parts", lambda mb, lanes: split.append(len(lane_parts(mb, lanes))) or
-                        lane_parts(mb, lanes))
     path = tiny_checkpoint(family)
     cfg, weights, _ = load_checkpoint(path)
     rcfg = RuntimeConfig(max_seq_len=64, batch_size=4, attn_micro_batch=3, kv_dtype="fp8", gpu_memory=budget,
@@ -204,6 +196,6 @@ def test_decode_attention_split_over_the_cpu_lanes_keeps_the_rounded_kv_oracle(f
     with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg)) as engine:
         list(engine.generate([Request(FIRST, 1)]))
         ours = {r.id: r.token_ids for r in engine.generate([Request(p, new_tokens(i)) for i, p in enumerate(PROMPTS)])}
-    assert 2 in split
+    assert 2 in attention_split
     verdicts = [compare_greedy(ours[i], ids, None, logits) for i, (ids, logits) in enumerate(rounded_kv_runs(path))]
     assert all(v.ok for v in verdicts), "\n".join(v.detail for v in verdicts)
