@@ -76,7 +76,7 @@ async def _attend_staged(rt: Runtime, layer: int, step: Step, mb: MicroBatch, ti
         b.compute.wait_event(staged.ready)
 
     flows += (staged.flow,) if staged.flow else ()
-    parts = lane_parts(mb, b.compute.lanes if b.device.type == "cpu" else 1)
+    parts = lane_parts(mb, b.compute.lanes)  # lanes: the cpu compute stream's (1 elsewhere)
     if len(parts) == 1:
         def launch(s=step, m=mb, t=ticket) -> None:
             stager.dequantize(staged)
