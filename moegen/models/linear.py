@@ -8,10 +8,18 @@ GFLOP/s on 2 cores, [64, 768] x [768, 2688] 131 vs 197. Reordering on every call
 passed to oneDNN) is not: in a run it cost more than it saved. Results differ from F.linear's by
 float rounding (~1e-6 relative).
 
+bfloat16 weights are reordered too where the CPU does bf16 arithmetic itself (AVX-512-BF16 or AMX):
+there F.linear already reaches oneDNN's bf16 kernel, but reorders the weight on every call; [24, 1024]
+x [1024, 2816] (a DeepSeek-V2-Lite-like expert's decode tokens) 0.76 ms plain, 0.44 reordered, and
+float32's 0.83 (same 2 cores). The results are F.linear's, bit for bit. Without native bf16 oneDNN
+emulates it, and nothing is reordered.
+
 Letters: T rows (tokens), I input features, O output features.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +27,22 @@ from torch import Tensor
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `pack_linear` reorders weights of this device and dtype: float32 on the cpu, torch built with oneDNN."""
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether `pack_linear` reorders weights of this device and dtype: on the cpu, torch built with oneDNN,
+    float32, or bfloat16 where the CPU has native bf16."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16())
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether the CPU reports bf16 arithmetic (AVX-512-BF16 or AMX-BF16) in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pack_linear(w: Tensor) -> Tensor:

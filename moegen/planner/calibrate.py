@@ -228,26 +228,14 @@ def measure_machine(device: str) -> Machine:
 
 def bf16_speedup() -> float:
     """float32 seconds / bfloat16 seconds of a [256, 1024] x [1024, 2816] linear on the cpu, each the way the
-    runtime runs it (float32 over a oneDNN-reordered weight, bfloat16 through F.linear), best of 3 each."""
-    import torch.nn.functional as F
-
+    runtime runs it (`models.linear`: a oneDNN-reordered weight where `can_pack`), best of 3 each."""
     from moegen.models.linear import linear, pack_linear
 
     w, x = torch.randn(2816, 1024), torch.randn(256, 1024)
-    packed, w16, x16 = pack_linear(w), w.bfloat16(), x.bfloat16()
-    f32 = min(timed(lambda: linear(x, packed), "cpu") for _ in range(3))
-    bf16 = min(timed(lambda: F.linear(x16, w16), "cpu") for _ in range(3))
+    w32, w16, x16 = pack_linear(w), pack_linear(w.bfloat16()), x.bfloat16()
+    f32 = min(timed(lambda: linear(x, w32), "cpu") for _ in range(3))
+    bf16 = min(timed(lambda: linear(x16, w16), "cpu") for _ in range(3))
     return f32 / bf16
-
-
-def native_bf16() -> bool:
-    """Whether the CPU reports bf16 arithmetic (AVX-512-BF16 or AMX-BF16) in /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _copy_cost(src: torch.Tensor, dst: torch.Tensor) -> float:

@@ -49,7 +49,7 @@ def calibration_for(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig
 
 def slow_bf16(rcfg: RuntimeConfig, machine, say: Callable[[str], None]) -> None:
     """Say so when --dtype bfloat16 on the cpu is slower than float32 here (calibration measured both)."""
-    from moegen.planner.calibrate import native_bf16
+    from moegen.models.linear import native_bf16
 
     speedup = machine.bf16_speedup
     if rcfg.device != "cpu" or rcfg.dtype != "bfloat16" or not 0 < speedup < 1:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import time
 from collections.abc import Callable
 
@@ -56,7 +55,6 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
         return _to(unit, dev, dtype)
 
     lanes = CpuStream("profile", Counters(), lanes=cpu_lanes()) if device == "cpu" else None
-    lock = threading.Lock()
     try:
         some = [] if moe is None else moe.moe.experts[: 2 * (lanes.lanes if lanes else 1)]
         k = cfg.moe.router.top_k
@@ -65,7 +63,7 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
 
         def expert_curve(units: list) -> Curve:
             return _launch_curve(lambda t, i: expert_launch(units[i % len(units)], x, out, picks[:t], weights_k, k,
-                                                            None, lock), mlp_params(units[0]), device, lanes)
+                                                            None), mlp_params(units[0]), device, lanes)
 
         def streamed_curve(units: list) -> Curve:
             """As a streamed expert's launch runs: its FP8 linears (if any) dequantized into a working buffer first."""
@@ -73,14 +71,14 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
 
             def launch(t: int, i: int) -> None:
                 fp8.dequantize_into(units[i % len(units)], work[i % len(units)])
-                expert_launch(work[i % len(units)], x, out, picks[:t], weights_k, k, None, lock)
+                expert_launch(work[i % len(units)], x, out, picks[:t], weights_k, k, None)
 
             return _launch_curve(launch, mlp_params(units[0]), device, lanes)
 
         profile = Profile(
             expert=expert_curve([on(w) for w in some]) if some else None,
-            expert_grouped=_grouped_curve([on(w) for w in moe.moe.experts[:GROUP_UNITS]], x, out, k, device, lanes,
-                                          lock) if some else None,
+            expert_grouped=_grouped_curve([on(w) for w in moe.moe.experts[:GROUP_UNITS]], x, out, k, device,
+                                          lanes) if some else None,
             mlps={},
             router=_curve(lambda t: route_launch(h[:t], x[:t], out[:t], on(weights.layers[0].post_attention_layernorm),
                                                  cfg.rms_norm_eps, None if moe is None else on(moe.moe.router),
@@ -97,7 +95,7 @@ def measure_profile(cfg: ModelConfig, weights: ModelWeights, device: str, dtype:
                                  ("shared", moe and moe.moe.shared, moe and moe.moe.shared_expert_gate)):
             if unit is not None:
                 w, g = on(unit), on(gate)
-                profile.mlps[name] = _launch_curve(lambda t, _, w=w, g=g: mlp_launch(x[:t], out[:t], w, g, lock),
+                profile.mlps[name] = _launch_curve(lambda t, _, w=w, g=g: mlp_launch(x[:t], out[:t], w, g),
                                                    mlp_params(w), device, lanes, alone=name == "dense")
     finally:
         if lanes is not None:
@@ -128,8 +126,8 @@ def _launch_curve(launch: Callable[[int, int], object], params: int, device: str
     return _curve(group, TOKENS, device, share)
 
 
-def _grouped_curve(units: list, x: torch.Tensor, out: torch.Tensor, k: int, device: str, lanes: CpuStream | None,
-                   lock) -> Curve:
+def _grouped_curve(units: list, x: torch.Tensor, out: torch.Tensor, k: int, device: str, lanes: CpuStream | None
+                   ) -> Curve:
     """Seconds per member of a grouped launch (`tasks.expert_groups`) of GROUP_MEMBERS residents over t tokens
     each, the groups run as the runtime submits them (side by side on the cpu lanes where each member would be)."""
     m = min(GROUP_MEMBERS, len(units))
@@ -139,7 +137,7 @@ def _grouped_curve(units: list, x: torch.Tensor, out: torch.Tensor, k: int, devi
 
     def launch(t: int, i: int) -> None:
         members = [units[(i * m + j) % len(units)] for j in range(m)]
-        group_launch(members, Group(tuple(range(m)), (t,) * m, 0), x, out, picks[: t * m], weights_k, k, None, lock)
+        group_launch(members, Group(tuple(range(m)), (t,) * m, 0), x, out, picks[: t * m], weights_k, k, None)
 
     per_group = _launch_curve(launch, mlp_params(units[0]), device, lanes)
     return Curve([(n, seconds / m) for n, seconds in per_group.points])

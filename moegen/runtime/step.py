@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from moegen.models.batch import AttnBatch
+from moegen.runtime.ordered_adds import OrderedAdds
 from moegen.runtime.sampling import SamplingParams
 from moegen.runtime.scheduler import StepPlan
 
@@ -56,8 +56,8 @@ class Step:
     routing: list[Routing]  # per layer
     counts: list[asyncio.Future]  # per layer: host list of tokens per expert, once the router has synced
     sampled: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    out_lock: threading.Lock = field(default_factory=threading.Lock)  # held while a launch adds into `out`:
-    # a layer's expert and MLP launches may run side by side (the cpu compute stream's lanes)
+    adds: OrderedAdds = field(default_factory=OrderedAdds)  # a layer's adds into `out`, in one order whatever
+    # order its launches end in (they may run side by side on the cpu compute stream's lanes)
 
     def inputs(self) -> list[Tensor]:
         """The step's small tensors built on the host (`StepInputs` sends them to the device in one copy)."""

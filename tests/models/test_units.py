@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig
 
 from moegen.checkpoints.balance import HEAD_TOKENS, calibration_ids
@@ -15,7 +16,7 @@ from moegen.config import RopeConfig
 from moegen.models.hf_config import load_model_config
 from moegen.models.batch import AttnBatch
 from moegen.models.kv_cache import allocate_kv
-from moegen.models.linear import linear, pack_linear
+from moegen.models.linear import linear, pack_linear, plain
 from moegen.models.loader import load_checkpoint
 from moegen.models.mla import mla_attention
 from moegen.models.moe import route
@@ -230,7 +231,24 @@ def test_a_weight_reordered_for_onednn_computes_the_same_product():
             got = linear(x, weight, b)
             assert got.shape == (rows, 200) and got.dtype == torch.float32
             assert (got.double() - want).abs().max() / want.abs().max() < 1e-6
-    assert pack_linear(w.bfloat16()) is not None and not pack_linear(w.bfloat16()).is_mkldnn  # float32 only
+
+
+def test_bfloat16_weights_are_reordered_only_with_native_bf16_and_compute_what_f_linear_does(monkeypatch):
+    from moegen.models import linear as linear_module
+
+    torch.manual_seed(0)
+    w, b = torch.randn(200, 96).bfloat16(), torch.randn(200).bfloat16()
+    monkeypatch.setattr(linear_module, "native_bf16", lambda: False)
+    assert not pack_linear(w).is_mkldnn  # emulated bf16: left as loaded
+    if not torch.backends.mkldnn.is_available():
+        return
+    monkeypatch.setattr(linear_module, "native_bf16", lambda: True)
+    packed = pack_linear(w)
+    assert packed.is_mkldnn and torch.equal(plain(packed), w)
+    for rows in (1, 24, 300):  # 300: padded inside, cut back after
+        x = torch.randn(rows, 96).bfloat16()
+        got = linear(x, packed, b)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, F.linear(x, w, b))  # bit for bit
 
 
 def test_the_cpu_backend_reorders_the_lm_head_unless_it_is_the_embedding(tiny_checkpoint):

@@ -3,7 +3,6 @@ per expert, and a traced run's groups against its routing."""
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 
 import pytest
@@ -62,7 +61,7 @@ def test_a_group_launch_adds_what_one_launch_per_expert_adds(cap):
         expert_launch(units[e], x, expected, order[starts[e]: starts[e] + counts[e]], weights, K, cap)
     groups = plan_groups(counts, grouped, pieces=2)
     for g in groups:
-        group_launch([units[e] for e in g.experts], g, x, got, order, weights, K, cap, threading.Lock())
+        group_launch([units[e] for e in g.experts], g, x, got, order, weights, K, cap)
     expert_launch(units[2], x, got, order[starts[2]: starts[2] + counts[2]], weights, K, cap)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 

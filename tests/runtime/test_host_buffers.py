@@ -70,7 +70,9 @@ def test_one_page_lock_per_arena_of_exactly_its_bytes_and_none_left_after_close(
     monkeypatch.setattr(engine_module, "make_backend", recording)
     cfg, weights, _ = load_checkpoint(path)
     B, S = 4, 64
-    # bfloat16: the cpu backend reorders no weights for it, so every streamable module has a host block.
+    # bfloat16 on a CPU without native bf16: the cpu backend reorders no weights for it, so every streamable
+    # module has a host block.
+    monkeypatch.setattr("moegen.models.linear.native_bf16", lambda: False)
     rcfg = RuntimeConfig(dtype="bfloat16", batch_size=B, max_seq_len=S, gpu_memory=2**40)
     with Engine(cfg, weights, rcfg, generation_eos_ids(path, cfg)) as engine:
         list(engine.generate([Request(p, 4) for p in PROMPTS]))

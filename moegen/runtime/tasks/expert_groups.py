@@ -19,7 +19,6 @@ Letters: T tokens, H hidden, K top-k, E experts, P picks of the group.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ from torch import Tensor
 from moegen.models.moe import mlp
 from moegen.models.weights import mlp_params
 from moegen.runtime.cpu_threads import host_threads, side_by_side
+from moegen.runtime.ordered_adds import NOW, Turn
 from moegen.runtime.residency import ModuleId
 
 if TYPE_CHECKING:
@@ -98,9 +98,9 @@ def group_concurrent(units: list, group: Group) -> bool:
 
 
 def group_launch(units: list, group: Group, x: Tensor, out: Tensor, order: Tensor, weights: Tensor, k: int,
-                 cap: int | None, lock: AbstractContextManager = nullcontext()) -> None:
+                 cap: int | None, turn: Turn = NOW) -> None:
     """The members of `group` (their weights `units`) over their picks of the routing `order` [T*K], in
-    launches of at most `cap` tokens per member: out[token] += weight * mlp_e(x[token]), one add under `lock`."""
+    launches of at most `cap` tokens per member: out[token] += weight * mlp_e(x[token]), one add in `turn`."""
     picks = order[group.start: group.start + group.tokens]  # [P] token * K + choice, sorted by expert
     tokens = picks // k
     largest = max(group.counts)
@@ -115,25 +115,26 @@ def group_launch(units: list, group: Group, x: Tensor, out: Tensor, order: Tenso
                 rows[a:b] = mlp(w, rows[a:b])
             first += n
         rows.mul_(weights.view(-1)[picks, None].to(x.dtype))  # weights [T, K]: pick token * K + choice
-        with lock:
-            out.index_add_(0, tokens, rows)
+        turn.add(lambda: out.index_add_(0, tokens, rows))
+    turn.end()
 
 
-def submit_groups(rt: Runtime, layer: int, step: Step, counts: list[int]) -> list[Group]:
-    """Launch the groups of `layer`'s resident experts over `step` (counts: tokens per expert); returns them
-    (their experts get no launch of their own). On the cpu with lanes: 2 groups per lane, which the lanes take
-    as they come free beside the MLP's launch; elsewhere one group."""
+def submit_groups(rt: Runtime, layer: int, step: Step, counts: list[int], first_rank: int) -> list[Group]:
+    """Launch the groups of `layer`'s resident experts over `step` (counts: tokens per expert), their adds
+    ranked from `first_rank` on; returns them (their experts get no launch of their own). On the cpu with
+    lanes: 2 groups per lane, which the lanes take as they come free beside the MLP's launch; elsewhere one
+    group."""
     resident = rt.placement.resident
     ids = [ModuleId("expert", layer, e) for e in range(len(counts))]
     lanes = rt.backend.compute.lanes
     groups = plan_groups(counts, [m in resident for m in ids], 2 * lanes if lanes > 1 else 1, rt.sizes.group_tokens)
     routing, k = step.routing[layer], rt.cfg.moe.router.top_k
-    for g in groups:
+    for rank, g in enumerate(groups, first_rank):
         units = [resident[ids[e]].weights for e in g.experts]
         flops = group_flops(units, g)
         rt.backend.compute.submit(
-            lambda g=g, units=units: group_launch(units, g, step.x, step.out, routing.order, routing.weights, k,
-                                                  rt.sizes.expert_tokens, step.out_lock),
+            lambda g=g, units=units, r=rank: group_launch(units, g, step.x, step.out, routing.order, routing.weights,
+                                                          k, rt.sizes.expert_tokens, step.adds.turn(r)),
             rt.label(f"expert[{layer}] group", layer=layer, step=step.index, tokens=g.tokens, flops=flops,
                      experts=" ".join(f"{e}:{n}" for e, n in zip(g.experts, g.counts))),
             concurrent=group_concurrent(units, g))

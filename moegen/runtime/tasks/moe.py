@@ -7,7 +7,6 @@ Letters: T tokens, H hidden, K top-k, E experts, I expert width.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +19,7 @@ from moegen.models.weights import mlp_params
 from moegen.runtime.context import STOP
 from moegen.runtime.cpu_threads import host_threads, side_by_side
 from moegen.runtime.device_memory import MLP_TEMP_BYTES
+from moegen.runtime.ordered_adds import NOW, Turn
 from moegen.runtime.residency import ModuleId
 from moegen.runtime.step import Step
 from moegen.runtime.tasks.expert_groups import submit_groups
@@ -55,30 +55,41 @@ async def router_task(rt: Runtime, layer: int) -> None:
         counts = read.tolist()  # sync: expert batch sizes
         step.counts[layer].set_result(counts)
         rt.stats.expert_counts.append(counts)
-        groups = submit_groups(rt, layer, step, counts) if rt.rcfg.expert_groups else []
-        grouped = {e for g in groups for e in g.experts}
-        alone = [e for e, n in enumerate(counts) if n and e not in grouped]
-        await rt.queues.combine[layer].put(("expect", step, len(groups) + len(alone) + has_mlp))
-        for _ in groups:
-            await rt.queues.combine[layer].put(("done", step, 0))
-        starts = [0]
-        for n in counts:
-            starts.append(starts[-1] + n)
-        # Resident experts are handed their tokens largest share first: the lanes, each taking the next
-        # launch when free, then end the layer together. Streamed ones keep the prefetcher's order.
-        order = range(len(counts)) if streams else sorted(range(len(counts)), key=lambda e: -counts[e])
-        for e in order:
-            if e in grouped:
-                continue
-            if counts[e] or rt.placement.streamed(ModuleId("expert", layer, e)):  # a streamed expert always hears back
-                rt.waiting("experts", counts[e])
-                await rt.queues.expert[layer][e].put((step, starts[e], counts[e]))
+        await _hand_out(rt, layer, step, counts, has_mlp, streams)
+
+
+async def _hand_out(rt: Runtime, layer: int, step: Step, counts: list[int], has_mlp: bool, streams: bool) -> None:
+    """Launch the layer's expert groups and hand every other expert its tokens (counts: per expert); tell
+    combine[layer] how many launches to wait for. Each launch's adds into `out` get a rank (runtime.
+    ordered_adds) in the order they are handed out, the MLP's first and streamed experts' last: a launch
+    then rarely waits for another's turn (a streamed one runs when its slot is filled)."""
+    groups = submit_groups(rt, layer, step, counts, first_rank=int(has_mlp)) if rt.rcfg.expert_groups else []
+    grouped = {e for g in groups for e in g.experts}
+    # Resident experts are handed their tokens largest share first: the lanes, each taking the next
+    # launch when free, then end the layer together. Streamed ones keep the prefetcher's order.
+    order = range(len(counts)) if streams else sorted(range(len(counts)), key=lambda e: -counts[e])
+    alone = [e for e in order if counts[e] and e not in grouped]
+    streamed = {e for e in alone if rt.placement.streamed(ModuleId("expert", layer, e))}
+    ranks = {e: r for r, e in enumerate(sorted(alone, key=lambda e: e in streamed), int(has_mlp) + len(groups))}
+    await rt.queues.combine[layer].put(("expect", step, len(groups) + len(alone) + has_mlp))
+    for _ in groups:
+        await rt.queues.combine[layer].put(("done", step, 0))
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    for e in order:
+        if e in grouped:
+            continue
+        if counts[e] or rt.placement.streamed(ModuleId("expert", layer, e)):  # a streamed expert always hears back
+            rt.waiting("experts", counts[e])
+            await rt.queues.expert[layer][e].put((step, starts[e], counts[e], ranks.get(e, -1)))
 
 
 def _route(rt: Runtime, layer: int, step: Step) -> None:
     T = step.num_tokens
     routed = route_launch(step.h[:T], step.x[:T], step.out[:T], rt.core.post_attention_layernorm[layer],
                           rt.cfg.rms_norm_eps, rt.core.routers[layer], rt.cfg.moe.router, rt.sizes.router_tokens)
+    step.adds.reset()
     if routed is not None:
         r = step.routing[layer]
         r.order, r.weights, r.counts = routed
@@ -116,7 +127,7 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
     --expert-micro-batch tokens), while the prefetcher streams the next experts in."""
     module = ModuleId("expert", layer, expert)
     while (msg := await rt.queues.expert[layer][expert].get()) is not STOP:
-        step, start, count = msg
+        step, start, count, rank = msg
         rt.waiting("experts", -count)
         ticket = await rt.placement.acquire(step.index, module)
         if count == 0:  # a streamed expert with no tokens: hand back a slot it may have been given
@@ -128,23 +139,23 @@ async def expert_task(rt: Runtime, layer: int, expert: int) -> None:
             rt.backend.compute.wait_event(ticket.ready)
         flops = rt.mlp_flops(ticket.weights, count)
         done = rt.backend.compute.submit(
-            lambda s=step, t=ticket, first=start, n=count: _run_expert(rt, layer, s, t.unpack(), first, n),
+            lambda s=step, t=ticket, first=start, n=count, r=rank: _run_expert(rt, layer, s, t.unpack(), first, n, r),
             rt.label(f"expert[{layer}][{expert}]", layer=layer, expert=expert, step=step.index, tokens=count,
                      flops=flops, flows_in=(ticket.flow,) if ticket.flow else ()), concurrent=side_by_side(flops))
         rt.placement.release(ticket, module, done)
         await rt.queues.combine[layer].put(("done", step, 0))
 
 
-def _run_expert(rt: Runtime, layer: int, step: Step, w, start: int, count: int) -> None:
+def _run_expert(rt: Runtime, layer: int, step: Step, w, start: int, count: int, rank: int) -> None:
     routing = step.routing[layer]
     expert_launch(w, step.x, step.out, routing.order[start: start + count], routing.weights,
-                  rt.cfg.moe.router.top_k, rt.sizes.expert_tokens, step.out_lock)
+                  rt.cfg.moe.router.top_k, rt.sizes.expert_tokens, step.adds.turn(rank))
 
 
 def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: int, cap: int | None,
-                  lock: AbstractContextManager = nullcontext()) -> None:
+                  turn: Turn = NOW) -> None:
     """One expert over its token-slot picks [t] (token * K + choice), in launches of at most `cap`
-    tokens: out[token] += weight * mlp(x[token]), the add under `lock`."""
+    tokens: out[token] += weight * mlp(x[token]), each add in `turn`."""
     cap = cap or len(picks)
     params = mlp_params(w)
     with host_threads(x, 2 * min(cap, len(picks)) * params, params * x.element_size()):
@@ -152,8 +163,8 @@ def expert_launch(w, x: Tensor, out: Tensor, picks: Tensor, weights: Tensor, k: 
             chunk = picks[first: first + cap]  # [t]
             tokens = chunk // k
             y = mlp(w, x[tokens]).mul_(weights[tokens, chunk % k, None].to(x.dtype))  # [t, H]
-            with lock:
-                out.index_add_(0, tokens, y)
+            turn.add(lambda tokens=tokens, y=y: out.index_add_(0, tokens, y))
+    turn.end()
 
 
 async def mlp_task(rt: Runtime, layer: int) -> None:
@@ -165,7 +176,7 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
             rt.backend.compute.wait_event(ticket.ready)
         flops = rt.mlp_flops(ticket.weights, step.num_tokens)
         done = rt.backend.compute.submit(
-            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.unpack(), t.gate, s.out_lock,
+            lambda s=step, t=ticket: mlp_launch(s.x[: s.num_tokens], s.out[: s.num_tokens], t.unpack(), t.gate, s.adds.turn(0),
                                                 rt.sizes.mlp_chunk(t.weights.gate_proj.shape[0])),
             rt.label(f"mlp[{layer}]", layer=layer, step=step.index, tokens=step.num_tokens, flops=flops,
                      flows_in=(ticket.flow,) if ticket.flow else ()),
@@ -176,9 +187,8 @@ async def mlp_task(rt: Runtime, layer: int) -> None:
 
 
 
-def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None, lock: AbstractContextManager = nullcontext(),
-               chunk: int | None = None) -> None:
-    """out += mlp(x) over a step's tokens (the add under `lock`), in chunks of `chunk` tokens (default: [t, I]
+def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None, turn: Turn = NOW, chunk: int | None = None) -> None:
+    """out += mlp(x) over a step's tokens (each add in `turn`), in chunks of `chunk` tokens (default: [t, I]
     intermediates under MLP_TEMP_BYTES; a wide dense MLP over an 8k-token prefill step would otherwise hold
     hundreds of MB of temporaries)."""
     T = len(x)
@@ -188,8 +198,8 @@ def mlp_launch(x: Tensor, out: Tensor, w, gate: Tensor | None, lock: AbstractCon
         y = mlp(w, part)
         if gate is not None:
             y = torch.sigmoid(F.linear(part, gate)) * y
-        with lock:
-            out[first: first + len(part)] += y
+        turn.add(lambda rows=out[first: first + len(part)], y=y: rows.add_(y))
+    turn.end()
 
 
 async def combine_task(rt: Runtime, layer: int) -> None:
