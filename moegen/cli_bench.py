@@ -55,6 +55,9 @@ from moegen.cli_knobs import need_perfetto, say
               help="vs-llamacpp: tokens per prompt, BOS included (--prompts of them, --new-tokens each).")
 @click.option("--llamacpp-rounds", type=click.IntRange(min=1), default=2, show_default=True,
               help="vs-llamacpp: rounds of moegen, llama-batched-bench and llama-server, alternated.")
+@click.option("--llamacpp-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="vs-llamacpp: both engines' dtype: moegen serve-offline --dtype, and the GGUF llama.cpp runs "
+                   "(F32 or BF16).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every raw number here.")
 @click.option("--keep-trace", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -64,7 +67,7 @@ from moegen.cli_knobs import need_perfetto, say
                    "offload and planner run on the cpu backend: their link is simulated.")
 def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, offload_seq_len, offload_prompt_len,
               offload_expert_slots, offload_new_tokens, offload_hide_tokens, paged_requests, paged_rows, paged_questions,
-              llamacpp_prompt_len, llamacpp_rounds, json_path, keep_trace, device):
+              llamacpp_prompt_len, llamacpp_rounds, llamacpp_dtype, json_path, keep_trace, device):
     """Throughput side by side in one run: moegen vs transformers, module vs model batching."""
     from moegen.bench.paged_kv import PagedKVOptions
     from moegen.bench.run import BenchOptions, run_bench
@@ -76,5 +79,5 @@ def bench_cmd(scenario, models, prompts, new_tokens, hf_batches, offload_batch, 
                            tuple(hf_batches), offload_batch, offload_seq_len, offload_prompt_len, offload_expert_slots,
                            offload_new_tokens, offload_hide_tokens, json_path, keep_trace,
                            PagedKVOptions(requests=paged_requests, rows=paged_rows, questions=paged_questions),
-                           llamacpp_prompt_len, llamacpp_rounds)
+                           llamacpp_prompt_len, llamacpp_rounds, llamacpp_dtype)
     click.echo("\n".join(run_bench(options, say=lambda text: click.echo(text, err=True))))

@@ -71,15 +71,19 @@ def build(cache: Path, say) -> LlamaCpp:
     return built
 
 
-def gguf(llama: LlamaCpp, model_dir: Path, cache: Path, say) -> Path:
-    """model_dir converted to GGUF F32 by llama.cpp's converter, once (cached under the checkpoint's name)."""
-    out = cache / "llama.cpp" / "gguf" / f"{Path(model_dir).name}-f32.gguf"
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16"}  # moegen --dtype -> the converter's --outtype
+
+
+def gguf(llama: LlamaCpp, model_dir: Path, cache: Path, say, outtype: str = "f32") -> Path:
+    """model_dir converted to GGUF `outtype` (f32 or bf16) by llama.cpp's converter, once (cached under the
+    checkpoint's name)."""
+    out = cache / "llama.cpp" / "gguf" / f"{Path(model_dir).name}-{outtype}.gguf"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    say(f"  converting {model_dir} to GGUF F32 ...")
+    say(f"  converting {model_dir} to GGUF {outtype.upper()} ...")
     tmp = out.with_suffix(".tmp")
-    _run([sys.executable, "-m", "moegen.bench.gguf_convert", str(llama.source), str(model_dir), "--outtype", "f32",
+    _run([sys.executable, "-m", "moegen.bench.gguf_convert", str(llama.source), str(model_dir), "--outtype", outtype,
           "--outfile", str(tmp)], out.with_suffix(".log"), f"converting {model_dir}")
     tmp.replace(out)
     return out

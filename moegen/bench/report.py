@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moegen.bench import llamacpp
+
 
 def vs_transformers_table(result: dict) -> list[str]:
     peak = result["matmul_peak_flop_s"]
@@ -22,7 +24,8 @@ def vs_transformers_table(result: dict) -> list[str]:
 
 
 def vs_llamacpp_table(result: dict) -> list[str]:
-    lines = [f"{Path(result['model']).name} vs llama.cpp ({result['llama_cpp']}, GGUF F32, {result['threads']} "
+    lines = [f"{Path(result['model']).name} vs llama.cpp ({result['llama_cpp']}, {result.get('dtype', 'float32')} / GGUF "
+             f"{llamacpp.GGUF_TYPES[result.get('dtype', 'float32')].upper()}, {result['threads']} "
              f"threads): {result['prompts']} prompts of {result['prompt_tokens'][0]}-{result['prompt_tokens'][1]} "
              f"tokens, {result['new_tokens']} new each, greedy, EOS ignored, timed from process start",
              f"  {'round':<7}{'engine':<34}{'seconds':>9}{'gen tok/s':>11}"]

@@ -34,6 +34,7 @@ class BenchOptions:
     paged_kv: paged_kv.PagedKVOptions = paged_kv.PagedKVOptions()  # the paged-kv scenario's sizes
     llamacpp_prompt_len: int = 64  # vs-llamacpp: tokens per prompt (BOS included)
     llamacpp_rounds: int = 2  # vs-llamacpp: rounds of every engine, alternated
+    llamacpp_dtype: str = "float32"  # vs-llamacpp: both engines' dtype (moegen --dtype, the GGUF's type)
 
 
 def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
@@ -63,7 +64,7 @@ def run_bench(o: BenchOptions, say: Callable[[str], None]) -> list[str]:
             say(f"vs llama.cpp: {model_dir}")
             try:
                 result = vs_llamacpp.scenario(model_dir, o.prompts, o.llamacpp_prompt_len, o.new_tokens,
-                                              o.llamacpp_rounds, cache_dir(), say)
+                                              o.llamacpp_rounds, cache_dir(), say, o.llamacpp_dtype)
             except llamacpp.Unavailable as exc:  # no row is better than a made-up one
                 say(f"vs llama.cpp: not run: {exc}")
                 out["scenarios"]["vs_llamacpp_unavailable"] = str(exc)

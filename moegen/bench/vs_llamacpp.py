@@ -33,9 +33,11 @@ def distinct_prompts(tokenizer, count: int, length: int) -> list[str]:
     return out
 
 
-def scenario(model_dir: Path, prompts: int, prompt_len: int, new_tokens: int, rounds: int, cache: Path, say) -> dict:
-    """Build llama.cpp and convert `model_dir` (once each), then `rounds` rounds of moegen serve-offline,
-    llama-batched-bench and llama-server; raises llamacpp.Unavailable before any run where it can't be built."""
+def scenario(model_dir: Path, prompts: int, prompt_len: int, new_tokens: int, rounds: int, cache: Path, say,
+             dtype: str = "float32") -> dict:
+    """Build llama.cpp and convert `model_dir` (once each, to GGUF in `dtype`), then `rounds` rounds of moegen
+    serve-offline --dtype `dtype`, llama-batched-bench and llama-server; raises llamacpp.Unavailable before any
+    run where it can't be built."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -43,7 +45,7 @@ def scenario(model_dir: Path, prompts: int, prompt_len: int, new_tokens: int, ro
     prompt_ids = [tokenizer(t)["input_ids"] for t in texts]
     lengths = list(map(len, prompt_ids))
     llama = llamacpp.build(cache, say)
-    model = llamacpp.gguf(llama, model_dir, cache, say)
+    model = llamacpp.gguf(llama, model_dir, cache, say, llamacpp.GGUF_TYPES[dtype])
     overrides = llamacpp.load_overrides(model_dir)
     threads = os.cpu_count() or 1
     _calibrate(model_dir, say, "cpu")
@@ -52,7 +54,7 @@ def scenario(model_dir: Path, prompts: int, prompt_len: int, new_tokens: int, ro
         say(f"  round {r + 1} of {rounds}: moegen serve-offline ...")
         with tempfile.TemporaryDirectory(prefix="moegen-bench-") as tmp:
             seconds, outputs, stats = run_moegen(model_dir, texts, new_tokens, Path(tmp),
-                                                 ("--device", "cpu", "--dtype", "float32"))
+                                                 ("--device", "cpu", "--dtype", dtype))
         generated = sum(map(len, outputs))
         runs.append({"engine": "moegen serve-offline", "round": r, "seconds": seconds, "generated": generated,
                      "tok_s": generated / seconds, "steps": stats.get("steps")})
@@ -66,7 +68,7 @@ def scenario(model_dir: Path, prompts: int, prompt_len: int, new_tokens: int, ro
     ours = [x["tok_s"] for x in runs if x["engine"].startswith("moegen")]
     theirs = [x for x in runs if x["engine"].startswith("llama.cpp")]
     best = max(theirs, key=lambda x: x["tok_s"])
-    return {"model": str(model_dir), "gguf": str(model), "prompts": prompts, "prompt_tokens": [min(lengths),
+    return {"model": str(model_dir), "gguf": str(model), "dtype": dtype, "prompts": prompts, "prompt_tokens": [min(lengths),
             max(lengths), sum(lengths)], "new_tokens": new_tokens, "threads": threads, "rounds": rounds,
             "llama_cpp": llamacpp.SDIST, "overrides": overrides, "runs": runs, "best_llama_cpp": best["engine"],
             "ratio_best": max(ours) / best["tok_s"],
