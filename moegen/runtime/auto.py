@@ -3,9 +3,10 @@
 device auto: cuda when torch sees a GPU and no --sim-link-gbps is given (a simulated link is the
 cpu backend's), else cpu. A user on a GPU machine who sets no flag runs on the GPU, and is told.
 dtype auto: on cuda the dtype the checkpoint's config.json names (what it was trained and shipped
-in), bfloat16 when that is none moegen computes in; on cpu float32, which the cpu backend is tuned
-and tested in (its matmuls in bfloat16 are slower on most CPUs). Weights already loaded (an
-`Engine` handed them) keep their own dtype.
+in), bfloat16 when that is none moegen computes in; on cpu float32, which the cpu backend is tested
+in token for token against transformers (bfloat16 is slower on CPUs without native bf16, and faster
+on those with it: the plan says so at start when it is). Weights already loaded (an `Engine` handed
+them) keep their own dtype.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ Floating-point addition is not associative: the cpu compute stream's lanes end a
 an order that changes from run to run, and adding each into `out` as it ends made the same job give
 different tokens twice over. In float32 that is a rounding in the last bit; in bfloat16 one rounding
 is 2^-8 relative, and two runs of the DeepSeek-V2-Lite-like bench job (64 prompts, 32 new tokens, greedy)
-agreed on 30 of 64 completions. So each launch of a layer gets a rank when it is handed its tokens (the
-router's order: the MLP first, then the expert groups, then the experts alone), and an add that is not
-yet its turn waits, with its rows, until every lower rank is in. The result is the sum in rank order,
-bit for bit, on one lane or many.
+agreed on 30 of 64 completions (after: 256 of 256 at 64 new tokens). So each launch of a layer gets a
+rank when it is handed its tokens (the router's order: the MLP first, then the expert groups, then the
+resident experts alone, the streamed ones last), and an add that is not yet its turn waits, with its
+rows, until every lower rank is in. The result is the sum in rank order, bit for bit from run to run.
+(One lane and two are not the same run: the lanes' groups, so the order, differ.)
 """
 
 from __future__ import annotations

@@ -357,18 +357,22 @@ def test_a_share_of_decode_attention_goes_to_the_host_when_it_shortens_the_step(
                   2**40).rcfg.cpu_attention == 0
 
 
-def test_bfloat16_slower_than_float32_on_this_cpu_is_said_at_start():
+def test_the_faster_cpu_dtype_is_said_at_start():
     """Calibration times one expert-sized matmul in both dtypes; --dtype bfloat16 on the cpu where it ran slower
-    gets one line saying so and by how much, and nothing where it ran faster or another dtype was asked for."""
+    gets one line saying so and by how much; float32 where bfloat16 ran well faster gets one naming
+    --dtype bfloat16; nothing else."""
     from moegen.planner.calibrate import Machine
-    from moegen.planner.plan import slow_bf16
+    from moegen.planner.plan import cpu_dtype_note
 
     def said(speedup: float, dtype: str) -> list[str]:
         lines: list[str] = []
         machine = Machine(None, None, memcpy_gbps=10.0, launch_s=1e-5, sync_s=1e-4, bf16_speedup=speedup)
-        slow_bf16(RuntimeConfig(device="cpu", dtype=dtype), machine, lines.append)
+        cpu_dtype_note(RuntimeConfig(device="cpu", dtype=dtype), machine, lines.append)
         return lines
 
     (line,) = said(0.17, "bfloat16")
     assert "slower than float32" in line and "0.17x" in line and "--dtype float32" in line
     assert said(1.7, "bfloat16") == [] and said(0.17, "float32") == [] and said(0.0, "bfloat16") == []
+    (line,) = said(1.7, "float32")
+    assert "1.70x float32's" in line and "--dtype bfloat16" in line
+    assert said(1.1, "float32") == [] and said(0.0, "float32") == [] and said(1.7, "float16") == []
