@@ -204,7 +204,8 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
                 request = by_id[result.id]
                 text = cut_at_stop(decode(result.token_ids), request.stop_strings)
                 writer.result(rows[result.id].id, text, result.finish_reason, result.prompt_tokens,
-                              len(result.token_ids), result.token_ids if opts.token_ids else None)
+                              len(result.token_ids), result.token_ids if opts.token_ids else None,
+                              rows[result.id].chat)
                 summary.ok += 1
                 summary.prompt_tokens += result.prompt_tokens
                 summary.generated_tokens += len(result.token_ids)

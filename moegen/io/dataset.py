@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from moegen.io import json_bytes
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "openai")
+ENDPOINTS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}  # an OpenAI batch line's url -> its body
 # Per-row override fields -> Request field. `max_tokens` is the OpenAI spelling.
 OVERRIDES = {"max_tokens": "max_new_tokens", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
              "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop"}
@@ -34,6 +35,11 @@ class Row:
     params: dict = field(default_factory=dict)  # Request field -> raw value from the row
     param_names: dict = field(default_factory=dict)  # Request field -> the row's own spelling (for errors)
     error: str | None = None  # why the row can't run
+
+    @property
+    def chat(self) -> bool:
+        """Answered as a chat completion (messages), else as a text completion (a prompt)."""
+        return self.messages is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,4 +182,15 @@ def _openai_row(obj: Any, index: int, where: str, fields: Fields, path: Path) ->
         return Row(id=obj["custom_id"], where=where, error=f"{path}, {where}: missing 'body' object")
     flat = dict(body)
     flat["__id"] = obj["custom_id"]
-    return object_row(flat, index, where, Fields(prompt="prompt", messages="messages", id="__id"), path)
+    row = object_row(flat, index, where, Fields(prompt="prompt", messages="messages", id="__id"), path)
+    url = obj.get("url")
+    if row.error is None and url is not None:
+        takes = ENDPOINTS.get(url)
+        if takes is None:
+            row.error = (f"{path}, {where}: url {url!r} is not served; moegen answers "
+                         f"{' and '.join(ENDPOINTS)} (or leave 'url' out)")
+        elif (row.messages is not None) != (takes == "messages"):
+            other = next(u for u, t in ENDPOINTS.items() if u != url)
+            row.error = (f"{path}, {where}: url {url!r} takes body.{takes!r}, this body has "
+                         f"{'messages' if row.messages is not None else 'a prompt'}; send it to {other!r}")
+    return row

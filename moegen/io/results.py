@@ -79,10 +79,11 @@ class ResultWriter:
         self._file.close()
 
     def result(self, rid: Any, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-               token_ids: list[int] | None = None) -> None:
-        """One finished request; `token_ids` (the completion's ids) are written too when given."""
+               token_ids: list[int] | None = None, chat: bool = True) -> None:
+        """One finished request; `token_ids` (the completion's ids) are written too when given; `chat`: it came
+        as messages (a chat completion), else as a prompt (a text completion; only the openai shape differs)."""
         self.line(json_bytes.dumps(result_record(self.fmt, self.model, rid, text, finish_reason, prompt_tokens,
-                                                 completion_tokens, token_ids)))
+                                                 completion_tokens, token_ids, chat)))
 
     def error(self, rid: Any, message: str) -> None:
         self.line(json_bytes.dumps(error_record(self.fmt, rid, message)))
@@ -93,10 +94,10 @@ class ResultWriter:
 
 
 def result_record(fmt: str, model: str, rid: Any, text: str, finish_reason: str, prompt_tokens: int,
-                  completion_tokens: int, token_ids: list[int] | None = None) -> dict:
+                  completion_tokens: int, token_ids: list[int] | None = None, chat: bool = True) -> dict:
     """The line of one finished request, `fmt` "moegen" or "openai"."""
     if fmt == "openai":
-        record = _openai_result(rid, text, finish_reason, prompt_tokens, completion_tokens, model)
+        record = _openai_result(rid, text, finish_reason, prompt_tokens, completion_tokens, model, chat)
     else:
         record = {"id": rid, "text": text, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
                   "completion_tokens": completion_tokens}
@@ -117,20 +118,18 @@ def _suffix(rid: Any) -> str:
     return f"{zlib.crc32(id_key(rid)):08x}"
 
 
-def _openai_result(rid, text, finish_reason, prompt_tokens, completion_tokens, model) -> dict:
-    return {
-        "id": f"batch_req_{_suffix(rid)}",
-        "custom_id": rid,
-        "response": {
-            "status_code": 200,
-            "request_id": f"req_{_suffix(rid)}",
-            "body": {
-                "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish_reason}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
-            },
-        },
-        "error": None,
-    }
+def _openai_result(rid, text, finish_reason, prompt_tokens, completion_tokens, model, chat) -> dict:
+    """An OpenAI batch output line; its body a `chat.completion` (messages) or a `text_completion` (a prompt)."""
+    if chat:
+        body_id, kind = f"chatcmpl-{_suffix(rid)}", "chat.completion"
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+    else:
+        body_id, kind = f"cmpl-{_suffix(rid)}", "text_completion"
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    body = {"id": body_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
+            "usage": usage}
+    return {"id": f"batch_req_{_suffix(rid)}", "custom_id": rid,
+            "response": {"status_code": 200, "request_id": f"req_{_suffix(rid)}", "body": body}, "error": None}

@@ -83,7 +83,7 @@ class MoegenEngine:
         text = cut_at_stop(self.tokenizer.decode(result.token_ids, skip_special_tokens=True), request.stop_strings)
         n = len(result.token_ids)
         record = result_record(c.output_format, self.model, row.id, text, result.finish_reason,
-                               result.prompt_tokens, n, result.token_ids if c.token_ids else None)
+                               result.prompt_tokens, n, result.token_ids if c.token_ids else None, row.chat)
         return output_row(row.id, record, text, result.finish_reason, result.prompt_tokens, n)
 
     def _refusal(self, request) -> str | None:

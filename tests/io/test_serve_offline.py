@@ -208,7 +208,8 @@ def test_openai_batch_input(model_dir, oracle, tmp_path):
     lines = []
     for i, r in enumerate(rows):
         body = {"model": "tiny", "max_tokens": r.pop("max_tokens", MAX_NEW), **r}
-        lines.append({"custom_id": f"task-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        url = "/v1/chat/completions" if "messages" in r else "/v1/completions"
+        lines.append({"custom_id": f"task-{i}", "method": "POST", "url": url, "body": body})
     dataset = write_jsonl(tmp_path / "batch.jsonl", lines)  # .jsonl: the format must come from --format
     out = tmp_path / "out.jsonl"
     ok(serve(model_dir, dataset, out, "--format", "openai", max_new=2))  # every body names its own max_tokens
@@ -341,45 +342,7 @@ def test_stop_strings_from_the_cli_and_per_row(model_dir, oracle, tmp_path):
     assert got[3]["text"] == full0 and cli_stop in got[3]["text"]
 
 
-# ------------------------------------------------------------------------------- 5. openai output format
-
-
-def test_openai_output_format(model_dir, oracle, tmp_path):
-    lines = [
-        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "tiny", "messages": MESSAGES, "max_tokens": 4}},
-        {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 5}},
-        {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "tiny", "prompt": PROMPTS[1], "temperature": -1}},
-    ]
-    dataset = write_jsonl(tmp_path / "batch.jsonl", lines)
-    out = tmp_path / "out.jsonl"
-    ok(serve(model_dir, dataset, out, "--format", "openai", "--output-format", "openai"))
-    records = read_lines(out)
-    got = by_id(records, key="custom_id")
-    assert set(got) == {"a", "b", "bad"}
-    assert len({r["id"] for r in records}) == 3  # batch ids are distinct
-
-    expected = {"a": oracle.expected(oracle.chat_ids(MESSAGES), 4),
-                "b": oracle.expected(oracle.prompt_ids(PROMPTS[0]), 5)}
-    for cid, exp in expected.items():
-        rec = got[cid]
-        assert rec["error"] is None and rec["response"]["status_code"] == 200
-        body = rec["response"]["body"]
-        (choice,) = body["choices"]
-        assert choice["message"] == {"role": "assistant", "content": exp["text"]}
-        assert choice["finish_reason"] == exp["finish_reason"]
-        assert body["usage"] == {"prompt_tokens": exp["prompt_tokens"], "completion_tokens": exp["completion_tokens"],
-                                 "total_tokens": exp["prompt_tokens"] + exp["completion_tokens"]}
-    bad = got["bad"]
-    assert bad["response"] is None and "temperature" in bad["error"]["message"]
-
-    # resume keys on custom_id in this shape: nothing to do, nothing written
-    before = out.read_bytes()
-    result = ok(serve(model_dir, dataset, out, "--format", "openai", "--output-format", "openai", "--resume"))
-    assert out.read_bytes() == before
-    assert "3 already done" in result.stderr
+# 5. openai output format: tests/io/test_openai_output.py
 
 
 # --------------------------------------------------------------------------------- 6. resume/overwrite
