@@ -166,7 +166,8 @@ def plan_cmd(model_dir, requests, prompt_len, max_new_tokens, recalibrate, as_js
 def calibrate_cmd(model_dirs, device, dtype):
     """Measure the device (link, host copies, launch and sync costs) and, for each of MODEL_DIRS, its
     modules' launch times; cached per machine and device for `plan` and `serve-offline`."""
-    from moegen.planner.calibrate import calibrated, cache_path, save
+    from moegen.planner.calibrate import calibrated, save
+    from moegen.planner.steadiness import measuring
     from moegen.models.loader import load_checkpoint
     from moegen.planner.profile import describe_profile, measure_in_run, measure_profile, signature
     from moegen.runtime.auto import resolve_device, resolve_dtype
@@ -174,7 +175,7 @@ def calibrate_cmd(model_dirs, device, dtype):
 
     try:
         device = resolve_device(device, say=say)
-        cal = calibrated(device, force=True)
+        cal = calibrated(device, force=True, say=say)
         m = cal.machine
         click.echo(f"{device}: host copies {m.memcpy_gbps:.1f} GB/s; module launch {m.launch_s * 1e6:.1f} us; "
                    f"host sync {m.sync_s * 1e6:.1f} us"
@@ -183,14 +184,19 @@ def calibrate_cmd(model_dirs, device, dtype):
         for model_dir in model_dirs:  # each in its own dtype where --dtype is auto
             rcfg = resolve_dtype(RuntimeConfig(device=device, dtype=dtype), model_dir, say=say)
             cfg, weights, _ = load_checkpoint(model_dir, rcfg.torch_dtype)
-            profile = measure_profile(cfg, weights, device, rcfg.torch_dtype)
-            profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
-            cal.profiles[signature(cfg, rcfg.dtype, weights)] = profile
+            with measuring() as found:
+                profile = measure_profile(cfg, weights, device, rcfg.torch_dtype)
+                profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
+            sig = signature(cfg, rcfg.dtype, weights)
+            cal.profiles[sig], cal.steadiness[sig] = profile, found
             click.echo(f"{model_dir}:\n" + describe_profile(profile, cfg))
-        save(cal)
+        path = save(cal)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"cached in {cache_path(cal.key)}")
+    unsteady = [f"{k}: {v.note('it')}" for k, v in cal.steadiness.items() if not v.steady]
+    if unsteady:
+        raise click.ClickException("not all of it was cached, the machine was busy —\n" + "\n".join(unsteady))
+    click.echo(f"cached in {path}")
 
 
 main.add_command(bench_cmd)

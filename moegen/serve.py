@@ -20,7 +20,9 @@ from pathlib import Path
 
 from moegen.io import json_bytes
 from moegen.io.dataset import DatasetError, Fields, read_rows
-from moegen.io.progress import Progress
+from moegen.io.eta import Eta
+from moegen.io.plan_check import PlanCheck
+from moegen.io.progress import Live, Progress
 from moegen.io.prompts import Defaults, row_request
 from moegen.io.results import OutputError, ResultWriter, drop_error_records, id_key, scan
 from moegen.runtime.config import RuntimeConfig
@@ -159,6 +161,26 @@ def _prepare_output(opts: ServeOptions):
     return scan(out, opts.output_format)
 
 
+def _progress(engine, requests, plan, model_dir, rcfg) -> Progress:
+    """The job's progress line: its ETA from the engine's tokens and steps (the plan's prediction before
+    them), and the plan's check."""
+    predicted = plan.to_json()["predicted"] if plan is not None else None
+    eta = Eta(len(requests), sum(r.max_new_tokens for r in requests), sum(len(r.prompt_ids) for r in requests),
+              engine.runtime.rcfg.batch_size, predicted and predicted["job_s"],
+              predicted["decode_fixed_share"] if predicted else 0.5)
+    check = None
+    if predicted is not None:
+        check = PlanCheck(predicted["decode_step_s"], plan.to_json()["placement"]["decode_sequences"],
+                          str(model_dir), engine.runtime.rcfg.device, engine.runtime.rcfg.dtype)
+
+    def live() -> Live:
+        stats, counters = engine.stats, engine.runtime.backend.counters
+        busy = counters.busy_s.get("copy H2D weights") if counters.h2d_weight_bytes else None
+        return Live(stats.generated_tokens, stats.step_log, stats.running, busy)
+
+    return Progress(total=len(requests), live=live, eta=eta, check=check)
+
+
 def _requests(rows, todo, tokenizer, opts, context, template, writer, summary):
     """Requests for the rows still to do; bad rows become error records (or end the job)."""
     requests = []
@@ -193,7 +215,7 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
         summary.quantized = asdict(engine.quantized)
         summary.notes.append(engine.quantized.note)
     requests = _fit_kv(engine, rows, requests, opts, writer, summary)
-    progress = Progress(total=len(requests), live_tokens=lambda: engine.stats.generated_tokens)
+    progress = _progress(engine, requests, plan, model_dir, rcfg)
     signals = _Signals(engine, progress)
     began = time.perf_counter()
     try:
@@ -209,7 +231,7 @@ def _generate(model_dir, rcfg, rows, requests, tokenizer, opts, writer, summary)
                 summary.ok += 1
                 summary.prompt_tokens += result.prompt_tokens
                 summary.generated_tokens += len(result.token_ids)
-                progress.update(len(result.token_ids))
+                progress.update(len(result.token_ids), request.max_new_tokens)
             summary.steps = engine.stats.steps
             summary.host_buffers_gib = engine.runtime.host_bytes / 2**30
             kv = engine.stats.kv

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from moegen.io import json_bytes
+from moegen.planner import steadiness
 from moegen.runtime.cpu_threads import cpu_lanes
 
 CACHE_FORMAT = 9  # raised whenever what is measured changes meaning (3: small cpu launches run on one thread;
@@ -111,6 +112,8 @@ class Calibration:
     key: dict  # device, machine and versions this was measured on
     machine: Machine
     profiles: dict[str, Profile] = field(default_factory=dict)  # by model shape signature
+    steadiness: dict[str, steadiness.Steadiness] = field(default_factory=dict)  # "machine" and each profile's
+    # signature: how steady the machine was while each was measured (an unsteady one is never cached)
 
 
 def device_key(device: str) -> dict:
@@ -148,14 +151,23 @@ def load(device: str) -> Calibration | None:
     if raw.get("key") != key:
         return None
     return Calibration(key, Machine(**raw["machine"]),
-                       {sig: _profile(p) for sig, p in raw.get("profiles", {}).items()})
+                       {sig: _profile(p) for sig, p in raw.get("profiles", {}).items()},
+                       {k: steadiness.Steadiness(**v) for k, v in raw.get("steadiness", {}).items()})
 
 
-def save(cal: Calibration) -> Path:
+def save(cal: Calibration) -> Path | None:
+    """Cache what was measured steadily: nothing when the machine's part was not, else the machine and the
+    steady profiles. Returns the file, or None when nothing was cached."""
+    steady = {k: v.steady for k, v in cal.steadiness.items()}
+    if not steady.get("machine", True):
+        return None
+    data = asdict(cal)
+    data["profiles"] = {sig: p for sig, p in data["profiles"].items() if steady.get(sig, True)}
+    data["steadiness"] = {k: v for k, v in data["steadiness"].items() if steady[k]}
     path = cache_path(cal.key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # its own: engines on one node may save at once
-    tmp.write_bytes(json_bytes.dumps(asdict(cal), indent=True))
+    tmp.write_bytes(json_bytes.dumps(data, indent=True))
     tmp.replace(path)
     return path
 
@@ -177,7 +189,11 @@ def calibrated(device: str, force: bool = False, say: Callable[[str], None] = la
     cal = None if force else load(device)
     if cal is None:
         say(f"calibrating the {device} device (cached for later runs) ...")
-        cal = Calibration(device_key(device), measure_machine(device))
+        with steadiness.measuring() as found:
+            machine = measure_machine(device)
+        cal = Calibration(device_key(device), machine, steadiness={"machine": found})
+        if not found.steady:
+            say(found.note(f"the {device} device's calibration"))
         save(cal)
     return cal
 
@@ -194,19 +210,19 @@ def _cpu_name() -> str:
 # -- measuring ----------------------------------------------------------------------------------
 
 def timed(fn: Callable[[], object], device: str, budget_s: float = BUDGET_S) -> float:
-    """Best seconds of `fn` over up to 20 repeats within `budget_s` (at least two, after a warm-up run)."""
+    """Best seconds of `fn` over up to 20 repeats within `budget_s` (at least three, after a warm-up run); how
+    far its repeats disagree goes to `steadiness`."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn()
     sync()
-    best, spent = math.inf, 0.0
-    runs = 0
-    while runs < 2 or (spent < budget_s and runs < 20):
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < budget_s and len(times) < 20):
         start = time.perf_counter()
         fn()
         sync()
-        took = time.perf_counter() - start
-        best, spent, runs = min(best, took), spent + took, runs + 1
-    return best
+        times.append(time.perf_counter() - start)
+    steadiness.record(times)
+    return min(times)
 
 
 def measure_machine(device: str) -> Machine:

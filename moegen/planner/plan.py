@@ -14,6 +14,7 @@ from moegen.planner.calibrate import Calibration, Profile, calibrated, save
 from moegen.planner.cost import ModelFacts, Workload
 from moegen.planner.profile import measure_in_run, measure_profile, signature
 from moegen.planner.search import PLANNED, Plan, host_kv_limit, search
+from moegen.planner.steadiness import measuring
 from moegen.runtime.config import RuntimeConfig
 
 
@@ -33,9 +34,12 @@ def calibration_for(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig
     sig = signature(cfg, rcfg.dtype, weights)
     if sig not in cal.profiles:
         say("profiling this model's modules on the device (cached for later runs) ...")
-        profile = measure_profile(cfg, weights, rcfg.device, rcfg.torch_dtype, say)
-        profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
-        cal.profiles[sig] = profile
+        with measuring() as found:
+            profile = measure_profile(cfg, weights, rcfg.device, rcfg.torch_dtype, say)
+            profile.in_run = measure_in_run(cfg, weights, rcfg, profile)
+        cal.profiles[sig], cal.steadiness[sig] = profile, found
+        if not found.steady:
+            say(found.note("this model's profile"))
         save(cal)
     profile = cal.profiles[sig]
     if profile.host_attn is None:  # (a profile cached before host attention was measured gains it now)

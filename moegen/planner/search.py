@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 
 from moegen.planner.calibrate import Machine, Profile
-from moegen.planner.cost import ModelFacts, Prediction, Setting, Workload, predict, setting
+from moegen.planner.cost import ModelFacts, Prediction, Setting, Workload, predict, setting, step_time
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
 
@@ -58,6 +58,7 @@ class Plan:
     alternatives: list[Candidate]  # the runners-up, best first
     limits: list[str] = field(default_factory=list)  # what cut the search short, in words
     considered: int = 0
+    decode_fixed_share: float = 0.5  # a decode step of one sequence over one of B: what its tokens don't change
 
     @property
     def bound(self) -> dict[str, str]:
@@ -71,6 +72,7 @@ class Plan:
             "workload": dataclasses.asdict(self.workload),
             "predicted": {"prefill_tok_s": p.prefill_tok_s, "decode_tok_s": p.decode_tok_s, "job_s": p.job_s,
                           "job_tok_s": p.job_tok_s, "decode_step_s": p.decode.seconds,
+                          "decode_fixed_share": self.decode_fixed_share,
                           "prefill_step_s": p.prefill.seconds, "decode_modules": p.decode.modules,
                           "prefill_modules": p.prefill.modules,
                           "decode_busy": {"compute": p.decode.compute_s / p.decode.seconds,
@@ -129,8 +131,9 @@ def search(facts: ModelFacts, rcfg: RuntimeConfig, user: frozenset[str], machine
         if best.predicted.decode.bound == "link" and left < min((s.resident for s in facts.sizes.values()), default=0):
             limits.append(f"device memory: {left / 2**20:.1f} MiB left, so every streamed module crosses the link "
                           "each step")
+    one = step_time(facts, best.setting, profile, machine, 1, workload.prompt_len + workload.new_tokens / 2)
     return Plan(best.rcfg, tuple(sorted(user & set(PLANNED))), workload, best, _distinct(candidates[1:], best),
-                limits, len(candidates))
+                limits, len(candidates), min(one.seconds / best.predicted.decode.seconds, 1.0))
 
 
 def _batch_sizes(rcfg: RuntimeConfig, user: frozenset[str], w: Workload, facts: ModelFacts, host_kv: int,

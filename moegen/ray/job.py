@@ -19,6 +19,7 @@ from pathlib import Path
 
 from moegen.io import json_bytes
 from moegen.io.dataset import DatasetError, detect_format, parse_rows
+from moegen.io.eta import Eta
 from moegen.io.progress import Progress
 from moegen.io.results import ResultWriter, id_key
 from moegen.ray.config import MoegenConfig
@@ -142,7 +143,8 @@ def _write_results(todo, config: MoegenConfig, opts: ServeOptions, writer: Resul
 
     written = set(skip)
     total = summary.requests - summary.skipped_done
-    progress = Progress(total=total)
+    cap = round(config.workload.new_tokens) if config.workload is not None else 0  # a request's, on average
+    progress = Progress(total=total, eta=Eta(total, cap * total))  # ETA: tokens of finished rows over their rate
     began = time.perf_counter()
     try:
         out = todo.map_batches(MoegenEngine, fn_constructor_args=(config,), **engine_map_args(config))
@@ -162,10 +164,10 @@ def _write_results(todo, config: MoegenConfig, opts: ServeOptions, writer: Resul
                     summary.ok += 1
                     summary.prompt_tokens += int(prompt)
                     summary.generated_tokens += int(completion)
-                    progress.update(int(completion))
+                    progress.update(int(completion), cap)
                 else:
                     summary.failed += 1
-                    progress.update(0)
+                    progress.update(0, cap)
     finally:
         progress.close()
         elapsed = max(time.perf_counter() - began, 1e-9)

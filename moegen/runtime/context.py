@@ -50,6 +50,10 @@ class EngineStats:
     expert_counts: list[list[int]] = field(default_factory=list)  # tokens per expert, per (step, MoE layer)
     kv: KVStats | None = None  # the KV cache's blocks, prefix hits and preemptions
     host_attended: int = 0  # decode tokens whose attention ran on the host (--cpu-attention), each counted once
+    step_log: list[tuple[float, int, int]] = field(default_factory=list)  # per step: (seconds, decode sequences,
+    # prompt tokens), for the progress line's ETA and plan check
+    running: tuple[list[int], int] = ((), 0)  # after the last step: tokens of cap left of each sequence in flight,
+    # and their caps (replaced whole each step: a reader in another thread sees one step's)
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -196,15 +197,20 @@ class Engine:
             rt.stats.tokens_per_step.append(plan.num_tokens)
             rt.stats.sequences_per_step.append(len(plan.seqs))
             began = self.trace.begin_step(plan.index) if self.trace is not None else 0
+            decoding, t0 = sum(1 for s in plan.seqs if s.result.token_ids), time.perf_counter()
             await rt.queues.prefetch.put(step)
             await rt.queues.embed.put(step)
             sampled = await step.sampled
+            rt.stats.step_log.append((time.perf_counter() - t0, decoding, plan.num_tokens - decoding))
             if self.trace is not None:
                 pool = rt.kv_pool
                 self.trace.end_step(plan, began, rt.stats.generated_tokens + len(sampled), len(scheduler.waiting),
                                     rt.host_bytes, pool.num_blocks - pool.num_free)
             rt.stats.generated_tokens += len(sampled)
-            for result in scheduler.finish_step(plan, sampled):
+            finished = scheduler.finish_step(plan, sampled)
+            rt.stats.running = ([s.request.max_new_tokens - len(s.result.token_ids) for s in scheduler.running],
+                                sum(s.request.max_new_tokens for s in scheduler.running))
+            for result in finished:
                 emit(result)
         prefetcher.cancel()
         for module, ticket in rt.placement.unclaimed():  # in a trace, their copies' flows end unused, and

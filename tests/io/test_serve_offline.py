@@ -587,7 +587,10 @@ def test_stats_json_summary_and_plain_progress(model_dir, oracle, tmp_path):
     assert proc.returncode == 0, err
     assert proc.stdout == b""  # results go to the file only
     assert "\r" not in err and "\x1b" not in err  # no bar redraws off a terminal
-    assert re.search(r"^moegen: 3/3 requests, [0-9.]+ generated tok/s", err, re.M), err
+    lines = re.findall(r"^moegen: (\d+)/3 requests, (\d+) in flight, [0-9.]+ generated tok/s, .*ETA ([0-9.]+)s$",
+                       err, re.M)
+    assert lines and lines[-1][0] == "3", err  # the last line when the last request finished
+    assert lines[0][0] == "0", err  # the first line at once, with an ETA (the plan's)
 
     records = read_lines(out)
     results = [r for r in records if "error" not in r]
