@@ -12,7 +12,7 @@ import click
 from moegen.checkpoints.quantize import QUANTIZATIONS
 from moegen.checkpoints.specs import FAMILY_NAMES, PARAM_RANGE, SIZES
 from moegen.io import json_bytes
-from moegen.cli_knobs import (DEVICE_OPTION, DTYPE_OPTION, USER_ERRORS, need_perfetto, plan_user, runtime_config, runtime_options, say,
+from moegen.cli_knobs import (DEVICE_OPTION, DTYPE_OPTION, MODEL_DIR_FIX, USER_ERRORS, need_perfetto, plan_user, runtime_config, runtime_options, say,
                               trace_options)
 from moegen.units import format_bytes, parse_bytes
 from moegen.cli_bench import bench_cmd
@@ -62,7 +62,7 @@ def make_model_cmd(out, family, size, seed, expert_layout, max_shard_size, overr
     from moegen.checkpoints.make import make_model
 
     try:
-        made = make_model(out, family, size, seed, expert_layout, parse_bytes(max_shard_size), _override(overrides),
+        made = make_model(out, family, size, seed, expert_layout, parse_bytes(max_shard_size, "--max-shard-size"), _override(overrides),
                           overwrite, quantization)
     except USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
@@ -98,7 +98,7 @@ def generate_cmd(model_dir, prompts, max_new_tokens, engine, temperature, top_k,
     user = plan_user(knobs)
     try:
         if model_dir is not None and not model_dir.is_dir():  # before saying anything
-            raise FileNotFoundError(f"{model_dir}: no such model directory")
+            raise FileNotFoundError(f"{model_dir}: no such model directory{MODEL_DIR_FIX}")
         rcfg = runtime_config(knobs)
         options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
         model_dir = model_dir or demo_model_dir()
@@ -141,7 +141,8 @@ def plan_cmd(model_dir, requests, prompt_len, max_new_tokens, recalibrate, as_js
     from moegen.runtime.auto import resolve_dtype
 
     if knobs["no_plan"] or knobs["trace"] is not None:
-        raise click.UsageError("--no-plan and --trace apply to serve-offline and generate; `moegen plan` only plans")
+        raise click.UsageError("--no-plan and --trace apply to serve-offline and generate; `moegen plan` only plans: "
+                               "drop them")
     trace_options(knobs)
     user = plan_user(knobs)
     if knobs["max_seq_len"] is None:

@@ -15,6 +15,8 @@ from moegen.units import parse_bytes
 # The failures a command reports as its own one-line error (the input, the problem, the fix), not a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, DeviceBudgetError,
                NotImplementedError)
+# The fix for a MODEL_DIR that is not a directory.
+MODEL_DIR_FIX = "; pass a checkpoint directory (one with config.json), or make one with `moegen make-model`"
 
 DEVICE_OPTION = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -57,7 +59,9 @@ def runtime_options(fn):
         click.option("--resident-experts", type=click.IntRange(min=0), default=None,
                      help="Experts kept on the device for the whole run, the first in layer order "
                           "[default: what fits beside the minimum slots; none with --expert-slots]."),
-        click.option("--gpu-memory", default=None, help="Device memory budget, e.g. 512MiB, 24GiB [default: unlimited on cpu]."),
+        click.option("--gpu-memory", default=None,
+                     help="Device memory budget, e.g. 512MiB, 24GiB [default: on cuda the device's free memory at "
+                          "start less 1 GiB; unlimited on cpu]."),
         click.option("--host-kv-memory", default=None,
                      help="Host memory for the KV cache, e.g. 8GiB; bounds its blocks, not B [default: what B needs]."),
         click.option("--kv-block-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -75,7 +79,7 @@ def runtime_options(fn):
                      help="Share of each decode step's sequences whose attention runs on host threads over the host KV "
                           "cache (only q, new k/v and the output cross the link; --batching module)."),
         click.option("--cpu-attention-threads", type=click.IntRange(min=1), default=None,
-                     help="Threads of the host attention worker [default: torch's]."),
+                     help="Threads of the host attention worker [default: torch's intra-op thread count]."),
         click.option("--sim-link-gbps", type=float, default=None, help="cpu: simulate a host-device link of this GB/s."),
         click.option("--no-plan", is_flag=True,
                      help="Don't plan: every knob you leave unset takes its default (see `moegen plan`)."),
@@ -136,7 +140,7 @@ def runtime_config(knobs: dict):
     values["device"] = resolve_device(values["device"], values["sim_link_gbps"], say)
     for name in ("gpu_memory", "host_kv_memory"):
         if values[name] is not None:
-            values[name] = parse_bytes(values[name])
+            values[name] = parse_bytes(values[name], "--" + name.replace("_", "-"))
     if values["max_seq_len"] is None:
         values.pop("max_seq_len")
     return RuntimeConfig(**values)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from moegen.cli_knobs import USER_ERRORS, plan_user, runtime_config, runtime_options, say, trace_options
+from moegen.cli_knobs import MODEL_DIR_FIX, USER_ERRORS, plan_user, runtime_config, runtime_options, say, trace_options
 
 
 @click.command("serve-offline")
@@ -67,9 +67,9 @@ def serve_offline_cmd(model_dir, dataset, output, fmt, prompt_field, messages_fi
     try:
         dataset = dataset or _default_dataset()
         if not dataset.is_file():  # the inputs first, before saying anything
-            raise DatasetError(f"{dataset}: no such dataset file")
+            raise DatasetError(f"{dataset}: no such dataset file; check the --dataset path")
         if model_dir is not None and not model_dir.is_dir():
-            raise FileNotFoundError(f"{model_dir}: no such model directory")
+            raise FileNotFoundError(f"{model_dir}: no such model directory{MODEL_DIR_FIX}")
         device, dtype = knobs["device"], knobs["dtype"]  # as given: --ray decides them on each engine's node
         rcfg = runtime_config(knobs)
         model_dir = model_dir or demo_model_dir()

@@ -53,7 +53,8 @@ class GQAConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}")
+            raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads "
+                              f"{self.num_kv_heads}; set num_key_value_heads to a divisor of it")
 
     @property
     def scale(self) -> float:
@@ -90,9 +91,11 @@ class RouterConfig:
 
     def __post_init__(self):
         if not 0 < self.top_k <= self.num_experts:
-            raise ConfigError(f"num_experts_per_tok {self.top_k} must be in 1..{self.num_experts}")
+            raise ConfigError(f"num_experts_per_tok {self.top_k} must be in 1..{self.num_experts} (the number of "
+                              "experts); set it within that range")
         if self.num_experts % self.n_group:
-            raise ConfigError(f"n_routed_experts {self.num_experts} is not a multiple of n_group {self.n_group}")
+            raise ConfigError(f"n_routed_experts {self.num_experts} is not a multiple of n_group {self.n_group}; set "
+                              "n_group to a divisor of it")
 
 
 @dataclass(frozen=True, slots=True)

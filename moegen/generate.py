@@ -53,7 +53,8 @@ def load_tokenizer(model_dir: Path):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"{model_dir}: no usable tokenizer (tokenizer.json / tokenizer_config.json): {exc}") from exc
+        raise ValueError(f"{model_dir}: no usable tokenizer (tokenizer.json / tokenizer_config.json): {exc}; copy "
+                         "the checkpoint's tokenizer files into it") from exc
 
 
 def generate(model_dir: Path, prompts: list[str], options: SamplingOptions, engine: str = "runtime",

@@ -156,8 +156,15 @@ def _prepare_output(opts: ServeOptions):
             raise OutputError(f"{out} already has results; pass --resume to continue it or --overwrite to start over")
         elif opts.retry_errors:
             drop_error_records(out, opts.output_format)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.touch()
+    for path, flag in ((out, "--output"), (opts.stats_json, "--stats-json")):  # before any work, not after it
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        except OSError as exc:
+            raise OutputError(f"{flag} {path}: can't write there ({exc.strerror or exc}); pass a path in a writable "
+                              "folder") from exc
     return scan(out, opts.output_format)
 
 

@@ -68,7 +68,8 @@ def scheme_of(raw_config: dict, path: Path) -> Fp8Scheme | None:
                                     f"{field} in {list(allowed)} (dequantize the checkpoint to bfloat16 to run it)")
     block = q.get("weight_block_size")
     if block is None or list(block) != list(BLOCK):
-        raise QuantizationError(f"{where}.weight_block_size is {block!r}; moegen reads {list(BLOCK)} blocks only")
+        raise QuantizationError(f"{where}.weight_block_size is {block!r}; moegen reads {list(BLOCK)} blocks only "
+                                "(dequantize the checkpoint to bfloat16 to run it)")
     skip = q.get("modules_to_not_convert") or ()
     if not isinstance(skip, (list, tuple)) or not all(isinstance(s, str) for s in skip):
         raise QuantizationError(f"{where}.modules_to_not_convert must be a list of module names, found {skip!r}")

@@ -65,12 +65,13 @@ def read_rows(path: Path, fmt: str | None = None, fields: Fields = Fields()) -> 
     """All rows of the dataset, in order."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{path}: no such dataset file")
+        raise DatasetError(f"{path}: no such dataset file; check the --dataset path")
     fmt = detect_format(path, fmt)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DatasetError(f"{path}: can't read it ({exc.strerror})") from exc
+        raise DatasetError(f"{path}: can't read the dataset ({exc.strerror}); check the --dataset path and its "
+                           "permissions") from exc
     return parse_rows(path, data, fmt, fields)
 
 
@@ -90,8 +91,9 @@ def _jsonl(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Ro
         try:
             obj = json_bytes.loads(raw)
         except json_bytes.JSONDecodeError as exc:
-            kind = "invalid UTF-8" if _bad_utf8(raw) else "malformed JSON"
-            yield Row(id=f"line:{number}", where=where, error=f"{path}, {where}: {kind} ({exc})")
+            kind, fix = (("invalid UTF-8", "save the file as UTF-8") if _bad_utf8(raw)
+                         else ("malformed JSON", "write each line as one JSON object"))
+            yield Row(id=f"line:{number}", where=where, error=f"{path}, {where}: {kind} ({exc}); {fix}")
             continue
         yield (_openai_row if openai else object_row)(obj, index - 1, where, fields, path)
 
@@ -108,9 +110,11 @@ def _json(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Row
     try:
         items = json_bytes.loads(data)
     except json_bytes.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc}); a .json dataset is one array of objects") from exc
+        raise DatasetError(f"{path}: not valid JSON ({exc}); a .json dataset is one array of objects (for one "
+                           "object per line, name it .jsonl or pass --format jsonl)") from exc
     if not isinstance(items, list):
-        raise DatasetError(f"{path}: a .json dataset must be an array of objects, found {type(items).__name__}")
+        raise DatasetError(f"{path}: a .json dataset must be an array of objects, found {type(items).__name__}; "
+                           "wrap the rows in [...] (or, for one object per line, pass --format jsonl)")
     for index, obj in enumerate(items):
         yield object_row(obj, index, f"row {index + 1}", fields, path)
 
@@ -121,7 +125,7 @@ def _csv(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[Row]
     for index, obj in enumerate(reader):
         where = f"line {reader.line_num}"
         if any(isinstance(v, str) and _has_surrogates(v) for v in obj.values()):
-            yield Row(id=f"line:{reader.line_num}", where=where, error=f"{path}, {where}: invalid UTF-8")
+            yield Row(id=f"line:{reader.line_num}", where=where, error=f"{path}, {where}: invalid UTF-8; save the file as UTF-8")
             continue
         kept = {k: v for k, v in obj.items() if v != ""}  # an empty cell is an absent field...
         if fields.prompt in obj and fields.messages not in kept:
@@ -140,7 +144,8 @@ def _parquet(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise DatasetError(f"{path}: not a readable Parquet file ({exc}); check the file, or pass --format for "
+                           "another format") from exc
     for index, obj in enumerate(table.to_pylist()):
         yield object_row({k: v for k, v in obj.items() if v is not None}, index, f"row {index + 1}", fields, path)
 
@@ -148,13 +153,15 @@ def _parquet(path: Path, data: bytes, fields: Fields, openai: bool) -> Iterator[
 def object_row(obj: Any, index: int, where: str, fields: Fields, path: Path) -> Row:
     if not isinstance(obj, dict):
         return Row(id=f"line:{where.split()[-1]}", where=where,
-                   error=f"{path}, {where}: a row must be an object, found {type(obj).__name__}")
+                   error=f"{path}, {where}: a row must be an object, found {type(obj).__name__}; "
+                         'write it as {"prompt": ...} or {"messages": [...]}')
     if fields.id is None:
         rid = index
     elif fields.id in obj:
         rid = obj[fields.id]
     else:
-        return Row(id=f"line:{where.split()[-1]}", where=where, error=f"{path}, {where}: missing id field {fields.id!r}")
+        return Row(id=f"line:{where.split()[-1]}", where=where, error=f"{path}, {where}: missing id field {fields.id!r}; "
+                   "give the row one, or pass the dataset's id field as --id-field")
     row = Row(id=rid, where=where, params={OVERRIDES[k]: v for k, v in obj.items() if k in OVERRIDES},
               param_names={OVERRIDES[k]: k for k in obj if k in OVERRIDES})
     if fields.messages in obj:
@@ -163,23 +170,28 @@ def object_row(obj: Any, index: int, where: str, fields: Fields, path: Path) -> 
             try:
                 row.messages = json_bytes.loads(row.messages)
             except json_bytes.JSONDecodeError:
-                row.error = f"{path}, {where}: field {fields.messages!r} is not a JSON list of messages"
+                row.error = (f"{path}, {where}: field {fields.messages!r} is not valid JSON; write it as a JSON list of "
+                             '{"role": ..., "content": ...} objects')
     elif fields.prompt in obj:
         row.prompt = obj[fields.prompt]
         if not isinstance(row.prompt, str):
-            row.error = f"{path}, {where}: field {fields.prompt!r} must be text, found {type(row.prompt).__name__}"
+            row.error = (f"{path}, {where}: field {fields.prompt!r} must be text, found {type(row.prompt).__name__}; "
+                         "quote it as a string")
     else:
-        row.error = f"{path}, {where}: missing prompt field {fields.prompt!r} (or {fields.messages!r})"
+        row.error = (f"{path}, {where}: missing prompt field {fields.prompt!r} (or {fields.messages!r}); give the row "
+                     "one, or name the dataset's fields with --prompt-field / --messages-field")
     return row
 
 
 def _openai_row(obj: Any, index: int, where: str, fields: Fields, path: Path) -> Row:
     """{"custom_id", "method", "url", "body": {"messages" | "prompt", "max_tokens", "temperature", …}}."""
     if not isinstance(obj, dict) or "custom_id" not in obj:
-        return Row(id=f"line:{where.split()[-1]}", where=where, error=f"{path}, {where}: missing 'custom_id'")
+        return Row(id=f"line:{where.split()[-1]}", where=where, error=f"{path}, {where}: missing 'custom_id'; "
+                   "an OpenAI batch line needs a unique custom_id")
     body = obj.get("body")
     if not isinstance(body, dict):
-        return Row(id=obj["custom_id"], where=where, error=f"{path}, {where}: missing 'body' object")
+        return Row(id=obj["custom_id"], where=where, error=f"{path}, {where}: missing 'body' object; "
+                   "put the request (messages or prompt, max_tokens, ...) in a 'body' object")
     flat = dict(body)
     flat["__id"] = obj["custom_id"]
     row = object_row(flat, index, where, Fields(prompt="prompt", messages="messages", id="__id"), path)

@@ -46,12 +46,13 @@ def build_request(row: Row, index: int, tokenizer, defaults: Defaults, context: 
     try:
         ids = _prompt_ids(row, tokenizer, chat_template)
     except Exception as exc:  # a template or tokenizer failure on one row must not end the job
-        return f"{row.where}: can't build the prompt ({type(exc).__name__}: {exc})"
+        return (f"{row.where}: can't build the prompt ({type(exc).__name__}: {exc}); check the row's messages "
+                "against the chat template (the tokenizer's, or --chat-template)")
     if not ids:
-        return f"{row.where}: empty prompt"
+        return f"{row.where}: empty prompt (it tokenizes to nothing); give the row some text"
     if len(ids) + params["max_new_tokens"] > context:
         return (f"{row.where}: prompt of {len(ids)} tokens + {params['max_new_tokens']} new tokens exceeds the "
-                f"model's {context}-token context")
+                f"model's {context}-token context; shorten the prompt or lower the row's max_tokens / --max-new-tokens")
     stop = params.pop("stop")
     try:
         return Request(ids, stop_strings=stop, id=index, ignore_eos=defaults.ignore_eos, **params)
@@ -62,7 +63,8 @@ def build_request(row: Row, index: int, tokenizer, defaults: Defaults, context: 
 def _prompt_ids(row: Row, tokenizer, chat_template: str | None) -> list[int]:
     if row.messages is not None:
         if not isinstance(row.messages, list) or not all(isinstance(m, dict) and "content" in m for m in row.messages):
-            raise ValueError("field 'messages' must be a list of {role, content} objects")
+            raise ValueError("field 'messages' must be a list of {role, content} objects; write it as "
+                             '[{"role": "user", "content": "..."}]')
         out = tokenizer.apply_chat_template(row.messages, add_generation_prompt=True, tokenize=True,
                                             chat_template=chat_template)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)

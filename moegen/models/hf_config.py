@@ -22,7 +22,8 @@ def read_config_json(model_dir: Path) -> dict:
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        raise ConfigError(f"{path}: not valid JSON ({exc}); fix it, or copy config.json from the checkpoint "
+                          "again") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must hold a JSON object of config fields, found {type(raw).__name__}")
     return raw
@@ -35,7 +36,8 @@ def generation_eos_ids(model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
         try:
             eos = json.loads(path.read_text()).get("eos_token_id")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+            raise ConfigError(f"{path}: not valid JSON ({exc}); fix it, or remove it to stop on config.json's "
+                              "eos_token_id") from exc
         if eos is not None:
             return tuple(eos) if isinstance(eos, list) else (int(eos),)
     return cfg.eos_token_ids
@@ -49,15 +51,20 @@ def load_model_config(model_dir: Path) -> ModelConfig:
 
     try:
         hf = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # transformers validates field types and values
-        raise ConfigError(f"{Path(model_dir) / 'config.json'}: transformers can't read it as {family.name}: {exc}") from exc
-    return from_hf_config(hf, family)
+    except Exception as exc:  # transformers (and huggingface_hub's strict dataclasses) validate types and values
+        raise ConfigError(f"{Path(model_dir) / 'config.json'}: transformers can't read it as {family.name}: {exc}; "
+                          "correct that in config.json") from exc
+    try:
+        return from_hf_config(hf, family)
+    except ConfigError as exc:  # its checks name a field, not the file
+        raise ConfigError(f"{Path(model_dir) / 'config.json'}: {exc}") from exc
 
 
 def from_hf_config(hf, family: Family) -> ModelConfig:
     act = getattr(hf, "hidden_act", "silu")
     if act != "silu":
-        raise ConfigError(f"hidden_act {act!r} is not supported (only silu); the {family.name} family always uses silu")
+        raise ConfigError(f"hidden_act {act!r} is not supported (only silu, which the {family.name} family always "
+                          'uses); set "hidden_act": "silu"')
     n_layers = hf.num_hidden_layers
     attention = _mla(hf) if family.attention == "mla" else _gqa(hf, family)
     eos = hf.eos_token_id
@@ -88,7 +95,8 @@ def _rope(hf, dim: int, interleaved: bool) -> RopeConfig:
     if kind == "default":
         return RopeConfig(dim=dim, theta=theta, kind="default", interleaved=interleaved)
     if kind != "yarn":
-        raise ConfigError(f"rope type {kind!r} is not supported (default and yarn are); see rope_scaling in config.json")
+        raise ConfigError(f"rope type {kind!r} is not supported (default and yarn are); set rope_scaling's rope_type "
+                          "to one of them, or drop rope_scaling")
     factor = params.get("factor")
     original = params["original_max_position_embeddings"]
     if factor is None:
@@ -154,7 +162,8 @@ def _rotary_dim(hf, family: Family, head_dim: int) -> int:
 def _mla(hf) -> MLAConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(hf, flag, False):
-            raise ConfigError(f"{flag}=true is not supported for DeepSeek models (no released checkpoint uses it)")
+            raise ConfigError(f"{flag}=true is not supported for DeepSeek models (no released checkpoint uses it); "
+                              f"set {flag} to false")
     rope = _rope(hf, hf.qk_rope_head_dim, interleaved=bool(getattr(hf, "rope_interleave", True)))
     scale = (hf.qk_nope_head_dim + hf.qk_rope_head_dim) ** -0.5
     params = hf.rope_parameters or {}
@@ -179,7 +188,7 @@ def _moe(hf, family: Family) -> MoEConfig:
     # Sigmoid routers pick by biased scores within the best groups (noaux_tc); one group where the config has none.
     method = "noaux_tc" if family.scoring == "sigmoid" else (getattr(hf, "topk_method", None) or "greedy")
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
-        raise ConfigError(f"topk_method {method!r} is not supported (greedy, group_limited_greedy, noaux_tc)")
+        raise ConfigError(f"topk_method {method!r} is not supported; set it to greedy, group_limited_greedy or noaux_tc")
     grouped = method != "greedy"
     renormalise = {"always": True, "never": False}.get(family.renormalise, bool(getattr(hf, "norm_topk_prob", False)))
     router = RouterConfig(

@@ -81,7 +81,7 @@ class TensorStore:
                 files = sorted({self.model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
             except (ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError covers bad JSON/UTF-8
                 raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object of "
-                                      f"tensor name -> file name): {exc!r}") from exc
+                                      f"tensor name -> file name): {exc!r}; copy it from the checkpoint again") from exc
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index} lists shard(s) {missing} that are not in {self.model_dir}; copy the whole checkpoint")
@@ -91,7 +91,7 @@ class TensorStore:
             return [single]
         pickles = sorted(p.name for p in self.model_dir.glob("*.bin")) + sorted(p.name for p in self.model_dir.glob("*.pt"))
         hint = (f"; found {pickles}: moegen does not load pickle checkpoints, convert them to safetensors"
-                if pickles else "")
+                if pickles else "; copy the checkpoint's safetensors files into it")
         raise CheckpointError(f"{self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -121,7 +121,8 @@ class _Reader:
         if self.store.dtype(name) != "F8_E4M3":
             if self.has(scale):
                 raise CheckpointError(f"{self.store.file_of[scale]}: {scale!r} scales {name!r}, which is stored as "
-                                      f"{self.store.dtype(name)}, not F8_E4M3; the checkpoint is inconsistent")
+                                      f"{self.store.dtype(name)}, not F8_E4M3; the checkpoint is inconsistent, copy "
+                                      "or convert it again")
             return self.store.get(name).to(self.dtype)
         where = f"{self.store.file_of[name]}: tensor {name!r} is FP8 (F8_E4M3)"
         if not linear:
@@ -131,7 +132,8 @@ class _Reader:
             raise CheckpointError(f"{where} but config.json has no quantization_config; add the checkpoint's "
                                   'quantization_config ({"quant_method": "fp8", "weight_block_size": [128, 128], ...})')
         if not self.has(scale):
-            raise CheckpointError(f"{where} but its block scales {scale!r} are missing; the checkpoint is incomplete")
+            raise CheckpointError(f"{where} but its block scales {scale!r} are missing; the checkpoint is incomplete, "
+                                  "copy the whole checkpoint")
         self._check(scale, fp8.scale_grid(shape), what=f"the scale grid of {list(shape)} in {list(fp8.BLOCK)} blocks is")
         if self.store.dtype(scale) != "F32":
             raise CheckpointError(f"{self.store.file_of[scale]}: scale {scale!r} is {self.store.dtype(scale)}; "
@@ -148,12 +150,15 @@ class _Reader:
         if name not in self.store.file_of:
             raise CheckpointError(
                 f"{self.store.model_dir}: missing tensor {name!r} (expected shape {list(shape)} from config.json); "
-                "the checkpoint is incomplete or config.json doesn't describe it"
+                "the checkpoint is incomplete or config.json doesn't describe it: copy the whole checkpoint with "
+                "its own config.json"
             )
         actual = self.store.shape(name)
         if actual != tuple(shape):
             raise CheckpointError(f"{self.store.file_of[name]}: tensor {name!r} has shape {list(actual)}, "
-                                  f"{what or 'config.json implies'} {list(shape)}")
+                                  f"{what or 'config.json implies'} {list(shape)}; "
+                                  + ("copy or convert the checkpoint again" if what else
+                                     "use the checkpoint's own config.json"))
 
 
 def load_checkpoint(model_dir: Path, dtype: torch.dtype = torch.float32, weight_dtype: str = "auto"
@@ -290,5 +295,5 @@ def _check_leftovers(store: TensorStore, cfg: ModelConfig, report: LoadReport) -
         shown = ", ".join(repr(n) for n in unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise CheckpointError(
             f"{store.model_dir}: unexpected tensor(s) {shown} in {store.file_of[unexpected[0]].name}: "
-            f"config.json ({cfg.family}, {cfg.num_layers} layers) does not use them; is it the right config?"
+            f"config.json ({cfg.family}, {cfg.num_layers} layers) does not use them; use the checkpoint's own config.json"
         )

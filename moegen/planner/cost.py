@@ -35,6 +35,7 @@ from moegen.runtime.device_memory import (LaunchSizes, activation_bytes, launch_
 from moegen.runtime.host_attention.worker import device_bytes as host_attention_device_bytes
 from moegen.runtime.host_attention.worker import per_sequence_numel as host_attention_numel
 from moegen.runtime.kv.sizing import host_kv_bytes_per_token
+from moegen.units import format_bytes
 from moegen.runtime.residency import ModuleId, ModuleSize, Residency, choose_residency, core_device_bytes, module_sizes
 
 
@@ -106,7 +107,7 @@ def setting(facts: ModelFacts, rcfg: RuntimeConfig, machine: Machine, budget: in
 
         raise DeviceBudgetError(
             f"lm_head, norms and routers, KV staging, activations and transient memory need {reserved / 2**20:.1f} MiB, over "
-            f"--gpu-memory {budget / 2**20:.1f} MiB; raise --gpu-memory, or lower --max-seq-len, --max-step-tokens or "
+            f"--gpu-memory {format_bytes(budget)}; raise --gpu-memory, or lower --max-seq-len, --max-step-tokens or "
             "--attn-micro-batch")
     residency = choose_residency(facts.sizes, None if budget is None else budget - reserved, rcfg.expert_slots,
                                  rcfg.resident_experts)

@@ -47,7 +47,8 @@ class MoegenConfig:
         if self.output_format not in ("moegen", "openai"):
             raise ValueError(f"MoegenConfig.output_format must be 'moegen' or 'openai', got {self.output_format!r}")
         if not Path(self.model_dir).is_dir():
-            raise FileNotFoundError(f"{self.model_dir}: no such model directory (MoegenConfig.model_dir)")
+            raise FileNotFoundError(f"{self.model_dir}: no such model directory (MoegenConfig.model_dir); pass a "
+                                    "checkpoint directory (one with config.json)")
 
     @property
     def threads(self) -> int:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moegen.units import format_bytes
+
 
 def resolve_future(fut: asyncio.Future, error: BaseException | None) -> None:
     """Complete `fut` with None or `error` (called on the loop's thread, via call_soon_threadsafe)."""
@@ -174,7 +176,7 @@ class Backend(ABC):
         c = self.counters
         if self.budget is not None and c.device_bytes + nbytes > self.budget:
             raise DeviceBudgetError(
-                f"device memory budget {self.budget / 2**20:.1f} MiB (--gpu-memory) can't hold {what} "
+                f"device memory budget --gpu-memory {format_bytes(self.budget)} can't hold {what} "
                 f"({nbytes / 2**20:.1f} MiB more on top of {c.device_bytes / 2**20:.1f} MiB already placed); "
                 + (fix or "raise --gpu-memory or lower --batch-size / --attn-micro-batch / --expert-slots")
             )

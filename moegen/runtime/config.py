@@ -111,7 +111,10 @@ class RuntimeConfig:
         if self.cpu_attention_threads is not None and self.cpu_attention_threads < 1:
             raise ValueError(f"--cpu-attention-threads must be at least 1, got {self.cpu_attention_threads}")
         if self.sim_link_gbps is not None and (self.device != "cpu" or self.sim_link_gbps <= 0):
-            raise ValueError("--sim-link-gbps is a positive bandwidth and only applies to --device cpu")
+            raise ValueError(f"--sim-link-gbps {self.sim_link_gbps}: "
+                             + (f"simulates a link for --device cpu only, not --device {self.device}; use --device cpu "
+                                "or drop --sim-link-gbps" if self.device != "cpu" else
+                                "must be a positive bandwidth (GB/s); raise it or drop --sim-link-gbps"))
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -36,6 +36,7 @@ from moegen.runtime.kv.fp8 import scale_bytes, staged_element_bytes
 from moegen.runtime.kv.staging import staging_device_numel
 from moegen.runtime.residency import minimum_device_bytes
 from moegen.runtime.step_inputs import step_input_bytes
+from moegen.units import format_bytes
 
 F32, I64 = 4, 8
 WORKSPACE_SHARE = 1 / 8  # of the device budget, for any one launch's transient memory
@@ -224,7 +225,7 @@ def model_batch_size(cfg: ModelConfig, rcfg: RuntimeConfig, weights: ModelWeight
             return B
     raise DeviceBudgetError(
         f"--batching model: not even one sequence's KV ({per_seq / 2**20:.1f} MiB for --max-seq-len "
-        f"{rcfg.max_seq_len}) fits in --gpu-memory {budget / 2**20:.1f} MiB beside the weights and a launch's "
+        f"{rcfg.max_seq_len}) fits in --gpu-memory {format_bytes(budget)} beside the weights and a launch's "
         "transient memory; raise --gpu-memory or lower --max-seq-len")
 
 

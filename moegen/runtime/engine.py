@@ -98,7 +98,8 @@ class Engine:
         for i, r in enumerate(requests):
             if len(r.prompt_ids) + r.max_new_tokens > self.rcfg.max_seq_len:
                 raise ValueError(f"request {r.id if r.id is not None else i}: {len(r.prompt_ids)} prompt tokens + "
-                                 f"{r.max_new_tokens} new ones exceed --max-seq-len {self.rcfg.max_seq_len}")
+                                 f"{r.max_new_tokens} new ones exceed --max-seq-len {self.rcfg.max_seq_len}; raise "
+                                 "--max-seq-len or lower --max-new-tokens")
             if (why := too_long(len(r.prompt_ids), capacity)) is not None:
                 raise ValueError(f"request {r.id if r.id is not None else i}: {why}")
 

@@ -35,13 +35,15 @@ def parse(path: Path) -> ParsedTrace:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise TraceFileError(f"{path}: can't read it ({exc.strerror})") from exc
+        raise TraceFileError(f"{path}: can't read it ({exc.strerror}); pass the file a --trace run wrote") from exc
     if not data:
-        raise TraceFileError(f"{path}: empty file; was the run traced (--trace) and did it finish?")
+        raise TraceFileError(f"{path}: empty file (the run was not traced, or did not finish); pass the file a "
+                             "finished --trace run wrote")
     try:
         trace = Trace.FromString(data)
     except DecodeError as exc:
-        raise TraceFileError(f"{path}: not a Perfetto protobuf trace ({exc})") from exc
+        raise TraceFileError(f"{path}: not a Perfetto protobuf trace ({exc}); pass the file a --trace run "
+                             "wrote") from exc
     tracks, names, counter_tracks = {}, {}, set()
     open_slices: dict[int, list[Slice]] = defaultdict(list)
     parsed = ParsedTrace(tracks, [], defaultdict(list))
@@ -64,14 +66,16 @@ def parse(path: Path) -> ParsedTrace:
         elif event.type == TrackEvent.TYPE_SLICE_END:
             stack = open_slices[event.track_uuid]
             if not stack:
-                raise TraceFileError(f"{path}: a slice ends on track {track!r} that never began")
+                raise TraceFileError(f"{path}: a slice ends on track {track!r} that never began; the trace is "
+                                     "damaged, record it again with --trace")
             done = stack.pop()
             done.end = ts
             parsed.slices.append(done)
         elif event.type == TrackEvent.TYPE_COUNTER:
             parsed.counters[track].append((ts, event.double_counter_value or float(event.counter_value)))
     if not parsed.slices:
-        raise TraceFileError(f"{path}: holds no slices; was anything recorded (check --trace-steps)?")
+        raise TraceFileError(f"{path}: holds no slices, nothing was recorded; trace again with a --trace-steps "
+                             "range the run reaches, or without --trace-steps")
     return parsed
 
 

@@ -64,7 +64,7 @@ def serve(trace: Path, port: int = 9001) -> http.server.ThreadingHTTPServer:
     """A server on 127.0.0.1:`port` (0: any free port); call serve_forever() or run it in a thread."""
     trace = Path(trace)
     if not trace.is_file():
-        raise FileNotFoundError(f"{trace}: no such trace file")
+        raise FileNotFoundError(f"{trace}: no such trace file; pass the file a --trace run wrote")
     handler = functools.partial(_Handler, trace=trace.resolve(), directory=str(web_dist()))
     return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
 
