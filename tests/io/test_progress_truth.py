@@ -115,3 +115,26 @@ def test_link_busy_on_the_line_when_weights_stream(model_dir, tmp_path, timed_li
     timed_lines.clear()
     run_timed(model_dir, dataset, tmp_path / "out2.jsonl")
     assert not [line for _, line in timed_lines if "link busy" in line], timed_lines
+
+
+def test_the_main_job_s_plain_lines(tmp_path):
+    """`moegen serve-offline --output FILE` (the README's main job: the demo checkpoint, examples/prompts.jsonl)
+    with stderr on a pipe: every progress line, the first included, has an ETA within 50% of the time left
+    (the end being its last line, when the last request finished), each line timed as it arrives."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    began, lines = time.perf_counter(), []
+    proc = subprocess.Popen([sys.executable, "-m", "moegen.cli", "serve-offline", "--output", str(tmp_path / "o.jsonl")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    for raw in proc.stderr:
+        if m := LINE.match(raw.strip().removeprefix("moegen: ")):
+            lines.append((time.perf_counter() - began, m))
+    assert proc.wait(timeout=600) == 0
+    assert len(lines) >= 2 and lines[0][1].group(1) == "0" and lines[-1][1].group(1) == lines[-1][1].group(2)
+    end = lines[-1][0]
+    for t, m in lines[:-1]:
+        left = end - t
+        assert abs(eta_seconds(m.group(4)) - left) <= 0.5 * left, (m.group(0), f"{left:.1f}s left in fact")
