@@ -58,7 +58,7 @@ def runtime_options(fn):
                      help="Experts on the device at once; streams experts through that many slots [default: what fits]."),
         click.option("--resident-experts", type=click.IntRange(min=0), default=None,
                      help="Experts kept on the device for the whole run, the first in layer order "
-                          "[default: what fits beside the minimum slots; none with --expert-slots]."),
+                          "[default: planned; with --no-plan, what fits beside the minimum slots, none with --expert-slots]."),
         click.option("--gpu-memory", default=None,
                      help="Device memory budget, e.g. 512MiB, 24GiB [default: on cuda the device's free memory at "
                           "start less 1 GiB; unlimited on cpu]."),
@@ -71,7 +71,8 @@ def runtime_options(fn):
         click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
                      help="Longest prompt + completion [default: the longest prompt + --max-new-tokens]."),
         click.option("--max-step-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
-                     help="Most tokens in one step (decode tokens + admitted prompts); sizes activations."),
+                     help="Most tokens in one step (decode tokens + admitted prompts); sizes activations. Never below "
+                          "B - 1 + --max-seq-len (a longest prompt beside every decode token), raised to that if set lower."),
         click.option("--batching", type=click.Choice(["module", "model"]), default="module", show_default=True,
                      help="module: micro-batched attention, each expert once per layer over the whole batch; "
                           "model: one batch walks the whole model, KV on the device (the baselines' policy)."),

@@ -47,9 +47,15 @@ class GenerateStats:
     generate_s: float  # prefill + decode
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer  # tokenizers are what moegen takes from transformers
 
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):  # else transformers builds an empty one
+        raise ValueError(f"{model_dir}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                         "checkpoint's tokenizer files into it")
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:

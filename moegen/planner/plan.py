@@ -16,6 +16,7 @@ from moegen.planner.profile import measure_in_run, measure_profile, signature
 from moegen.planner.search import PLANNED, Plan, host_kv_limit, search
 from moegen.planner.steadiness import measuring
 from moegen.runtime.config import RuntimeConfig
+from moegen.units import format_bytes
 
 
 def plan_run(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig, user: frozenset[str], workload: Workload,
@@ -92,7 +93,7 @@ def format_plan(plan: Plan, alternatives: bool = True) -> str:
         value = getattr(plan.rcfg, name)
         shown = {None: "auto"}.get(value, value) if name != "expert_micro_batch" else (value or "all tokens")
         if name == "host_kv_memory" and value is not None:
-            shown = f"{value / 2**30:.2f}GiB"
+            shown = format_bytes(value).replace(" ", "")
         knobs.append(f"{name}={shown}{' (yours)' if name in plan.user else ''}")
     link = f"{s.link_gbps:g} GB/s link" if s.link_gbps else "no link in use"
     lines = [

@@ -25,6 +25,7 @@ from moegen.planner.calibrate import Machine, Profile
 from moegen.planner.cost import ModelFacts, Prediction, Setting, Workload, predict, setting, step_time
 from moegen.runtime.backend import DeviceBudgetError
 from moegen.runtime.config import RuntimeConfig
+from moegen.units import format_bytes
 
 PLANNED = ("batch_size", "attn_micro_batch", "expert_micro_batch", "expert_slots", "resident_experts",
            "max_step_tokens", "host_kv_memory", "cpu_attention")
@@ -146,7 +147,7 @@ def _batch_sizes(rcfg: RuntimeConfig, user: frozenset[str], w: Workload, facts: 
     per_seq = expected_blocks(w, rcfg.kv_block_size)
     most = max(1, min(w.requests, blocks // per_seq))
     if most < w.requests:
-        limits.append(f"host memory: the KV cache of {host_kv / 2**30:.2f} GiB holds {blocks} blocks, {most} sequences "
+        limits.append(f"host memory: the KV cache of {format_bytes(host_kv)} holds {blocks} blocks, {most} sequences "
                       f"of the {per_seq * rcfg.kv_block_size} tokens each is expected to hold ({w.requests} requests)")
     sizes = {most} | {2**i for i in range(3, 20) if 2**i < most}
     return sorted(sizes, reverse=True)

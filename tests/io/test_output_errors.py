@@ -27,3 +27,10 @@ def test_a_config_field_of_the_wrong_type_names_the_file(model_dir, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     result = failed(invoke("generate", broken, "--prompt", "hi", "--max-new-tokens", "2"))
     assert str(broken / "config.json") in result.stderr and "correct that in config.json" in result.stderr
+
+
+def test_a_checkpoint_without_tokenizer_files_says_so(model_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    result = failed(invoke("generate", bare, "--prompt", "hi", "--max-new-tokens", "2"))
+    assert str(bare) in result.stderr and "no tokenizer files" in result.stderr and "copy" in result.stderr
