@@ -41,8 +41,17 @@ def stream_of(track: str) -> str:
     return re.sub(r" lane \d+$", "", track)
 
 
+HOST_ATTENTION_PARTS = ("project for ", "output of ")  # the device's share of a host-attended layer
+
+
 def module_kind(name: str) -> str:
-    """A compute slice's module type: "expert[3][7]" -> "expert", "lm_head + sample" -> "lm_head"."""
+    """A compute slice's module type, as the planner names it: "expert[3][7]" -> "expert", "lm_head + sample" ->
+    "lm_head", "host attention[2]" -> "host attention" (the host worker's), "project for host attention[2]" ->
+    "attention" (its projections run on the device, counted with attention)."""
+    if name.startswith(HOST_ATTENTION_PARTS):
+        return "attention"
+    if name.startswith("host attention["):
+        return "host attention"
     return name.split("[")[0].split(" ")[0]
 
 

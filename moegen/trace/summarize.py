@@ -142,12 +142,12 @@ def _next_name(starts: dict, ts: int) -> str:
 
 
 def _modules(top: list[Slice], wall: int) -> dict:
-    """Compute time per module type (attention, router, expert, mlp, combine, embed, lm_head): the time
-    any of its launches ran (launches side by side on lanes count once)."""
+    """Compute time per module type (attention, router, expert, mlp, combine, embed, lm_head, and host attention
+    on its host worker): the time any of its launches ran (launches side by side on lanes count once)."""
     out: dict[str, dict] = {}
     intervals: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for s in top:
-        if "compute" not in s.track:
+        if not _computes(s.track):
             continue
         kind = module_kind(s.name)
         entry = out.setdefault(kind, {"s": 0.0, "launches": 0, "tokens": 0, "flops": 0})
@@ -159,6 +159,11 @@ def _modules(top: list[Slice], wall: int) -> dict:
         entry["s"] = length(union(intervals[kind])) / 1e9
         entry["share_of_wall"] = entry["s"] * 1e9 / wall
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["s"]))
+
+
+def _computes(track: str) -> bool:
+    """A track whose slices are module compute: the compute stream and its lanes, the host attention worker."""
+    return "compute" in track or track.startswith("host attention")
 
 
 def _experts(top: list[Slice]) -> dict[str, dict]:
@@ -205,7 +210,7 @@ def _versus_plan(t: ParsedTrace) -> dict | None:
         windows = [(s.start, s.end) for s in full]
         per_kind: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for sl in t.slices:
-            if "compute" in sl.track and sl.depth == 0 and any(a <= sl.start < b for a, b in windows):
+            if _computes(sl.track) and sl.depth == 0 and any(a <= sl.start < b for a, b in windows):
                 per_kind[module_kind(sl.name)].append((sl.start, sl.end))
         for key, predicted in plan.items():
             if key.startswith("decode ") and key.endswith("_s"):

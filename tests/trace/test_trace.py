@@ -236,6 +236,28 @@ def test_summarize_sets_a_run_against_its_plan(tmp_path):
     assert re.search(r"expert per decode step\s+predicted\s+4\.00 ms\s+measured\s+5\.00 ms\s+\(1\.25x\)", text), text
 
 
+def test_summarize_names_host_attention_as_the_plan_does(tmp_path):
+    """By hand (ms), one full decode step [0, 20): on the device attention[0] [0, 3), the host-attended share's
+    projections [3, 5) and output projection [10, 11); on the host worker its attention [5, 10). The device's
+    parts are attention (the planner counts them there: 6 ms), the worker's host attention (5 ms)."""
+    trace, sl = hand_trace(["plan", "event loop", "compute stream", "host attention stream"])
+    sl("plan", "plan", 0, 0, decode_sequences=4, decode_step_s=0.02, decode_tok_s=200.0, prefill_tok_s=1.0,
+       prefill_step_s=0.02, **{"decode attention_s": 0.006, "decode host attention_s": 0.004})
+    sl("event loop", "step 0 (decode)", 0, 20, phase="decode", sequences=4)
+    sl("compute stream", "attention[0]", 0, 3, tokens=2)
+    sl("compute stream", "project for host attention[0]", 3, 5, tokens=2)
+    sl("host attention stream", "host attention[0]", 5, 10, tokens=2)
+    sl("compute stream", "output of host attention[0]", 10, 11, tokens=2)
+    path = tmp_path / "host.pftrace"
+    path.write_bytes(trace.SerializeToString())
+    s = summarize(path)
+    assert set(s["modules"]) == {"attention", "host attention"}
+    assert s["modules"]["attention"]["s"] == pytest.approx(0.006) and s["modules"]["attention"]["launches"] == 3
+    assert s["modules"]["host attention"]["s"] == pytest.approx(0.005)
+    v = s["plan"]["modules"]
+    assert v["attention"]["measured"] == pytest.approx(0.006) and v["host attention"]["measured"] == pytest.approx(0.005)
+
+
 def test_summarize_cli_json_and_errors(tmp_path):
     path = tmp_path / "synthetic.pftrace"
     synthetic(path)
