@@ -105,6 +105,7 @@ class Profile:
     # (`tasks.expert_groups`); None: not measured (as `expert`)
     host_attn: Linear | None = None  # (sequences, sequences x context) -> seconds of one layer's decode attention
     # on the host worker (`planner.host_profile`); None: not measured (no share of attention is planned)
+    host_attn_threads: int = 0  # the threads host_attn was measured with (another --cpu-attention-threads: again)
 
 
 @dataclass(slots=True)
@@ -181,7 +182,8 @@ def _profile(raw: dict) -> Profile:
                    head=curve(raw["head"]), combine=curve(raw["combine"]), in_run=raw.get("in_run", {}),
                    expert_plain=curve(raw["expert_plain"]) if raw.get("expert_plain") else None,
                    expert_grouped=curve(raw["expert_grouped"]) if raw.get("expert_grouped") else None,
-                   host_attn=Linear(raw["host_attn"]["coefficients"]) if raw.get("host_attn") else None)
+                   host_attn=Linear(raw["host_attn"]["coefficients"]) if raw.get("host_attn") else None,
+                   host_attn_threads=raw.get("host_attn_threads", 0))
 
 
 def calibrated(device: str, force: bool = False, say: Callable[[str], None] = lambda _: None) -> Calibration:

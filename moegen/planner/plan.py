@@ -43,11 +43,13 @@ def calibration_for(cfg: ModelConfig, weights: ModelWeights, rcfg: RuntimeConfig
             say(found.note("this model's profile"))
         save(cal)
     profile = cal.profiles[sig]
-    if profile.host_attn is None:  # (a profile cached before host attention was measured gains it now)
+    threads = rcfg.cpu_attention_threads or torch_threads()
+    if profile.host_attn is None or profile.host_attn_threads != threads:  # not yet, or with other threads
         from moegen.planner.host_profile import measure_host_attention
 
-        say("measuring decode attention on the host (cached for later runs) ...")
-        profile.host_attn = measure_host_attention(cfg, rcfg.torch_dtype, rcfg.cpu_attention_threads)
+        say(f"measuring decode attention on the host, {threads} threads (cached for later runs) ...")
+        profile.host_attn = measure_host_attention(cfg, rcfg.torch_dtype, threads)
+        profile.host_attn_threads = threads
         save(cal)
     return cal, profile
 
@@ -71,6 +73,12 @@ def cpu_dtype_note(rcfg: RuntimeConfig, machine, say: Callable[[str], None]) -> 
     why = "it reports native bf16, yet" if native_bf16() else "it has no native bf16 (AVX-512-BF16 or AMX), so"
     say(f"--dtype bfloat16 is slower than float32 on this CPU: {why} its matmuls ran at {speedup:.2f}x float32's "
         f"speed in calibration; --dtype float32 runs this job faster (and exactly)")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def device_budget(rcfg: RuntimeConfig) -> int | None:
