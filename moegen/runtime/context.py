@@ -243,6 +243,7 @@ class Runtime:
             seeds=torch.tensor([s.request.seed for s in seqs], dtype=torch.int64),
             counters=torch.tensor([len(s.result.token_ids) for s in seqs], dtype=torch.int64),
             greedy_only=all(s.request.temperature == 0 for s in seqs),
+            truncates=any(s.request.temperature > 0 and (s.request.top_k > 0 or s.request.top_p < 1) for s in seqs),
         )
         hot = [i for i, s in enumerate(seqs) if s.request.temperature > 0]
         if 0 < len(hot) < len(seqs):

@@ -58,6 +58,18 @@ def test_sampling_rows_among_greedy_ones_draw_as_they_do_alone(tiny_checkpoint):
     assert together == alone
 
 
+def test_rows_that_keep_the_vocabulary_draw_alike_beside_rows_that_cut_it(tiny_checkpoint):
+    """A step whose sampling rows all keep the whole vocabulary draws without sorting it; one that also has rows
+    cutting it (top-p, top-k) sorts: each row gets the same tokens either way, as in a batch of one."""
+    path = tiny_checkpoint("qwen3_moe")
+    cuts = [dict(top_p=0.8), dict(top_k=5), {}, {}, {}]
+    mixed = [Request(p, 10, temperature=0.0 if i == 4 else 0.9, seed=i, id=i, **cuts[i % len(cuts)])
+             for i, p in enumerate(PROMPTS)]
+    together = run(path, mixed, batch_size=len(mixed))[0]
+    alone = {r.id: run(path, [r], batch_size=1)[0][r.id] for r in mixed}
+    assert together == alone
+
+
 def test_top_k_1_is_greedy(tiny_checkpoint):
     path = tiny_checkpoint("mixtral")
     greedy = run(path, [Request(p, 8) for p in PROMPTS])[0]
@@ -77,13 +89,17 @@ def test_top_k_and_top_p_masks_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     seeds = torch.arange(4000, dtype=torch.int64)
 
-    def draws(top_k, top_p):
+    def picks(top_k, top_p, truncates=True):
         p = SamplingParams(temperature=torch.ones(4000), top_k=torch.full((4000,), top_k),
                            top_p=torch.full((4000,), top_p), seeds=seeds, counters=torch.zeros(4000, dtype=torch.int64),
-                           greedy_only=False)
-        return torch.bincount(sample(logits, p), minlength=4).float() / 4000
+                           greedy_only=False, truncates=truncates)
+        return sample(logits, p)
+
+    def draws(top_k, top_p):
+        return torch.bincount(picks(top_k, top_p), minlength=4).float() / 4000
 
     assert torch.allclose(draws(0, 1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    assert torch.equal(picks(0, 1.0, truncates=False), picks(0, 1.0))  # the sort skipped: the same draws
     k2 = draws(2, 1.0)  # renormalised over the two best: 0.5/0.8, 0.3/0.8
     assert k2[2:].sum() == 0 and abs(float(k2[0]) - 0.625) < 0.03
     p7 = draws(0, 0.7)  # smallest prefix reaching 0.7: tokens 0 and 1
