@@ -48,7 +48,7 @@ def scenario(model_dir: Path, prompts: int, prompt_len: int, new_tokens: int, ro
     model = llamacpp.gguf(llama, model_dir, cache, say, llamacpp.GGUF_TYPES[dtype])
     overrides = llamacpp.load_overrides(model_dir)
     threads = os.cpu_count() or 1
-    _calibrate(model_dir, say, "cpu")
+    _calibrate(model_dir, say, "cpu", dtype)  # the dtype timed: a bf16 run would otherwise calibrate in round 1
     runs = []
     for r in range(rounds):
         say(f"  round {r + 1} of {rounds}: moegen serve-offline ...")

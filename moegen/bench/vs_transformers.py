@@ -150,12 +150,12 @@ def scenario(model_dir: Path, prompts: int, new_tokens: int, hf_batches: tuple[i
     }
 
 
-def _calibrate(model_dir: Path, say, device: str) -> None:
-    """The planner's calibration of this machine and model, made (and cached) before the timed run: a
+def _calibrate(model_dir: Path, say, device: str, dtype: str = "float32") -> None:
+    """The planner's calibration of this machine, model and dtype, made (and cached) before the timed run: a
     one-time cost per machine, as a user pays it once, not per job."""
     from moegen.models.loader import load_checkpoint
     from moegen.planner.plan import calibration_for
     from moegen.runtime.config import RuntimeConfig
 
     cfg, weights, _ = load_checkpoint(model_dir)
-    calibration_for(cfg, weights, RuntimeConfig(device=device), lambda line: say("  " + line))
+    calibration_for(cfg, weights, RuntimeConfig(device=device, dtype=dtype), lambda line: say("  " + line))
