@@ -130,7 +130,8 @@ def _print_summary(s, output: Path) -> None:
         + f" (of {s.requests}) -> {output}",
         f"tokens: {s.prompt_tokens} prompt, {s.generated_tokens} generated "
         + (f"in {s.steps} steps" if s.engines is None else f"by {s.engines} engine(s) on Ray"),
-        f"throughput: prefill {s.prefill_tok_s:.1f} tok/s, decode {s.decode_tok_s:.1f} tok/s",
+        # both over the same time: a step may hold prompts and decoding sequences; `trace summarize` splits them
+        f"throughput over the run: {s.prefill_tok_s:.1f} prompt tok/s, {s.decode_tok_s:.1f} generated tok/s",
         f"wall time {s.wall_s:.1f}s, peak host memory {s.peak_host_memory_gib:.2f} GiB"
         + (f" (weight arena + KV cache {s.host_buffers_gib:.2f} GiB)" if s.host_buffers_gib else ""),
     ] + ([kv_line(s.kv)] if s.kv else []) + s.notes

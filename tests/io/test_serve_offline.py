@@ -614,7 +614,7 @@ def test_stats_json_summary_and_plain_progress(model_dir, oracle, tmp_path):
 
     assert "moegen: requests: 3 ok, 1 failed (of 4)" in err
     assert f"moegen: tokens: {prompt_tokens} prompt, {generated} generated" in err
-    rates = re.search(r"^moegen: throughput: prefill ([0-9.]+) tok/s, decode ([0-9.]+) tok/s", err, re.M)
+    rates = re.search(r"^moegen: throughput over the run: ([0-9.]+) prompt tok/s, ([0-9.]+) generated tok/s", err, re.M)
     assert rates, err
     assert float(rates[1]) == pytest.approx(stats["prefill_tok_s"], abs=0.051)
     assert float(rates[2]) == pytest.approx(stats["decode_tok_s"], abs=0.051)
