@@ -102,9 +102,11 @@ def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: 
 
 
 def _pick(probs: Tensor, u: Tensor) -> Tensor:
-    """[R, V] probabilities (zeros where cut) and u [R] -> the index where each row's cumulative mass passes u."""
+    """[R, V] probabilities (zeros where cut) and u [R] -> the index where each row's cumulative mass passes u
+    (first above it: never a token of no mass, even for u = 0)."""
     cdf = probs.double().cumsum(-1)  # [R, V]
-    return torch.searchsorted(cdf, (u.to(probs.device) * cdf[:, -1])[:, None]).clamp_max(probs.shape[-1] - 1)[:, 0]
+    at = (u.to(probs.device) * cdf[:, -1])[:, None]  # [R, 1]
+    return torch.searchsorted(cdf, at, side="right").clamp_max(probs.shape[-1] - 1)[:, 0]
 
 
 def _draw_cut(scaled: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor) -> Tensor:
