@@ -243,9 +243,10 @@ class Runtime:
             seeds=torch.tensor([s.request.seed for s in seqs], dtype=torch.int64),
             counters=torch.tensor([len(s.result.token_ids) for s in seqs], dtype=torch.int64),
             greedy_only=all(s.request.temperature == 0 for s in seqs),
-            truncates=any(s.request.temperature > 0 and (s.request.top_k > 0 or s.request.top_p < 1) for s in seqs),
         )
         hot = [i for i, s in enumerate(seqs) if s.request.temperature > 0]
+        cut = {seqs[i].request.top_k > 0 or seqs[i].request.top_p < 1 for i in hot}
+        sampling.cuts = cut.pop() if len(cut) == 1 else None  # the same for every sampling row: known
         if 0 < len(hot) < len(seqs):
             sampling.rows = torch.tensor(hot, dtype=torch.int64)
         loop = asyncio.get_running_loop()

@@ -55,14 +55,15 @@ class SamplingParams:
     counters: Tensor  # [B] int64: index of the token being drawn
     greedy_only: bool  # known on the host: no row samples, so skip the sampling work
     rows: Tensor | None = None  # [R] int64: the rows that sample when only some do (None: all may)
-    truncates: bool = True  # known on the host: some sampling row cuts the vocabulary (top-k or top-p), so the
-    # draw sorts; False skips the sort (each row's draw is the same either way)
+    cuts: bool | None = None  # known on the host: whether the sampling rows cut the vocabulary (top-k or top-p):
+    # False none (the draw never sorts), True all (only the sorted draw), None some or unknown (both, per row);
+    # each row's draw is the same whichever
 
     def part(self, first: int, end: int) -> SamplingParams:
         """Rows [first, end) alone (views), each of which may sample (`rows` is not carried over)."""
         return SamplingParams(self.temperature[first:end], self.top_k[first:end], self.top_p[first:end],
                               self.seeds[first:end], self.counters[first:end], self.greedy_only,
-                              truncates=self.truncates)
+                              cuts=self.cuts)
 
 
 def sample(logits: Tensor, p: SamplingParams) -> Tensor:
@@ -73,7 +74,7 @@ def sample(logits: Tensor, p: SamplingParams) -> Tensor:
     if p.greedy_only:
         return greedy_ids
     if p.rows is None:
-        sampled = _draw(logits, p.temperature, p.top_k, p.top_p, uniform(p.seeds, p.counters), p.truncates)
+        sampled = _draw(logits, p.temperature, p.top_k, p.top_p, uniform(p.seeds, p.counters), p.cuts)
         return torch.where(p.temperature > 0, sampled, greedy_ids)
     out = greedy_ids.clone()
     out[p.rows] = draw_rows(logits[p.rows], p, p.rows)
@@ -83,22 +84,21 @@ def sample(logits: Tensor, p: SamplingParams) -> Tensor:
 def draw_rows(logits: Tensor, p: SamplingParams, rows: Tensor) -> Tensor:
     """logits [R, V] of the sampling rows `rows` [R] -> their sampled ids [R]."""
     return _draw(logits, p.temperature[rows], p.top_k[rows], p.top_p[rows], uniform(p.seeds[rows], p.counters[rows]),
-                 p.truncates)
+                 p.cuts)
 
 
-def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor, truncates: bool = True
+def _draw(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor, cuts: bool | None = None
           ) -> Tensor:
     """[R, V] logits, each row's temperature, top-k, top-p and uniform draw u [R] -> sampled ids [R]. A row
     that keeps the whole vocabulary draws by its probabilities in vocabulary order; a row that cuts it (top-k,
     top-p) needs them in descending order, a sort over V per row (20 such rows of 32000 took ~40 ms of a 2-core
-    decode step), which runs only where some row cuts (`truncates`, known on the host)."""
+    decode step), which runs only where some row cuts (`cuts`, known on the host)."""
     V = logits.shape[-1]
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    whole = _pick(scaled.softmax(dim=-1), u)  # [R]
-    if not truncates:
-        return whole
+    if cuts is not None:
+        return _draw_cut(scaled, top_k, top_p, u) if cuts else _pick(scaled.softmax(dim=-1), u)
     keeps_all = ((top_k <= 0) | (top_k >= V)) & (top_p >= 1)  # [R]
-    return torch.where(keeps_all, whole, _draw_cut(scaled, top_k, top_p, u))
+    return torch.where(keeps_all, _pick(scaled.softmax(dim=-1), u), _draw_cut(scaled, top_k, top_p, u))
 
 
 def _pick(probs: Tensor, u: Tensor) -> Tensor:

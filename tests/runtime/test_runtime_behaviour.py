@@ -89,17 +89,18 @@ def test_top_k_and_top_p_masks_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     seeds = torch.arange(4000, dtype=torch.int64)
 
-    def picks(top_k, top_p, truncates=True):
+    def picks(top_k, top_p, cuts=None):
         p = SamplingParams(temperature=torch.ones(4000), top_k=torch.full((4000,), top_k),
                            top_p=torch.full((4000,), top_p), seeds=seeds, counters=torch.zeros(4000, dtype=torch.int64),
-                           greedy_only=False, truncates=truncates)
+                           greedy_only=False, cuts=cuts)
         return sample(logits, p)
 
     def draws(top_k, top_p):
         return torch.bincount(picks(top_k, top_p), minlength=4).float() / 4000
 
     assert torch.allclose(draws(0, 1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
-    assert torch.equal(picks(0, 1.0, truncates=False), picks(0, 1.0))  # the sort skipped: the same draws
+    assert torch.equal(picks(0, 1.0, cuts=False), picks(0, 1.0))  # the sort skipped: the same draws
+    assert torch.equal(picks(2, 0.7, cuts=True), picks(2, 0.7))  # only the sorted draw: the same draws
     k2 = draws(2, 1.0)  # renormalised over the two best: 0.5/0.8, 0.3/0.8
     assert k2[2:].sum() == 0 and abs(float(k2[0]) - 0.625) < 0.03
     p7 = draws(0, 0.7)  # smallest prefix reaching 0.7: tokens 0 and 1
