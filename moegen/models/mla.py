@@ -108,18 +108,14 @@ def kv_b_halves(w: MLAWeights, cfg: MLAConfig) -> tuple[Tensor, Tensor]:
 
 
 def _attend_expanded(w, cfg: MLAConfig, batch: AttnBatch, q_nope, q_rope, latent, k_rope) -> Tensor:
-    """Padded queries q_nope [B, Qm, N, P], q_rope [B, Qm, N, R] over each sequence's latents [B, S, C] and rope
-    keys [B, S, R] -> [B, Qm, N, V]. The latents are up-projected to keys and values in one GEMM, and the
-    shared rope key is attended in one batched matmul over all heads, so no per-head key is concatenated or
-    value padded (DeepSeek-V2-Lite-like, 128 sequences of 7-64 new tokens, 2 cores: 99 -> 90 ms here, the
-    whole attention launch of 128 x 64 tokens 298 -> 290 ms; SDPA's cpu kernel over [B, N, Qm, P+R] keys ran at
-    13 GFLOP/s)."""
-    B, S, C = latent.shape
-    N, P, R, Qm = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, q_nope.shape[1]
-    kv = F.linear(latent.reshape(B * S, C), w.kv_b_proj).view(B, S, N, P + cfg.v_head_dim)  # [B, S, N, P+V]
-    scores = torch.matmul(q_nope.transpose(1, 2), kv[..., :P].permute(0, 2, 3, 1))  # [B, N, Qm, S]
-    rope = torch.bmm(q_rope.reshape(B, Qm * N, R), k_rope.transpose(1, 2)).view(B, Qm, N, S)
-    scores = scores.add_(rope.transpose(1, 2)).float().mul_(cfg.scale)
-    scores = scores.masked_fill_(~batch.mask(None), float("-inf"))
-    probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, N, Qm, S]
-    return torch.matmul(probs, kv[..., P:].transpose(1, 2)).transpose(1, 2)  # [B, N, Qm, V] -> [B, Qm, N, V]
+    w_k, w_v = kv_b_halves(w, cfg)
+    k_nope = torch.einsum("bsc,npc->bnsp", latent, w_k)  # [B, N, S, P]
+    values = torch.einsum("bsc,nvc->bnsv", latent, w_v)  # [B, N, S, V]
+    k_rot = k_rope[:, None].expand(-1, cfg.num_heads, -1, -1)  # [B, N, S, R]
+    keys = torch.cat((k_nope, k_rot), dim=-1)  # [B, N, S, P+R]
+    queries = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [B, N, Qm, P+R]
+    V, QK = cfg.v_head_dim, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if V < QK:  # values padded with zeros to the q/k width: SDPA's fused kernels want one head width (the
+        values = F.pad(values, (0, QK - V))  # [B, N, S, P+R]; cpu's math kernel built [B, N, Qm, S] scores)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.mask(None), scale=cfg.scale)
+    return out[..., :V].transpose(1, 2)  # [B, N, Qm, P+R] -> [B, Qm, N, V]
